@@ -1,0 +1,142 @@
+"""quantize() / dequantize(): the family of quantizers on NumPy arrays and torch tensors.
+
+Arrays go in flat as float32 (fp16/bf16/fp64 are converted); the payload remembers the shape
+and dtype so dequantize() hands back the same kind of array: torch in, torch out (same device);
+NumPy in, NumPy out. CUDA tensors run on the CuPy backend when it is installed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .quant import codebooks as cb
+from .quant import rng
+from .quant.backend import cpu_backend, gpu_backend
+from .wire import Payload
+
+try:  # torch is optional for the pure-NumPy API
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+
+ROUNDINGS = ("stochastic", "nearest")
+
+
+def _is_torch(x) -> bool:
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _flat_fp32(x):
+    """(flat float32 array on its device, array_kind, dtype name, shape)."""
+    if _is_torch(x):
+        dtype = str(x.dtype).replace("torch.", "")
+        if not x.dtype.is_floating_point:
+            raise cb.QuantizerError(f"quantize needs a floating-point tensor, got {x.dtype}")
+        flat = x.detach().reshape(-1).to(torch.float32).contiguous()
+        if flat.is_cuda:
+            import cupy
+            arr = cupy.from_dlpack(flat)
+        else:
+            arr = flat.numpy()
+        return arr, ("torch", x.device, x.dtype), dtype, tuple(x.shape)
+    a = np.asarray(x)
+    if a.dtype.kind != "f":
+        raise cb.QuantizerError(f"quantize needs a floating-point array, got {a.dtype}")
+    return (np.ascontiguousarray(a, dtype=np.float32).reshape(-1), ("numpy",), str(a.dtype), a.shape)
+
+
+def _backend_for(arr, backend):
+    if type(arr).__module__.startswith("cupy"):
+        return gpu_backend()
+    return cpu_backend(backend)
+
+
+def check_bucket_size(bucket_size) -> int:
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer)) or bucket_size < 1:
+        raise cb.QuantizerError(f"bucket_size must be a positive integer, got {bucket_size!r}")
+    if bucket_size > 2 ** 31:
+        raise cb.QuantizerError(f"bucket_size {bucket_size} is larger than the wire format allows (2^31)")
+    return int(bucket_size)
+
+
+def quantize(x, quantizer: str = "qsgd", bits: int | None = 4, bucket_size: int = 512, seed: int = 0,
+             rounding: str | None = None, codebook=None, *, key: int | None = None, offset: int = 0,
+             backend: str | None = None, check_finite: bool = True) -> Payload:
+    """Quantize ``x`` into a :class:`Payload`.
+
+    ``seed`` (or an explicit stream ``key`` from :func:`hvd_qadam.quant.rng.stream_key`) fixes the
+    stochastic rounding; ``offset`` is the index of x[0] in its stream, so that chunks of one vector
+    quantized separately draw exactly what the whole vector would. ``codebook`` is required for
+    the adaptive quantizers (alq, amq, ...), whose levels travel with the payload.
+    """
+    k = cb.kind(quantizer)
+    bits = k.check_bits(bits if bits is not None else k.fixed_bits)
+    if rounding is None:
+        stochastic = k.stochastic
+    elif rounding in ROUNDINGS:
+        stochastic = rounding == "stochastic"
+    else:
+        raise cb.QuantizerError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    arr, array_kind, dtype, shape = _flat_fp32(x)
+    if dtype not in ("float32", "float16", "bfloat16", "float64"):
+        raise cb.QuantizerError(f"unsupported dtype {dtype}")
+    if check_finite and arr.size and not bool(_isfinite_all(arr)):
+        raise ValueError(f"quantize: input has {int(arr.size - _count_finite(arr))} NaN/Inf value(s); "
+                         "refusing to quantize non-finite data")
+    if k.passthrough:
+        codes = arr.astype(np.float16 if k.name == "fp16" else np.float32, copy=True)
+        if not type(codes).__module__.startswith("numpy"):
+            codes = codes.get()
+        return Payload(k.name, bits, 0, int(arr.size), shape, None, codes, None, False, dtype, array_kind)
+    bucket_size = check_bucket_size(bucket_size)
+    if k.adaptive:
+        if codebook is None:
+            raise cb.QuantizerError(f"quantizer {k.name!r} needs a codebook (its levels are learned)")
+        levels = cb.validate_codebook(codebook, bits)
+    else:
+        if codebook is not None:
+            raise cb.QuantizerError(f"quantizer {k.name!r} has a fixed codebook; do not pass one")
+        levels = cb.codebook(k.name, bits)
+    if key is None:
+        key = rng.stream_key(seed)
+    be = _backend_for(arr, backend)
+    scales, packed = be.encode(arr, levels, bits, bucket_size, k.scale, stochastic, key, offset)
+    return Payload(k.name, bits, bucket_size, int(arr.size), shape, scales, packed,
+                   np.array(levels, dtype=np.float32) if k.adaptive else None, stochastic, dtype, array_kind)
+
+
+def _isfinite_all(arr):
+    mod = np if type(arr).__module__.startswith("numpy") else __import__("cupy")
+    return mod.isfinite(arr).all()
+
+
+def _count_finite(arr):
+    mod = np if type(arr).__module__.startswith("numpy") else __import__("cupy")
+    return int(mod.isfinite(arr).sum())
+
+
+def decode_flat(payload: Payload, backend: str | None = None) -> np.ndarray:
+    """The payload's values as a flat float32 NumPy array (or CuPy for GPU payloads)."""
+    k = payload.kind
+    if k.passthrough:
+        return payload.codes.astype(np.float32)
+    be = _backend_for(payload.codes, backend)
+    return be.decode(payload.scales, payload.codes, payload.levels, payload.bits, payload.bucket_size,
+                     payload.numel)
+
+
+def dequantize(payload: Payload, like=None, backend: str | None = None):
+    """Decode a payload into the same kind of array it was made from (or the kind of ``like``)."""
+    flat = decode_flat(payload, backend)
+    kind = payload.array_kind
+    if like is not None:
+        kind = ("torch", like.device, like.dtype) if _is_torch(like) else ("numpy",)
+    if kind is not None and kind[0] == "torch":
+        _, device, dtype = kind
+        if type(flat).__module__.startswith("cupy"):
+            t = torch.from_dlpack(flat)
+        else:
+            t = torch.from_numpy(np.ascontiguousarray(flat))
+        return t.to(device=device, dtype=dtype).reshape(payload.shape)
+    if payload.orig_dtype == "bfloat16":
+        return flat.reshape(payload.shape)  # NumPy has no bfloat16: stay in float32
+    return flat.astype(payload.orig_dtype, copy=False).reshape(payload.shape)

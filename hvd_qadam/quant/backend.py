@@ -1,0 +1,50 @@
+"""Chooses the implementation that runs a quantizer: NumPy reference, numba CPU kernels or CuPy.
+
+Every backend exposes the same two functions with the reference's exact semantics:
+  encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset) -> (scales, packed)
+  decode(scales, packed, levels, bits, bucket_size, n) -> float32[n]
+``HVD_QADAM_BACKEND`` = numpy | numba | auto (default: numba when importable, else numpy).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+from . import reference
+
+_CPU_CHOICES = ("numpy", "numba", "auto")
+
+
+def _load(name: str):
+    if name == "numpy":
+        return reference
+    if name == "numba":
+        return importlib.import_module("hvd_qadam.quant.cpu_numba")
+    if name == "cupy":
+        return importlib.import_module("hvd_qadam.quant.gpu_cupy")
+    raise ValueError(f"unknown quantizer backend {name!r}")
+
+
+_cache: dict[str, object] = {}
+
+
+def cpu_backend(name: str | None = None):
+    """The CPU backend module; ``name`` overrides the environment."""
+    name = name or os.environ.get("HVD_QADAM_BACKEND", "auto")
+    if name not in _CPU_CHOICES:
+        raise ValueError(f"HVD_QADAM_BACKEND must be one of {_CPU_CHOICES}, got {name!r}")
+    if name not in _cache:
+        if name == "auto":
+            try:
+                _cache[name] = _load("numba")
+            except ImportError:
+                _cache[name] = reference
+        else:
+            _cache[name] = _load(name)
+    return _cache[name]
+
+
+def gpu_backend():
+    if "cupy" not in _cache:
+        _cache["cupy"] = _load("cupy")
+    return _cache["cupy"]

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Idempotent setup for hvd_qadam on a fresh Debian machine (run as root, or with sudo for apt).
+#   * Open MPI from Debian, torch 2.13.0 (CPU build), numpy/numba/mpi4py and friends from PyPI
+#   * Horovod 0.28.1 built from its sdist with the C++17 / gcc-13 fixes; the wheel is cached
+#     outside the checkout (HVD_QADAM_CACHE, default ~/.cache/hvd_qadam) so later runs reuse it
+#   * hvd_qadam itself (editable install of this checkout)
+# Set HVD_QADAM_WITH_CUPY=1 to add cupy (GPU machines only; never needed on CPU).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="${PYTHON:-python3}"
+CACHE="${HVD_QADAM_CACHE:-$HOME/.cache/hvd_qadam}"
+HOROVOD_VERSION=0.28.1
+TORCH_VERSION=2.13.0
+log() { printf '[install] %s\n' "$*" >&2; }
+
+# --- system packages -------------------------------------------------------------------------
+if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then
+  log "installing Open MPI (Debian packages)"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends libopenmpi-dev openmpi-bin cmake g++ make
+fi
+
+# --- python packages -------------------------------------------------------------------------
+have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" >/dev/null 2>&1; then
+  log "installing torch==$TORCH_VERSION (CPU build)"
+  "$PY" -m pip install -q "torch==$TORCH_VERSION"
+fi
+need=()
+for mod in numpy:numpy scipy:scipy numba:numba mpi4py:mpi4py sklearn:scikit-learn tqdm:tqdm \
+           matplotlib:matplotlib pytest:pytest pytest_timeout:pytest-timeout psutil:psutil \
+           cloudpickle:cloudpickle yaml:pyyaml packaging:packaging wheel:wheel; do
+  have "${mod%%:*}" || need+=("${mod##*:}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  "$PY" -m pip install -q "${need[@]}"
+fi
+
+# --- Horovod 0.28.1 with PyTorch + MPI ------------------------------------------------------------
+horovod_ok() {
+  "$PY" - <<'PYEOF' >/dev/null 2>&1
+import horovod, horovod.torch as hvd
+assert horovod.__version__ == "0.28.1" and hvd.mpi_built()
+PYEOF
+}
+if ! horovod_ok; then
+  mkdir -p "$CACHE/wheels"
+  whl=$(ls "$CACHE"/wheels/horovod-$HOROVOD_VERSION-*.whl 2>/dev/null | head -n1 || true)
+  if [ -z "$whl" ]; then
+    log "building Horovod $HOROVOD_VERSION (one-off, ~5-8 min; cached in $CACHE/wheels)"
+    build="$(mktemp -d)"
+    "$PY" -m pip download -q --no-deps --no-binary :all: -d "$build" "horovod==$HOROVOD_VERSION"
+    tar -xzf "$build"/horovod-$HOROVOD_VERSION.tar.gz -C "$build"
+    src="$build/horovod-$HOROVOD_VERSION"
+    # torch >= 2.1 headers need C++17; Horovod 0.28.1 asks for C++14.
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+    # gcc >= 13 no longer pulls these headers in transitively.
+    grep -q '#include <stdexcept>' "$src/horovod/common/common.h" || sed -i '0,/#include <string>/s//#include <stdexcept>\n#include <string>/' "$src/horovod/common/common.h"
+    grep -q '#include <string>' "$src/horovod/common/group_table.h" || sed -i '0,/#include <vector>/s//#include <string>\n#include <vector>/' "$src/horovod/common/group_table.h"
+    ( cd "$src" && \
+      HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_GLOO=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
+      HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITHOUT_NVTX=1 MAKEFLAGS="-j$(nproc)" \
+      "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$CACHE/wheels" . )
+    rm -rf "$build"
+    whl=$(ls "$CACHE"/wheels/horovod-$HOROVOD_VERSION-*.whl | head -n1)
+  fi
+  log "installing $(basename "$whl")"
+  "$PY" -m pip install -q --force-reinstall --no-deps "$whl"
+  horovod_ok || { log "Horovod import check failed"; exit 1; }
+fi
+
+# --- optional GPU support ----------------------------------------------------------------------
+if [ "${HVD_QADAM_WITH_CUPY:-0}" = "1" ] && ! have cupy; then
+  log "installing cupy"
+  "$PY" -m pip install -q cupy-cuda12x
+fi
+
+# --- hvd_qadam itself ----------------------------------------------------------------------------
+if ! "$PY" -c "import hvd_qadam, os, sys; sys.exit(0 if os.path.realpath(os.path.dirname(hvd_qadam.__file__)).startswith(os.path.realpath('$here')) else 1)" >/dev/null 2>&1; then
+  log "installing hvd_qadam (editable)"
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e "$here"
+fi
+log "ready"
