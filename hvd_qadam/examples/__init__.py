@@ -1,0 +1,1 @@
+"""Small real tasks used by the demo, the tests and the studies."""
