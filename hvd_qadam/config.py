@@ -1,0 +1,82 @@
+"""What a user chooses: one validated, hashable description of the compression pipeline."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .api import ROUNDINGS, check_bucket_size
+from .quant import codebooks as cb
+
+ALGORITHMS = ("qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd", "local_sgd")
+TOPOLOGIES = ("allgather", "sharded", "ps")
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One direction's quantizer: name, bit width, bucket size, rounding."""
+    quantizer: str = "qsgd"
+    bits: int | None = 4
+    bucket_size: int = 512
+    rounding: str | None = None     # None: the quantizer's default (stochastic if unbiased)
+
+    def __post_init__(self):
+        k = cb.kind(self.quantizer)
+        object.__setattr__(self, "bits", k.check_bits(self.bits if self.bits is not None else k.fixed_bits))
+        if not k.passthrough:
+            check_bucket_size(self.bucket_size)
+        if self.rounding is not None and self.rounding not in ROUNDINGS:
+            raise cb.QuantizerError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+
+    @property
+    def stochastic(self) -> bool:
+        return cb.kind(self.quantizer).stochastic if self.rounding is None else self.rounding == "stochastic"
+
+    @property
+    def passthrough(self) -> bool:
+        return cb.kind(self.quantizer).passthrough
+
+
+NONE_LINK = LinkSpec("none", None)
+
+
+@dataclass(frozen=True)
+class Config:
+    algorithm: str = "qsgd"
+    topology: str = "allgather"
+    uplink: LinkSpec = LinkSpec()
+    downlink: LinkSpec = NONE_LINK          # server -> workers (efficient_adam, qadam, ef_sgd, qadam_weights)
+    error_feedback: bool = True             # worker EF on the uplink
+    server_error_feedback: bool = True      # server EF on a quantized downlink
+    seed: int = 0
+    warmup_steps: int = 0                   # uncompressed steps first
+    min_compress_numel: int = 1024          # smaller tensors (biases, norms) travel as fp32
+    fusion_threshold_bytes: int = 64 << 20  # fp32 bytes per fused buffer
+    nonfinite: str = "raise"
+    # algorithm hyper-parameters that are not in the torch param_groups
+    bias_correction: bool = True
+    momentum_steps: int | None = None       # ef_sgd early momentum: momentum only for the first E steps
+    sync_every: int = 1                     # local_sgd averaging period I
+    level_schedule: tuple = (0, 100, 2000)  # adaptive quantizers: when levels are refit ...
+    level_every: int = 10000                # ... and every this many steps after the last
+
+    def __post_init__(self):
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"unknown topology {self.topology!r}; choose one of {TOPOLOGIES}")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
+        for name in ("warmup_steps", "min_compress_numel"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        for name in ("fusion_threshold_bytes", "sync_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.algorithm == "qsgd" and self.error_feedback and self.uplink.stochastic is False:
+            pass  # biased quantizer with EF is fine (EF-signSGD)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
