@@ -57,3 +57,40 @@ def shard(indices: np.ndarray, rank: int, world_size: int) -> np.ndarray:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
+
+
+def train(rank: int, world_size: int, make_optimizer, epochs: int = 10, global_batch: int = 96,
+          hidden: int = 128, seed: int = 0, max_steps: int | None = None, on_step=None, on_epoch=None):
+    """Data-parallel training of the digits MLP on this rank's shards.
+
+    ``make_optimizer(model) -> optimizer`` builds the (distributed) optimizer. Every rank starts from
+    the same weights (same seed), so no broadcast is needed for correctness here; real scripts call
+    ``hvd.broadcast_parameters`` anyway. Returns (model, history) with per-epoch mean train loss
+    (over this rank's batches) and test accuracy.
+    """
+    x_train, y_train, x_test, y_test = load_digits_split(seed)
+    model = make_model(hidden, seed)
+    opt = make_optimizer(model)
+    loss_fn = nn.CrossEntropyLoss()
+    history, step = [], 0
+    for epoch in range(epochs):
+        losses = []
+        for idx in batches(len(x_train), global_batch, epoch, seed):
+            i = shard(idx, rank, world_size)
+            opt.zero_grad()
+            loss = loss_fn(model(x_train[i]), y_train[i])
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            step += 1
+            if on_step is not None:
+                on_step(step, opt)
+            if max_steps is not None and step >= max_steps:
+                break
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
+                        "test_accuracy": accuracy(model, x_test, y_test)})
+        if on_epoch is not None:
+            on_epoch(history[-1], opt)
+        if max_steps is not None and step >= max_steps:
+            break
+    return model, history

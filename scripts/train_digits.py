@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""The main job: data-parallel training of an MLP on scikit-learn's digits with hvd_qadam.
+
+    horovodrun -np 3 python scripts/train_digits.py            # or: mpirun -np 3 python ...
+
+Trains the same model twice from the same seed: first with plain ``hvd.DistributedOptimizer``
+(uncompressed fp32 allreduce), then with ``hvd_qadam.DistributedOptimizer`` (default: 4-bit QSGD
+gradients with error feedback), printing per-epoch loss, test accuracy and the bytes each rank
+sends per step, and a final comparison.
+"""
+import argparse
+import json
+import sys
+import time
+
+from mpi4py import MPI  # before Horovod: mpi4py owns MPI with thread level "multiple"
+
+import horovod.torch as hvd
+import torch
+
+import hvd_qadam
+from hvd_qadam.examples import digits
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+p.add_argument("--algorithm", default="qsgd", choices=["qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd",
+                                                       "local_sgd"])
+p.add_argument("--topology", default="allgather", choices=["allgather", "sharded"])
+p.add_argument("--quantizer", default="qsgd")
+p.add_argument("--bits", type=int, default=4)
+p.add_argument("--bucket-size", type=int, default=512)
+p.add_argument("--downlink-quantizer", default=None)
+p.add_argument("--downlink-bits", type=int, default=None)
+p.add_argument("--no-error-feedback", action="store_true")
+p.add_argument("--epochs", type=int, default=20)
+p.add_argument("--batch", type=int, default=96, help="global batch size (split over ranks)")
+p.add_argument("--lr", type=float, default=2e-3)
+p.add_argument("--seed", type=int, default=0)
+p.add_argument("--no-baseline", action="store_true", help="skip the uncompressed run")
+p.add_argument("--json", default=None, help="write the results here (rank 0)")
+args = p.parse_args()
+
+hvd.init(comm=MPI.COMM_WORLD)
+torch.set_num_threads(1)
+rank, size = hvd.rank(), hvd.size()
+main = rank == 0
+
+
+def log(*a):
+    if main:
+        print(*a, flush=True)
+
+
+def run(label, make_optimizer):
+    steps_per_epoch = len(range(0, 1348 - args.batch + 1, args.batch))
+    bar = None
+    if main:
+        from tqdm import tqdm
+        bar = tqdm(total=args.epochs * steps_per_epoch, desc=label, unit="step", leave=False, file=sys.stderr)
+    rows = []
+
+    def on_step(step, opt):
+        if bar is not None:
+            bar.update(1)
+
+    def on_epoch(h, opt):
+        loss = hvd.allreduce(torch.tensor(h["loss"]), name=f"{label}.loss").item()
+        stats = getattr(opt, "communication_stats", None)
+        sent = stats.sent_bytes if stats is not None else fp32_bytes
+        row = dict(h, loss=loss, sent_bytes_per_step=sent, fp32_bytes_per_step=fp32_bytes)
+        rows.append(row)
+        if bar is not None:
+            bar.write(f"  [{label}] epoch {h['epoch']:3d}  loss {loss:.4f}  test acc {h['test_accuracy']:.4f}  "
+                      f"sent/step {sent:>8d} B  (fp32 {fp32_bytes} B, {fp32_bytes / sent:.1f}x)")
+
+    t0 = time.time()
+    model, _ = digits.train(rank, size, make_optimizer, epochs=args.epochs, global_batch=args.batch,
+                            seed=args.seed, on_step=on_step, on_epoch=on_epoch)
+    if bar is not None:
+        bar.close()
+    return rows, time.time() - t0
+
+
+fp32_bytes = 4 * sum(q.numel() for q in digits.make_model().parameters())
+log(f"hvd_qadam {hvd_qadam.__version__}: {size} ranks, digits MLP ({fp32_bytes // 4} parameters), "
+    f"global batch {args.batch}, {args.epochs} epochs")
+
+results = {}
+if not args.no_baseline:
+    def baseline(model):
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        return hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    log("== uncompressed: hvd.DistributedOptimizer, fp32 allreduce")
+    results["uncompressed"] = run("fp32", baseline)
+
+label = f"{args.algorithm}/{args.quantizer}{args.bits}" + ("" if args.no_error_feedback else "+EF")
+
+
+def compressed(model):
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    return hvd_qadam.DistributedOptimizer(
+        opt, named_parameters=model.named_parameters(), algorithm=args.algorithm, topology=args.topology,
+        quantizer=args.quantizer, bits=args.bits, bucket_size=args.bucket_size,
+        downlink_quantizer=args.downlink_quantizer, downlink_bits=args.downlink_bits,
+        error_feedback=not args.no_error_feedback, seed=args.seed)
+
+
+log(f"== compressed: hvd_qadam.DistributedOptimizer({args.algorithm}, {args.quantizer} {args.bits} bits, "
+    f"bucket {args.bucket_size}, {'no EF' if args.no_error_feedback else 'error feedback'}, {args.topology})")
+results[label] = run(label, compressed)
+
+if main:
+    print("\n== summary")
+    print(f"{'run':<28}{'final loss':>12}{'test acc':>10}{'best acc':>10}{'sent B/step':>13}{'vs fp32':>9}{'time s':>8}")
+    for name, (rows, secs) in results.items():
+        last = rows[-1]
+        best = max(r["test_accuracy"] for r in rows)
+        print(f"{name:<28}{last['loss']:>12.4f}{last['test_accuracy']:>10.4f}{best:>10.4f}"
+              f"{last['sent_bytes_per_step']:>13d}{fp32_bytes / last['sent_bytes_per_step']:>8.1f}x{secs:>8.1f}")
+    if "uncompressed" in results:
+        gap = results["uncompressed"][0][-1]["test_accuracy"] - results[label][0][-1]["test_accuracy"]
+        print(f"accuracy gap (uncompressed - compressed): {100 * gap:+.2f} points")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"ranks": size, "args": vars(args),
+                       "runs": {k: {"epochs": v[0], "seconds": v[1]} for k, v in results.items()}}, f, indent=1)
+hvd.shutdown()

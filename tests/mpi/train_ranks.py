@@ -1,0 +1,41 @@
+"""Runs on every rank under mpirun: trains the digits MLP with hvd_qadam for a few steps and saves
+rank 0's final parameters (plus a hash of every rank's) for the test to compare with the simulator."""
+import argparse
+import hashlib
+import json
+import sys
+
+from mpi4py import MPI  # first: mpi4py owns MPI (thread level multiple), Horovod joins it
+
+import horovod.torch as hvd
+import torch
+
+import hvd_qadam
+from hvd_qadam.examples import digits
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--steps", type=int, default=8)
+parser.add_argument("--kwargs", default="{}", help="JSON of DistributedOptimizer keyword arguments")
+parser.add_argument("--base", default="adam", choices=["adam", "sgd"])
+args = parser.parse_args()
+
+torch.set_num_threads(1)
+hvd.init(comm=MPI.COMM_WORLD)
+kwargs = json.loads(args.kwargs)
+
+
+def make_optimizer(model):
+    base = (torch.optim.Adam(model.parameters(), lr=2e-3) if args.base == "adam"
+            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return hvd_qadam.DistributedOptimizer(base, model.named_parameters(), **kwargs)
+
+
+model, _ = digits.train(hvd.rank(), hvd.size(), make_optimizer, epochs=100, max_steps=args.steps)
+params = {n: p.detach().clone() for n, p in model.named_parameters()}
+digest = hashlib.sha256(b"".join(p.numpy().tobytes() for p in params.values())).hexdigest()
+digests = hvd.allgather_object(digest)
+if hvd.rank() == 0:
+    torch.save({"params": params, "digests": digests, "size": hvd.size()}, args.out)
+hvd.shutdown()
+sys.exit(0)
