@@ -1,0 +1,51 @@
+"""Runs on every rank under mpirun and provokes one failure; each rank prints what it saw.
+
+Modes: nan (rank 1 gets a NaN gradient at step 3), params (rank 1 has a different model),
+config (rank 1 asks for other bits), dead (rank 1 dies at step 3), payload (rank 0 checks a
+corrupted frame from a peer).
+"""
+import argparse
+import os
+import sys
+import time
+
+from mpi4py import MPI
+
+import horovod.torch as hvd
+import torch
+
+import hvd_qadam
+from hvd_qadam.examples import digits
+
+parser = argparse.ArgumentParser()
+parser.add_argument("mode", choices=["nan", "params", "config", "dead"])
+parser.add_argument("--topology", default="allgather")
+args = parser.parse_args()
+torch.set_num_threads(1)
+hvd.init(comm=MPI.COMM_WORLD)
+rank = hvd.rank()
+
+hidden = 64 if (args.mode == "params" and rank == 1) else 128
+bits = 3 if (args.mode == "config" and rank == 1) else 4
+model = digits.make_model(hidden)
+opt = hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3), model.named_parameters(),
+                                     bits=bits, topology=args.topology, algorithm="efficient_adam")
+x, y, _, _ = digits.load_digits_split()
+t0 = time.time()
+try:
+    for step in range(6):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[rank::3][:32]), y[rank::3][:32]).backward()
+        if step == 3 and rank == 1 and args.mode == "nan":
+            model[0].weight.grad[0, 0] = float("inf")
+        if step == 3 and rank == 1 and args.mode == "dead":
+            print(f"RANK {rank} DYING", flush=True)
+            os._exit(17)
+        opt.step()
+except (hvd_qadam.NonFiniteGradientError, hvd_qadam.ConsistencyError) as e:
+    resid = opt.engine.worker_memory.norm()
+    print(f"RANK {rank} ERROR {type(e).__name__}: {e} | step_count={opt.engine.step_count} "
+          f"residual_norm={resid:.6g} after {time.time() - t0:.1f}s", flush=True)
+    MPI.COMM_WORLD.Barrier()   # let every rank report before mpirun tears the job down
+    sys.exit(3)
+print(f"RANK {rank} FINISHED", flush=True)

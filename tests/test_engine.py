@@ -1,0 +1,266 @@
+"""The engine and DistributedOptimizer on simulated ranks: topologies, EF, failures, checkpoints."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import hvd_qadam
+from hvd_qadam.engine import ConsistencyError, NonFiniteGradientError
+from hvd_qadam.examples import digits
+from hvd_qadam.quant import rng
+from simtrain import assert_same_params, make_base, sim_train
+
+ALGOS = [("qsgd", "adam", {}), ("efficient_adam", "adam", {"downlink_quantizer": "qsgd", "downlink_bits": 4}),
+         ("qadam", "adam", {"downlink_quantizer": "qsgdinf", "downlink_bits": 8}),
+         ("qadam_weights", "adam", {"downlink_quantizer": "qsgdinf", "downlink_bits": 8}),
+         ("ef_sgd", "sgd", {"quantizer": "sign", "bits": None, "downlink_quantizer": "sign"}),
+         ("local_sgd", "sgd", {"sync_every": 2})]
+
+
+@pytest.mark.parametrize("algorithm,base,kw", ALGOS, ids=[a[0] for a in ALGOS])
+def test_sharded_equals_allgather_bit_for_bit(algorithm, base, kw):
+    # small buckets so that every rank owns several buckets of every fused buffer
+    kw = dict(kw, bucket_size=64, min_compress_numel=256)
+    a = sim_train(3, 4, base, algorithm=algorithm, topology="allgather", **kw)  # local_sgd syncs at 2, 4
+    s = sim_train(3, 4, base, algorithm=algorithm, topology="sharded", **kw)
+    for r in range(3):
+        assert_same_params(a[0], a[r], f"{algorithm} allgather rank {r}")
+        assert_same_params(a[0], s[r], f"{algorithm} sharded rank {r}")
+    init = {n: p.detach() for n, p in digits.make_model().named_parameters()}
+    assert any(not torch.equal(init[n], a[0][n]) for n in init), "training did not move the weights"
+
+
+def test_world_of_one_matches_single_process_math():
+    """One rank: the average is the rank's own decoded payload, i.e. plain quantize/dequantize + Adam."""
+    (out,) = sim_train(1, 1, quantizer="qsgd", bits=4, error_feedback=False, min_compress_numel=10 ** 9)
+    (ref,) = sim_train(1, 1, quantizer="none", bits=None, error_feedback=False)
+    # everything went uncompressed (threshold above every tensor), so both are the same fp32 run
+    assert_same_params(out, ref, "min_compress_numel")
+
+
+def _one_step_engine(world, nan_rank=None, nonfinite="raise", steps_before=2):
+    """Train ``steps_before`` good steps, then one step where ``nan_rank`` has a NaN gradient."""
+    def worker(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm,
+                                             nonfinite=nonfinite, min_compress_numel=256)
+        x, y, _, _ = digits.load_digits_split()
+        for _ in range(steps_before):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+            opt.step()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        resid = {k: v.clone() for k, v in opt.engine.worker_memory._residuals.items()}
+        adam_state = {k: {kk: vv.clone() for kk, vv in v.items()} for k, v in opt.state.items()}
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[:32]), y[:32]).backward()
+        if rank == nan_rank:
+            model[2].weight.grad[3, 4] = float("nan")
+        err = None
+        try:
+            opt.step()
+        except NonFiniteGradientError as e:
+            err = str(e)
+        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return err, before, after, resid, opt.engine.worker_memory._residuals, adam_state, opt.state, opt.engine
+    return hvd_qadam.simulate(world, worker)
+
+
+def test_nan_gradient_raises_on_every_rank_and_changes_nothing():
+    results = _one_step_engine(3, nan_rank=1)
+    for rank, (err, before, after, resid, resid_after, adam, adam_after, eng) in enumerate(results):
+        assert err is not None, f"rank {rank} did not raise"
+        assert "rank 1" in err and "2.weight" in err and "1 NaN" in err, err
+        assert_same_params(before, after, "weights after a failed step")
+        assert resid.keys() == resid_after.keys() and len(resid) > 0
+        for k in resid:
+            assert torch.equal(resid[k], resid_after[k]), f"residual {k} changed on rank {rank}"
+        for p in adam:
+            for k in adam[p]:
+                assert torch.equal(adam[p][k], adam_after[p][k]), "Adam state changed"
+        assert eng.step_count == 2
+
+
+def test_nan_gradient_skip_policy_skips_consistently():
+    results = _one_step_engine(2, nan_rank=0, nonfinite="skip")
+    for err, before, after, *_rest, eng in results:
+        assert err is None
+        assert_same_params(before, after, "weights after a skipped step")
+        assert eng.skipped_steps == 1 and eng.step_count == 2
+
+
+def test_worker_residual_is_exactly_p_minus_decoded_payload():
+    """EF invariant on real engine state: e_1 = g_0 - D(Q(g_0)) with the engine's own stream key."""
+    def worker(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm, bits=3,
+                                             bucket_size=128, min_compress_numel=256, seed=7)
+        x, y, _, _ = digits.load_digits_split()
+        torch.nn.functional.cross_entropy(model(x[rank::2][:40]), y[rank::2][:40]).backward()
+        group = opt.engine.layout.groups[0]
+        p = group.flatten({n: q.grad for n, q in model.named_parameters()}).clone()
+        opt.step()
+        q = hvd_qadam.quantize(p, "qsgd", 3, 128, rounding="nearest", key=rng.stream_key(7, rank, 0, 0, rng.UPLINK))
+        expected = p - hvd_qadam.dequantize(q)
+        got = group.flatten({s.name: opt.engine.worker_memory._residuals[s.name] for s in group.slots})
+        return torch.equal(expected, got), float(expected.norm()), float(p.norm())
+    for same, enorm, pnorm in hvd_qadam.simulate(2, worker):
+        assert same
+        assert 0 < enorm < pnorm   # nearest rounding is contractive
+
+
+def test_checkpoint_resume_continues_identical_trajectory(tmp_path):
+    kw = dict(algorithm="efficient_adam", downlink_quantizer="qsgd", downlink_bits=4, topology="sharded",
+              bucket_size=64, min_compress_numel=256)
+
+    def worker(rank, comm, split):
+        x, y, _, _ = digits.load_digits_split()
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm, **kw)
+
+        def run(steps, start):
+            for s in range(start, start + steps):
+                i = torch.arange(s * 30 + rank * 10, s * 30 + rank * 10 + 10)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+                opt.step()
+        if split is None:
+            run(7, 0)
+        else:
+            run(4, 0)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / f"ck{rank}.pt")
+            model2 = digits.make_model(seed=123)            # different weights: must be overwritten
+            opt2 = hvd_qadam.DistributedOptimizer(make_base(model2), model2.named_parameters(), comm=comm, **kw)
+            ck = torch.load(tmp_path / f"ck{rank}.pt")
+            model2.load_state_dict(ck["model"])
+            opt2.load_state_dict(ck["opt"])
+            model, opt = model2, opt2
+            run(3, 4)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    straight = hvd_qadam.simulate(3, lambda r, c: worker(r, c, None))
+    resumed = hvd_qadam.simulate(3, lambda r, c: worker(r, c, 4))
+    for r in range(3):
+        assert_same_params(straight[r], resumed[r], f"resumed rank {r}")
+
+
+def test_checkpoint_on_other_world_size_resets_residuals_with_warning():
+    def save(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm)
+        x, y, _, _ = digits.load_digits_split()
+        torch.nn.functional.cross_entropy(model(x[:20]), y[:20]).backward()
+        opt.step()
+        return opt.state_dict()
+    states = hvd_qadam.simulate(3, save)
+    assert len(states[0]["hvd_qadam"]["worker_memory"]["residuals"]) > 0
+
+    def load(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            opt.load_state_dict(states[rank])
+        return [str(x.message) for x in w], len(opt.engine.worker_memory)
+    for msgs, n in hvd_qadam.simulate(2, load):
+        assert any("world size 3" in m and "reset" in m for m in msgs), msgs
+        assert n == 0
+
+
+def test_mismatched_parameters_across_ranks_is_a_clear_error():
+    def worker(rank, comm):
+        model = digits.make_model(hidden=128 if rank == 0 else 64)
+        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm)
+        x, y, _, _ = digits.load_digits_split()
+        torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+        opt.step()
+    with pytest.raises(ConsistencyError, match=r"parameters differ between rank \d and rank \d.*0\.weight"):
+        hvd_qadam.simulate(2, worker, timeout=60)
+
+
+def test_mismatched_configuration_across_ranks_is_a_clear_error():
+    def worker(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm, bits=4 + rank)
+        x, y, _, _ = digits.load_digits_split()
+        torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+        opt.step()
+    with pytest.raises(ConsistencyError, match="configuration differs.*uplink"):
+        hvd_qadam.simulate(2, worker, timeout=60)
+
+
+def test_bytes_counter_counts_real_frame_bytes():
+    def worker(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm, bits=4,
+                                             bucket_size=512, min_compress_numel=1024)
+        x, y, _, _ = digits.load_digits_split()
+        torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+        opt.step()
+        return opt.communication_stats
+    stats = hvd_qadam.simulate(3, worker)[0]
+    from hvd_qadam.wire import FRAME_HEADER_SIZE, HEADER_SIZE
+    big = 64 * 128 + 128 * 128 + 128 * 10           # fused compressed buffer
+    small = 128 + 128 + 10                          # biases, uncompressed fp32
+    expected = (FRAME_HEADER_SIZE + HEADER_SIZE + 8 + 4 * -(-big // 512) + big * 4 // 8
+                + HEADER_SIZE + 8 + 4 * small)
+    assert stats.sent_bytes == expected
+    assert stats.received_bytes == 2 * expected
+    assert stats.fp32_bytes == 4 * (big + small)
+    assert 7 < stats.ratio < 8
+
+
+def test_warmup_steps_send_fp32_then_compress():
+    def worker(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm, warmup_steps=2)
+        x, y, _, _ = digits.load_digits_split()
+        sent = []
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
+            opt.step()
+            sent.append(opt.communication_stats.sent_bytes)
+        return sent
+    sent = hvd_qadam.simulate(2, worker)[0]
+    assert sent[0] == sent[1] > 4 * 26122 and sent[2] < sent[0] / 6
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"bits": 9}, "bits in 2..8"), ({"bits": 1}, "bits in 2..8"), ({"quantizer": "sign", "bits": 2}, "always uses 1"),
+    ({"quantizer": "qsgd7"}, "unknown quantizer"), ({"algorithm": "adamw"}, "unknown algorithm"),
+    ({"topology": "ring"}, "unknown topology"), ({"bucket_size": 0}, "bucket_size"),
+    ({"nonfinite": "ignore"}, "nonfinite"), ({"backward_passes_per_step": 0}, "backward_passes_per_step"),
+    ({"rounding": "up"}, "rounding"), ({"downlink_quantizer": "qsgd", "downlink_bits": 12}, "bits in 2..8"),
+])
+def test_bad_configuration_fails_at_construction(kwargs, match):
+    from hvd_qadam.comm import SimWorld
+    model = digits.make_model()
+    with pytest.raises((ValueError, TypeError), match=match):
+        hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=SimWorld(1).comm(0), **kwargs)
+
+
+def test_named_parameters_must_be_unique_and_complete():
+    from hvd_qadam.comm import SimWorld
+    model = digits.make_model()
+    named = list(model.named_parameters())
+    with pytest.raises(ValueError, match="unique"):
+        hvd_qadam.DistributedOptimizer(make_base(model), [("w", p) for _, p in named], comm=SimWorld(1).comm(0))
+    with pytest.raises(ValueError, match="does not cover"):
+        hvd_qadam.DistributedOptimizer(make_base(model), named[:2], comm=SimWorld(1).comm(0))
+
+
+def test_compression_objects_for_plain_horovod():
+    t = torch.randn(3000, dtype=torch.float64)
+    c, ctx = hvd_qadam.Compression.fp16.compress(t)
+    assert c.dtype == torch.float16 and hvd_qadam.Compression.fp16.decompress(c, ctx).dtype == torch.float64
+    sim = hvd_qadam.Compression.simulated("qsgd", 4, 512)
+    a, ctx = sim.compress(t.float())
+    b, _ = sim.compress(t.float())
+    assert a.dtype == torch.float32 and a.shape == t.shape
+    assert not torch.equal(a, b), "each call must draw a fresh random stream"
+    levels = np.unique(np.round((a[:512] / a[:512].abs().max()).numpy(), 5))
+    assert len(levels) <= 15
+    with pytest.raises(ValueError, match="bits"):
+        hvd_qadam.Compression.simulated("qsgd", 12)
