@@ -58,18 +58,22 @@ def check_bucket_size(bucket_size) -> int:
     return int(bucket_size)
 
 
-def quantize(x, quantizer: str = "qsgd", bits: int | None = 4, bucket_size: int = 512, seed: int = 0,
+FP16_MAX = 65504.0
+
+
+def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: int = 512, seed: int = 0,
              rounding: str | None = None, codebook=None, *, key: int | None = None, offset: int = 0,
              backend: str | None = None, check_finite: bool = True) -> Payload:
     """Quantize ``x`` into a :class:`Payload`.
 
-    ``seed`` (or an explicit stream ``key`` from :func:`hvd_qadam.quant.rng.stream_key`) fixes the
+    ``bits=None`` is the quantizer's default: 4, or the fixed width of sign (1), terngrad (2),
+    fp16 (16) and none (32). ``seed`` (or an explicit stream ``key`` from :func:`hvd_qadam.quant.rng.stream_key`) fixes the
     stochastic rounding; ``offset`` is the index of x[0] in its stream, so that chunks of one vector
     quantized separately draw exactly what the whole vector would. ``codebook`` is required for
     the adaptive quantizers (alq, amq, ...), whose levels travel with the payload.
     """
     k = cb.kind(quantizer)
-    bits = k.check_bits(bits if bits is not None else k.fixed_bits)
+    bits = k.check_bits(bits)
     if rounding is None:
         stochastic = k.stochastic
     elif rounding in ROUNDINGS:
@@ -83,6 +87,9 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = 4, bucket_size: int 
         raise ValueError(f"quantize: input has {int(arr.size - _count_finite(arr))} NaN/Inf value(s); "
                          "refusing to quantize non-finite data")
     if k.passthrough:
+        if k.name == "fp16" and arr.size and float(abs(arr).max()) > FP16_MAX:
+            raise ValueError(f"quantize: values up to {float(abs(arr).max()):.4g} overflow fp16 (max {FP16_MAX}); "
+                             "use a scaled quantizer or 'none'")
         codes = arr.astype(np.float16 if k.name == "fp16" else np.float32, copy=True)
         if not type(codes).__module__.startswith("numpy"):
             codes = codes.get()
@@ -100,6 +107,9 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = 4, bucket_size: int 
         key = rng.stream_key(seed)
     be = _backend_for(arr, backend)
     scales, packed = be.encode(arr, levels, bits, bucket_size, k.scale, stochastic, key, offset)
+    if scales.size and not bool(_isfinite_all(scales)):
+        raise ValueError(f"quantize: a bucket's {cb.SCALE_NAMES[k.scale]} scale overflows float32 (values up to "
+                         f"{float(abs(arr).max()):.4g}); scale the tensor down or use a max-abs quantizer")
     return Payload(k.name, bits, bucket_size, int(arr.size), shape, scales, packed,
                    np.array(levels, dtype=np.float32) if k.adaptive else None, stochastic, dtype, array_kind)
 

@@ -16,13 +16,13 @@ NONFINITE_POLICIES = ("raise", "skip")
 class LinkSpec:
     """One direction's quantizer: name, bit width, bucket size, rounding."""
     quantizer: str = "qsgd"
-    bits: int | None = 4
+    bits: int | None = None         # None: the quantizer's default (4, or its fixed width)
     bucket_size: int = 512
     rounding: str | None = None     # None: the quantizer's default (stochastic if unbiased)
 
     def __post_init__(self):
         k = cb.kind(self.quantizer)
-        object.__setattr__(self, "bits", k.check_bits(self.bits if self.bits is not None else k.fixed_bits))
+        object.__setattr__(self, "bits", k.check_bits(self.bits))
         if not k.passthrough:
             check_bucket_size(self.bucket_size)
         if self.rounding is not None and self.rounding not in ROUNDINGS:

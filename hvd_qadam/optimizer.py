@@ -193,7 +193,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, *, algorithm: str = "qsgd",
-                         quantizer: str = "qsgd", bits: int | None = 4, bucket_size: int = 512,
+                         quantizer: str = "qsgd", bits: int | None = None, bucket_size: int = 512,
                          rounding: str | None = None,
                          downlink_quantizer: str | None = None, downlink_bits: int | None = None,
                          downlink_bucket_size: int | None = None, downlink_rounding: str | None = None,

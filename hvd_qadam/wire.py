@@ -153,7 +153,7 @@ class Payload:
         if int(np.prod(shape, dtype=np.int64)) != numel:
             raise PayloadError(f"{where}: shape {shape} does not hold {numel} elements")
         scales = codebook = None
-        if nb:
+        if not kind.passthrough:
             scales = np.frombuffer(body, dtype="<f4", count=nb, offset=pos).copy()
             pos += 4 * nb
             if not np.all(np.isfinite(scales)) or np.any(scales < 0):
@@ -169,9 +169,36 @@ class Payload:
             codes = np.frombuffer(body, dtype="<f4" if kind.name == "none" else "<f2", count=numel, offset=pos).copy()
         else:
             codes = np.frombuffer(body, dtype=np.uint8, count=code_bytes, offset=pos).copy()
+            n_levels = cb_len if has_cb else cb.codebook(kind.name, bits).size
+            bad = _first_code_out_of_range(codes, bits, numel, n_levels)
+            if bad is not None:
+                raise PayloadError(f"{where}: code {bad[1]} of element {bad[0]} is outside the {n_levels}-level "
+                                   "codebook")
         p = cls(kind.name, bits, bucket, numel, shape, scales, codes, codebook, bool(flags & FLAG_STOCHASTIC),
                 DTYPE_NAMES[dt])
         return p, start + body_len
+
+
+def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: int):
+    """(index, code) of the first packed code >= n_levels, or None. Codes that fill a byte evenly
+    (1, 2, 4, 8 bits) are checked with a per-byte lookup table, the others by unpacking."""
+    if n_levels >= 1 << bits or n == 0:
+        return None
+    if 8 % bits == 0:
+        per = 8 // bits
+        byte_values = np.arange(256)
+        fields = (byte_values[:, None] >> (bits * np.arange(per))) & ((1 << bits) - 1)
+        bad_byte = (fields >= n_levels).any(axis=1)
+        hits = np.flatnonzero(bad_byte[packed])
+        if hits.size == 0:
+            return None
+        b = int(hits[0])
+        field = int(np.flatnonzero(fields[packed[b]] >= n_levels)[0])
+        return b * per + field, int(fields[packed[b], field])
+    from .quant.reference import unpack_codes
+    codes = unpack_codes(packed, bits, n)
+    hits = np.flatnonzero(codes >= n_levels)
+    return None if hits.size == 0 else (int(hits[0]), int(codes[hits[0]]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -179,13 +179,7 @@ def test_nearest_flag_and_empty_payload_round_trip():
     assert dequantize(q, backend="numpy").shape == (0, 3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG hvd_qadam/wire.py Payload.from_buffer (~line 157-161: `scales = codebook = None; if nb: ...`): "
-    "a quantized payload of 0 elements comes back with scales=None instead of an empty float32 array "
-    "(quantize() makes an empty array). The numba backend's decode then turns None into "
-    "np.ascontiguousarray(None, float32) == [nan] and raises 'decode: 1 scales for 0 elements', so "
-    "dequantize(Payload.from_bytes(empty_payload)) fails with the default backend."))
-def test_BUG_empty_quantized_payload_keeps_empty_scales_after_wire():
+def test_regression_empty_quantized_payload_keeps_empty_scales_after_wire():
     e = quantize(np.zeros((0, 3), np.float32), "nuq", 4, 16)
     q = Payload.from_bytes(e.to_bytes())
     assert q.scales is not None and q.scales.dtype == np.float32 and q.scales.size == 0
@@ -343,15 +337,9 @@ def test_payload_error_is_value_error_and_messages_locate_the_payload():
         Payload.from_buffer(a + bytes(bad), len(a))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG hvd_qadam/wire.py Payload.from_buffer (~line 170-176): packed codes are not checked against "
-    "the codebook size. A payload with a valid CRC whose codes are >= K (e.g. code 15 with the 15-level "
-    "4-bit qsgd codebook, or code 3 for terngrad) is accepted; dequantize then raises IndexError (NumPy "
-    "reference) or ValueError (numba), not PayloadError. SPEC 2: a payload that fails validation is "
-    "rejected with an error that names what is wrong."))
 @pytest.mark.parametrize("name,bits,bad_code", [("qsgd", 4, 15), ("terngrad", 2, 3), ("nuq", 2, 3),
                                                 ("alq", 2, 3)])
-def test_BUG_out_of_range_codes_rejected_at_parse(name, bits, bad_code):
+def test_regression_out_of_range_codes_rejected_at_parse(name, bits, bad_code):
     x = np.linspace(-1, 1, 10, dtype=np.float32)
     cbk = [-1.0, 0.0, 1.0] if name == "alq" else None
     p = quantize(x, name, bits, 4, codebook=cbk)
@@ -397,7 +385,7 @@ def test_frame_round_trip():
     for a, b in zip(ps, g.payloads):
         assert_same_payload(a, b)
         assert np.array_equal(dequantize(a, backend="numpy"), dequantize(b, backend="numpy"))
-        if a.numel:  # (0-element payloads: see test_BUG_empty_quantized_payload_keeps_empty_scales_after_wire)
+        if a.numel:  # (0-element payloads: see test_regression_empty_quantized_payload_keeps_empty_scales_after_wire)
             assert np.array_equal(dequantize(a), dequantize(b))
     assert g.to_bytes() == data
     empty = Frame(0, 0, 0)

@@ -30,9 +30,16 @@ class QuantizerKind:
     passthrough: bool = False
     fixed_bits: int | None = None  # e.g. terngrad is always 2 bits, sign 1 bit
 
-    def check_bits(self, bits: int) -> int:
+    @property
+    def default_bits(self) -> int:
+        return self.fixed_bits if self.fixed_bits is not None else 4
+
+    def check_bits(self, bits: int | None) -> int:
+        """The validated bit width; ``None`` means the quantizer's default (4, or its fixed width)."""
+        if bits is None:
+            return self.default_bits
         if self.fixed_bits is not None:
-            if bits not in (None, self.fixed_bits):
+            if bits != self.fixed_bits:
                 raise QuantizerError(f"quantizer {self.name!r} always uses {self.fixed_bits} bit(s); got bits={bits}")
             return self.fixed_bits
         if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool):
