@@ -1,0 +1,764 @@
+"""numba CPU kernels for the quantizer family, bit-identical to :mod:`hvd_qadam.quant.reference`.
+
+Same functions as the reference (``encode``, ``decode``) plus ``decode_add`` (acc += decode(...)
+in place, used when averaging several workers' payloads) and ``warmup`` (compiles, or loads from
+the on-disk cache, every kernel).
+
+How the output stays identical to the NumPy reference:
+  * Element arithmetic is float32 in the reference's order: r = x / s, clip, p = (r - l_j) / w_j
+    with w_j = l_{j+1} - l_j, code = j + (u < p) or j + (p >= 0.5); decode = l_code * s. Kernels
+    are compiled without fastmath, so LLVM neither reassociates nor contracts to FMA, and
+    divisions stay divisions.
+  * j (the largest level <= r, clipped to 0..K-2) is found by comparisons against the float32
+    level table itself (a count of interior levels <= r, or a branchless binary search), never
+    by arithmetic alone, so it always equals np.searchsorted.
+  * Bucket scales accumulate in float64 and round once to float32. The summation order mirrors
+    the one NumPy uses inside the reference, so even the float64 sums agree: the L2 sum follows
+    np.einsum's 2-lane, 4x-unrolled loop (rows longer than 8192 of a single-bucket vector are
+    summed in 8192-element buffers, as NumPy's iterator does), and the mean |x| follows NumPy's
+    pairwise summation over the zero-padded bucket. maxabs is order-free. Should another NumPy
+    build sum in another order, only the last float64 bits can differ, which changes the float32
+    scale only when the sum lies within those bits of a float32 rounding boundary.
+  * Uniforms come from the counter-based SplitMix64 of :mod:`.rng` (uint64 arithmetic).
+
+Work is split into tasks of whole buckets that start on a multiple of 8 elements (8 codes of b
+bits fill exactly b bytes, so every task writes its own whole bytes): each task computes its
+scales and then quantizes and packs them while the data is still in cache. Vectors with very few
+(long) buckets compute the scales first and then split the elements. Inside a task, elements go
+through blocks of 512 in simple loops that LLVM vectorizes. Two rules keep them vectorizable:
+loops index slices from 0 (numba's negative-index wrap-around on a runtime offset would turn
+every access into a select), and the parallel bodies only call separately compiled functions.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
+from .reference import num_buckets, packed_nbytes
+from .rng import GOLDEN, MIX1, MIX2, UNIFORM_SHIFT
+
+_U64_GOLDEN = np.uint64(GOLDEN)
+_U64_MIX1 = np.uint64(MIX1)
+_U64_MIX2 = np.uint64(MIX2)
+_U64_ONE = np.uint64(1)
+_U64_30 = np.uint64(30)
+_U64_27 = np.uint64(27)
+_U64_31 = np.uint64(31)
+_U64_UNIFORM_SHIFT = np.uint64(UNIFORM_SHIFT)
+_F32_UNIFORM_SCALE = np.float32(2.0 ** -24)
+_F32_HALF = np.float32(0.5)
+_F32_ZERO = np.float32(0.0)
+_ABS_MASK = np.uint32(0x7FFFFFFF)
+_INF_BITS = np.uint32(0x7F800000)
+
+_BLOCK = 512            # elements per stage-by-stage block (scratch stays in L1)
+_TASK = 1 << 15         # target elements per parallel task
+_EINSUM_BUFFER = 8192   # NumPy's iterator buffer: einsum sums a single long row in pieces of this
+_PAIRWISE_BLOCK = 128   # NumPy's pairwise summation leaf size
+# How j is found: compare r with every level held in registers (K <= 2, 4, 8, 16 or 32 slots),
+# recompute a uniform grid arithmetically, or binary-search the level table.
+_SEARCH_COUNT2, _SEARCH_COUNT4, _SEARCH_COUNT8, _SEARCH_COUNT16, _SEARCH_COUNT32 = 0, 1, 2, 3, 4
+_SEARCH_UNIFORM, _SEARCH_BISECT = 5, 6
+_COUNT_METHODS = ((2, _SEARCH_COUNT2), (4, _SEARCH_COUNT4), (8, _SEARCH_COUNT8), (16, _SEARCH_COUNT16),
+                  (32, _SEARCH_COUNT32))
+# Rows of the per-codebook float32 table (256 columns: up to 2^8 levels).
+_LEVELS, _WIDTHS, _COUNT_LOW, _COUNT_HIGH, _SEARCH = 0, 1, 2, 3, 4
+_NUM_TABLES = 5
+_UNIFORM_MIN_LEVELS = 8  # up to this many levels, comparing with all of them is as fast
+
+# Kernel options: compiled once and cached on disk (NUMBA_CACHE_DIR is honoured by numba);
+# never fastmath (bit-identity); numpy error model so float division has no zero check.
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
+_INLINE = dict(inline="always", **_JIT)
+
+
+# ----------------------------------------------------------------------------- bucket scales
+
+@njit(**_INLINE)
+def _sumsq_einsum_order(v):
+    """Sum of float64 squares of v in np.einsum's order: two lanes, four products per lane
+    chained per step of 8, a zero-filled last vector, lanes added at the end."""
+    lane0 = 0.0
+    lane1 = 0.0
+    n8 = v.size - v.size % 8
+    for i in range(0, n8, 8):
+        v0 = np.float64(v[i])
+        v1 = np.float64(v[i + 1])
+        v2 = np.float64(v[i + 2])
+        v3 = np.float64(v[i + 3])
+        v4 = np.float64(v[i + 4])
+        v5 = np.float64(v[i + 5])
+        v6 = np.float64(v[i + 6])
+        v7 = np.float64(v[i + 7])
+        t0 = v6 * v6 + lane0
+        t1 = v7 * v7 + lane1
+        t0 = v4 * v4 + t0
+        t1 = v5 * v5 + t1
+        t0 = v2 * v2 + t0
+        t1 = v3 * v3 + t1
+        lane0 = v0 * v0 + t0
+        lane1 = v1 * v1 + t1
+    for i in range(n8, v.size):  # the zero-filled vectors: a missing odd element adds nothing
+        vi = np.float64(v[i])
+        if (i - n8) % 2 == 0:
+            lane0 = vi * vi + lane0
+        else:
+            lane1 = vi * vi + lane1
+    return lane0 + lane1
+
+
+@njit(**_INLINE)
+def _l2_scale(v, single_bucket):
+    if single_bucket:  # einsum over a single row runs through NumPy's 8192-element buffers
+        total = 0.0
+        for c in range(0, v.size, _EINSUM_BUFFER):
+            total += _sumsq_einsum_order(v[c:c + _EINSUM_BUFFER])
+    else:
+        total = _sumsq_einsum_order(v)
+    return np.float32(math.sqrt(total))
+
+
+@njit(**_INLINE)
+def _pairwise_leaf(v, lo, n):
+    """One leaf (n <= 128) of NumPy's pairwise sum of float64 |v[lo:lo+n]|; positions at or past
+    v.size are zeros (the reference pads the last bucket with zeros)."""
+    if lo >= v.size:
+        return 0.0
+    if n < 8:
+        res = 0.0
+        for i in range(lo, min(lo + n, v.size)):
+            res += abs(np.float64(v[i]))
+        return res
+    n8 = n - n % 8
+    if lo + n <= v.size:  # the whole leaf is data: NumPy's 8-accumulator loop
+        leaf = v[lo:lo + n]
+        r0 = abs(np.float64(leaf[0]))
+        r1 = abs(np.float64(leaf[1]))
+        r2 = abs(np.float64(leaf[2]))
+        r3 = abs(np.float64(leaf[3]))
+        r4 = abs(np.float64(leaf[4]))
+        r5 = abs(np.float64(leaf[5]))
+        r6 = abs(np.float64(leaf[6]))
+        r7 = abs(np.float64(leaf[7]))
+        for i in range(8, n8, 8):
+            r0 += abs(np.float64(leaf[i]))
+            r1 += abs(np.float64(leaf[i + 1]))
+            r2 += abs(np.float64(leaf[i + 2]))
+            r3 += abs(np.float64(leaf[i + 3]))
+            r4 += abs(np.float64(leaf[i + 4]))
+            r5 += abs(np.float64(leaf[i + 5]))
+            r6 += abs(np.float64(leaf[i + 6]))
+            r7 += abs(np.float64(leaf[i + 7]))
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        for i in range(n8, n):
+            res += abs(np.float64(leaf[i]))
+        return res
+    # A leaf that runs past the data: skipping the padding zeros adds exactly what they would.
+    acc = np.zeros(8, np.float64)
+    for i in range(lo, min(lo + n8, v.size)):
+        acc[(i - lo) % 8] += abs(np.float64(v[i]))
+    res = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+    for i in range(lo + n8, min(lo + n, v.size)):
+        res += abs(np.float64(v[i]))
+    return res
+
+
+@njit(**_JIT)
+def _pairwise_abs_sum(v, n):
+    """NumPy's pairwise summation of float64 |v| over a zero-padded length n: halves (cut at a
+    multiple of 8) summed recursively down to leaves of <= 128. Evaluated with an explicit stack
+    (numba's on-disk cache does not reload self-recursive functions reliably)."""
+    if n <= _PAIRWISE_BLOCK:
+        return _pairwise_leaf(v, 0, n)
+    depth = 64  # ample: every level halves n
+    lo_stack = np.empty(depth, np.int64)
+    n_stack = np.empty(depth, np.int64)
+    state = np.empty(depth, np.int64)      # 0: left half next, 1: right half next, 2: combine
+    values = np.empty(depth, np.float64)
+    top = 0
+    num_values = 0
+    lo_stack[0] = 0
+    n_stack[0] = n
+    state[0] = 0
+    while top >= 0:
+        lo = lo_stack[top]
+        m = n_stack[top]
+        if m <= _PAIRWISE_BLOCK:
+            values[num_values] = _pairwise_leaf(v, lo, m)
+            num_values += 1
+            top -= 1
+            continue
+        half = m // 2
+        half -= half % 8
+        if state[top] == 0:
+            state[top] = 1
+            top += 1
+            lo_stack[top] = lo
+            n_stack[top] = half
+            state[top] = 0
+        elif state[top] == 1:
+            state[top] = 2
+            top += 1
+            lo_stack[top] = lo + half
+            n_stack[top] = m - half
+            state[top] = 0
+        else:
+            num_values -= 1
+            values[num_values - 1] = values[num_values - 1] + values[num_values]
+            top -= 1
+    return values[0]
+
+
+@njit(**_INLINE)
+def _maxabs_scale(bits):
+    """max |x| from the bit patterns: for finite floats |x| orders like its bits with the sign
+    cleared, and an unsigned integer max vectorizes where a float max would not."""
+    m = np.uint32(0)
+    for i in range(bits.size):
+        v = bits[i] & _ABS_MASK
+        m = v if v > m else m
+    if m > _INF_BITS:
+        return np.float32(np.nan)  # a NaN in the bucket (the API refuses non-finite input)
+    # Back to float32 exactly: (2^23 + mantissa) * 2^(exponent - 150), or mantissa * 2^-149
+    # when subnormal; both are exact in float64 (inf comes out as 2^128, which rounds to inf).
+    exponent = np.int64(m >> np.uint32(23))
+    mantissa = np.float64(m & np.uint32(0x7FFFFF))
+    if exponent == 0:
+        return np.float32(math.ldexp(mantissa, -149))
+    return np.float32(math.ldexp(mantissa + 8388608.0, exponent - 150))
+
+
+@njit(**_JIT)
+def _bucket_scales(x, x_bits, k0, k1, bucket_size, scale_kind, single_bucket, scales):
+    """scales[k] for buckets k0..k1-1."""
+    n = x.size
+    for k in range(k0, k1):
+        start = k * bucket_size
+        stop = min(start + bucket_size, n)
+        if scale_kind == SCALE_L2:
+            scales[k] = _l2_scale(x[start:stop], single_bucket)
+        elif scale_kind == SCALE_MAXABS:
+            scales[k] = _maxabs_scale(x_bits[start:stop])
+        else:  # mean |x| over the bucket's true length
+            total = _pairwise_abs_sum(x[start:stop], bucket_size)
+            scales[k] = np.float32(total / np.float64(stop - start))
+
+
+# ----------------------------------------------------------------------------- quantize
+
+@njit(**_INLINE)
+def _uniform(key, index):
+    """rng.uniforms for one element: SplitMix64 of key + (index + 1) * GOLDEN, top 24 bits."""
+    z = key + (index + _U64_ONE) * _U64_GOLDEN
+    z = (z ^ (z >> _U64_30)) * _U64_MIX1
+    z = (z ^ (z >> _U64_27)) * _U64_MIX2
+    z = z ^ (z >> _U64_31)
+    return np.float32(z >> _U64_UNIFORM_SHIFT) * _F32_UNIFORM_SCALE
+
+
+@njit(**_INLINE)
+def _normalise(xv, s, first, last):
+    """r = clip(x / s, l_0, l_{K-1}); a zero scale gives r = 0 (the quotient is then unused)."""
+    q = xv / s
+    v = q if s > _F32_ZERO else _F32_ZERO
+    v = first if v < first else v
+    return last if v > last else v
+
+
+@njit(**_INLINE)
+def _round(r, j, lo, w, stochastic, key, index):
+    """The code: j, or j + 1 with probability p = (r - l_j) / w_j (stochastic) or when p >= 1/2."""
+    p = (r - lo) / w
+    if stochastic:
+        return j + (1 if _uniform(key, index) < p else 0)
+    return j + (1 if p >= _F32_HALF else 0)
+
+
+@njit(**_INLINE)
+def _search_input(r, first):
+    """r as the searches see it: NaN (only from inf/NaN input, which the API refuses) becomes a
+    harmless number; _nan_code then gives such elements the reference's code."""
+    return r if r == r else first
+
+
+@njit(**_INLINE)
+def _nan_code(r, code, top_j):
+    """np.searchsorted puts NaN after every level, so the reference gives j = K-2, and p = NaN
+    never rounds up: the code is K-2."""
+    return code if r == r else top_j
+
+
+@njit(**_INLINE)
+def _fill_scales(scales, bucket_size, b0, block_scale):
+    """block_scale[e] = scale of element b0 + e, one constant run per bucket."""
+    e = 0
+    k = b0 // bucket_size
+    while e < block_scale.size:
+        run_end = min((k + 1) * bucket_size - b0, block_scale.size)
+        block_scale[e:run_end] = scales[k]
+        e = run_end
+        k += 1
+
+
+@njit(**_INLINE)
+def _search_count(r, low_slots, high_slots, top, slots):
+    """(j, l_j, l_{j+1} - l_j) by comparing r with every interior level. ``slots`` is a
+    compile-time constant (16 or 32), so the level loops unroll and the caller's element loop
+    vectorizes with the levels in registers. low_slots = l_0..l_{K-2} padded with +inf (never
+    <= r); high_slots = the same padded with l_{K-1}; top = l_{K-1}."""
+    j = 0
+    lo = low_slots[0]
+    for i in range(1, slots):
+        level = low_slots[i]
+        below = level <= r
+        j += 1 if below else 0
+        lo = level if below else lo
+    hi = top
+    for i in range(slots - 1, 0, -1):
+        level = high_slots[i]
+        hi = level if level > r else hi
+    return j, lo, hi - lo
+
+
+@njit(**_INLINE)
+def _count_loop(xs, block_scale, tables, num_levels, slots, stochastic, key, base, codes):
+    first = tables[_LEVELS, 0]
+    last = tables[_LEVELS, num_levels - 1]
+    low_slots = tables[_COUNT_LOW]
+    high_slots = tables[_COUNT_HIGH]
+    for e in range(xs.size):
+        r = _normalise(xs[e], block_scale[e], first, last)
+        j, lo, w = _search_count(_search_input(r, first), low_slots, high_slots, last, slots)
+        codes[e] = _nan_code(r, _round(r, j, lo, w, stochastic, key, base + np.uint64(e)), num_levels - 2)
+
+
+@njit(**_INLINE)
+def _count_rounding(xs, block_scale, tables, num_levels, slots, stochastic, key, base, codes):
+    if stochastic:
+        _count_loop(xs, block_scale, tables, num_levels, slots, True, key, base, codes)
+    else:
+        _count_loop(xs, block_scale, tables, num_levels, slots, False, key, base, codes)
+
+
+# One compiled loop per slot count (a literal here, so the level loops unroll): K <= slots.
+@njit(**_JIT)
+def _quantize_count2(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
+    _count_rounding(xs, block_scale, tables, num_levels, 2, stochastic, key, base, codes)
+
+
+@njit(**_JIT)
+def _quantize_count4(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
+    _count_rounding(xs, block_scale, tables, num_levels, 4, stochastic, key, base, codes)
+
+
+@njit(**_JIT)
+def _quantize_count8(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
+    _count_rounding(xs, block_scale, tables, num_levels, 8, stochastic, key, base, codes)
+
+
+@njit(**_JIT)
+def _quantize_count16(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
+    _count_rounding(xs, block_scale, tables, num_levels, 16, stochastic, key, base, codes)
+
+
+@njit(**_JIT)
+def _quantize_count32(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
+    _count_rounding(xs, block_scale, tables, num_levels, 32, stochastic, key, base, codes)
+
+
+@njit(**_INLINE)
+def _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, stochastic, key, base, codes):
+    first = tables[_LEVELS, 0]
+    last = tables[_LEVELS, num_levels - 1]
+    fm = np.float32(uniform_m)
+    top_j = num_levels - 2
+    bad = 0
+    for e in range(xs.size):
+        r = _normalise(xs[e], block_scale[e], first, last)
+        rs = _search_input(r, first)
+        j = np.int32((rs - first) * fm)
+        j = min(max(j, 0), top_j)
+        lo = np.float32(j - uniform_m) / fm
+        hi = np.float32(j + 1 - uniform_m) / fm
+        bad |= ((j > 0) & (lo > rs)) | ((j < top_j) & (hi <= rs))
+        codes[e] = _nan_code(r, _round(r, j, lo, hi - lo, stochastic, key, base + np.uint64(e)), top_j)
+    return not bad
+
+
+@njit(**_JIT)
+def _quantize_uniform(xs, block_scale, tables, num_levels, uniform_m, stochastic, key, base, codes):
+    """Codebooks l_i = float32(i - m) / float32(m) (checked level by level when the tables are
+    built): j is guessed arithmetically and the levels recomputed the same way, so there is no
+    table lookup. Returns False if a guess missed (only possible for r within float rounding of
+    a level); the caller then redoes the block with the exact search."""
+    if stochastic:
+        return _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, True, key, base, codes)
+    return _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, False, key, base, codes)
+
+
+@njit(**_INLINE)
+def _bisect_loop(r, j, tables, top_j, stochastic, key, base, codes):
+    levels = tables[_LEVELS]
+    widths = tables[_WIDTHS]
+    for e in range(r.size):
+        jj = j[e]
+        re = r[e]
+        codes[e] = _nan_code(re, _round(re, jj, levels[jj], widths[jj], stochastic, key, base + np.uint64(e)),
+                             top_j)
+
+
+@njit(**_JIT)
+def _quantize_bisect(xs, block_scale, tables, num_levels, search_steps, stochastic, key, base, r, j, codes):
+    """Any sorted codebook, stage by stage: a branchless binary search for the last entry
+    <= r of l_0..l_{K-2} padded with +inf."""
+    search = tables[_SEARCH]
+    first = tables[_LEVELS, 0]
+    last = tables[_LEVELS, num_levels - 1]
+    for e in range(xs.size):
+        r[e] = _normalise(xs[e], block_scale[e], first, last)
+        j[e] = 0
+    step = 1 << search_steps
+    for _ in range(search_steps):
+        step >>= 1
+        for e in range(xs.size):
+            t = j[e] + step
+            j[e] = t if search[t] <= _search_input(r[e], first) else j[e]
+    if stochastic:
+        _bisect_loop(r, j, tables, num_levels - 2, True, key, base, codes)
+    else:
+        _bisect_loop(r, j, tables, num_levels - 2, False, key, base, codes)
+
+
+# ----------------------------------------------------------------------------- pack / unpack
+
+@njit(**_INLINE)
+def _pack_group(codes, bits, out):
+    """Up to 8 codes, LSB-first, into the ceil(len*bits/8) bytes of out."""
+    acc = np.uint64(0)
+    for k in range(codes.size):
+        acc |= np.uint64(codes[k]) << np.uint64(k * bits)
+    for t in range(out.size):
+        out[t] = np.uint8((acc >> np.uint64(8 * t)) & np.uint64(0xFF))
+
+
+@njit(**_INLINE)
+def _pack(codes, bits, out):
+    """All codes into out (ceil(len*bits/8) bytes); 8 codes fill exactly ``bits`` bytes."""
+    groups = codes.size // 8
+    if bits == 8:
+        out[:groups * 8] = codes[:groups * 8]
+    elif bits == 4:
+        for q in range(groups * 4):
+            out[q] = codes[2 * q] | (codes[2 * q + 1] << 4)
+    elif bits == 2:
+        for q in range(groups * 2):
+            out[q] = codes[4 * q] | (codes[4 * q + 1] << 2) | (codes[4 * q + 2] << 4) | (codes[4 * q + 3] << 6)
+    elif bits == 1:
+        for q in range(groups):
+            out[q] = (codes[8 * q] | (codes[8 * q + 1] << 1) | (codes[8 * q + 2] << 2) | (codes[8 * q + 3] << 3)
+                      | (codes[8 * q + 4] << 4) | (codes[8 * q + 5] << 5) | (codes[8 * q + 6] << 6)
+                      | (codes[8 * q + 7] << 7))
+    else:
+        for g in range(groups):
+            _pack_group(codes[8 * g:8 * g + 8], bits, out[g * bits:(g + 1) * bits])
+    if codes.size > groups * 8:
+        _pack_group(codes[groups * 8:], bits, out[groups * bits:])
+
+
+@njit(**_INLINE)
+def _unpack_group(packed, bits, codes):
+    acc = np.uint64(0)
+    for t in range(packed.size):
+        acc |= np.uint64(packed[t]) << np.uint64(8 * t)
+    mask = np.uint64((1 << bits) - 1)
+    for k in range(codes.size):
+        codes[k] = np.uint8((acc >> np.uint64(k * bits)) & mask)
+
+
+@njit(**_INLINE)
+def _unpack(packed, bits, codes):
+    """Inverse of _pack: codes.size codes from packed (ceil(len*bits/8) bytes)."""
+    groups = codes.size // 8
+    if bits == 8:
+        codes[:groups * 8] = packed[:groups * 8]
+    elif bits == 4:
+        for q in range(groups * 4):
+            v = packed[q]
+            codes[2 * q] = v & 15
+            codes[2 * q + 1] = v >> 4
+    elif bits == 2:
+        for q in range(groups * 2):
+            v = packed[q]
+            codes[4 * q] = v & 3
+            codes[4 * q + 1] = (v >> 2) & 3
+            codes[4 * q + 2] = (v >> 4) & 3
+            codes[4 * q + 3] = v >> 6
+    elif bits == 1:
+        for q in range(groups):
+            v = packed[q]
+            for k in range(8):
+                codes[8 * q + k] = (v >> k) & 1
+    else:
+        for g in range(groups):
+            _unpack_group(packed[g * bits:(g + 1) * bits], bits, codes[8 * g:8 * g + 8])
+    if codes.size > groups * 8:
+        _unpack_group(packed[groups * bits:], bits, codes[groups * 8:])
+
+
+# ----------------------------------------------------------------------------- encode / decode spans
+
+@njit(**_JIT)
+def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
+                 bits, stochastic, key, offset, packed):
+    """Quantize and pack elements e0..e1-1 (e0 a multiple of 8) with their buckets' scales."""
+    block_scale = np.empty(_BLOCK, np.float32)
+    r = np.empty(_BLOCK, np.float32)
+    j = np.empty(_BLOCK, np.int32)
+    codes = np.empty(_BLOCK, np.uint8)
+    for b0 in range(e0, e1, _BLOCK):
+        length = min(_BLOCK, e1 - b0)
+        xs = x[b0:b0 + length]
+        ss = block_scale[:length]
+        cs = codes[:length]
+        base = offset + np.uint64(b0)
+        _fill_scales(scales, bucket_size, b0, ss)
+        if method == _SEARCH_COUNT2:
+            _quantize_count2(xs, ss, tables, num_levels, stochastic, key, base, cs)
+        elif method == _SEARCH_COUNT4:
+            _quantize_count4(xs, ss, tables, num_levels, stochastic, key, base, cs)
+        elif method == _SEARCH_COUNT8:
+            _quantize_count8(xs, ss, tables, num_levels, stochastic, key, base, cs)
+        elif method == _SEARCH_COUNT16:
+            _quantize_count16(xs, ss, tables, num_levels, stochastic, key, base, cs)
+        elif method == _SEARCH_COUNT32:
+            _quantize_count32(xs, ss, tables, num_levels, stochastic, key, base, cs)
+        elif not (method == _SEARCH_UNIFORM
+                  and _quantize_uniform(xs, ss, tables, num_levels, uniform_m, stochastic, key, base, cs)):
+            _quantize_bisect(xs, ss, tables, num_levels, search_steps, stochastic, key, base,
+                             r[:length], j[:length], cs)
+        byte0 = (b0 // 8) * bits
+        _pack(cs, bits, packed[byte0:byte0 + (length * bits + 7) // 8])
+
+
+@njit(**_JIT)
+def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, accumulate):
+    """out[e] = table[code] * scale (or +=) for elements e0..e1-1 (e0 a multiple of 8); returns
+    the largest code seen, so the caller can reject codes past the codebook."""
+    block_scale = np.empty(_BLOCK, np.float32)
+    codes = np.empty(_BLOCK, np.uint8)
+    seen = 0
+    for b0 in range(e0, e1, _BLOCK):
+        length = min(_BLOCK, e1 - b0)
+        ss = block_scale[:length]
+        cs = codes[:length]
+        os = out[b0:b0 + length]
+        _fill_scales(scales, bucket_size, b0, ss)
+        byte0 = (b0 // 8) * bits
+        _unpack(packed[byte0:byte0 + (length * bits + 7) // 8], bits, cs)
+        block_max = np.uint8(0)
+        for e in range(length):
+            block_max = cs[e] if cs[e] > block_max else block_max
+        seen = max(seen, int(block_max))
+        if accumulate:
+            for e in range(length):
+                os[e] = os[e] + table[cs[e]] * ss[e]
+        else:
+            for e in range(length):
+                os[e] = table[cs[e]] * ss[e]
+    return seen
+
+
+@njit(**_JIT)
+def _max_code_span(packed, bits, e0, e1):
+    codes = np.empty(_BLOCK, np.uint8)
+    block_max = np.uint8(0)
+    for b0 in range(e0, e1, _BLOCK):
+        length = min(_BLOCK, e1 - b0)
+        cs = codes[:length]
+        byte0 = (b0 // 8) * bits
+        _unpack(packed[byte0:byte0 + (length * bits + 7) // 8], bits, cs)
+        for e in range(length):
+            block_max = cs[e] if cs[e] > block_max else block_max
+    return int(block_max)
+
+
+# ----------------------------------------------------------------------------- parallel kernels
+
+@njit(parallel=True, **_JIT)
+def _encode_kernel(x, x_bits, tables, method, num_levels, search_steps, uniform_m, bits, bucket_size,
+                   scale_kind, stochastic, key, offset, scales, packed):
+    n = x.size
+    nb = scales.size
+    single_bucket = nb == 1
+    if nb >= 8:
+        # Tasks of whole buckets; a task spans a multiple of 8 elements so it owns whole bytes.
+        align = 8 // math.gcd(bucket_size, 8)
+        per_task = max(1, _TASK // bucket_size)
+        per_task = ((per_task + align - 1) // align) * align
+        num_tasks = (nb + per_task - 1) // per_task
+        for t in prange(num_tasks):
+            k0 = t * per_task
+            k1 = min(k0 + per_task, nb)
+            _bucket_scales(x, x_bits, k0, k1, bucket_size, scale_kind, single_bucket, scales)
+            _encode_span(x, k0 * bucket_size, min(k1 * bucket_size, n), scales, bucket_size, tables, method,
+                         num_levels, search_steps, uniform_m, bits, stochastic, key, offset, packed)
+    else:
+        # Few (long) buckets: all scales first, then split the elements themselves.
+        for k in prange(nb):
+            _bucket_scales(x, x_bits, k, k + 1, bucket_size, scale_kind, single_bucket, scales)
+        num_tasks = (n + _TASK - 1) // _TASK
+        for t in prange(num_tasks):
+            _encode_span(x, t * _TASK, min((t + 1) * _TASK, n), scales, bucket_size, tables, method,
+                         num_levels, search_steps, uniform_m, bits, stochastic, key, offset, packed)
+
+
+@njit(parallel=True, **_JIT)
+def _decode_kernel(scales, packed, table, bits, bucket_size, out, accumulate, max_code):
+    n = out.size
+    for t in prange((n + _TASK - 1) // _TASK):
+        max_code[t] = _decode_span(scales, packed, table, bits, bucket_size, out, t * _TASK,
+                                   min((t + 1) * _TASK, n), accumulate)
+
+
+@njit(parallel=True, **_JIT)
+def _max_code_kernel(packed, bits, n, max_code):
+    for t in prange((n + _TASK - 1) // _TASK):
+        max_code[t] = _max_code_span(packed, bits, t * _TASK, min((t + 1) * _TASK, n))
+
+
+# ----------------------------------------------------------------------------- Python entry points
+
+def _readonly(a):
+    """A read-only view: the kernels are compiled for read-only inputs only, so writable arrays
+    and read-only ones (e.g. payloads parsed from received bytes) share one compiled kernel."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def _check_common(levels, bits, bucket_size):
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer)) or bucket_size < 1:
+        raise ValueError(f"bucket_size must be a positive integer, got {bucket_size!r}")
+    lv = np.ascontiguousarray(levels, dtype=np.float32).ravel()
+    if not 2 <= lv.size <= 2 ** bits:
+        raise ValueError(f"codebook has {lv.size} levels; {bits} bit(s) allow 2..{2 ** bits}")
+    if not (np.all(np.isfinite(lv)) and np.all(lv[1:] > lv[:-1])):
+        raise ValueError("codebook levels must be finite and strictly increasing")
+    return lv, int(bits), int(bucket_size)
+
+
+def _search_tables(lv):
+    """(tables, method, search steps, m) for a sorted float32 codebook (see _encode_span)."""
+    k = lv.size
+    tables = np.zeros((_NUM_TABLES, 256), dtype=np.float32)
+    tables[_LEVELS, :k] = lv
+    tables[_WIDTHS, :k - 1] = lv[1:] - lv[:-1]           # float32 subtraction, as the reference
+    tables[_COUNT_LOW, :] = np.inf                        # above any r: never counted
+    tables[_COUNT_LOW, :k - 1] = lv[:-1]
+    tables[_COUNT_HIGH, :] = lv[-1]
+    tables[_COUNT_HIGH, :k - 1] = lv[:-1]
+    steps = max(0, int(k - 2).bit_length())               # binary search over j = 0..K-2
+    tables[_SEARCH, :] = np.inf
+    tables[_SEARCH, :k - 1] = lv[:-1]
+    uniform_m = (k - 1) // 2
+    grid = np.arange(k, dtype=np.float32) - np.float32(uniform_m)
+    is_uniform = k % 2 == 1 and k > 2 and np.array_equal(grid / np.float32(uniform_m), lv)
+    method = _SEARCH_UNIFORM if is_uniform and k > _UNIFORM_MIN_LEVELS else _SEARCH_BISECT
+    for slots, count_method in _COUNT_METHODS:
+        if k <= slots and method == _SEARCH_BISECT:
+            method = count_method
+    return tables, method, steps, uniform_m
+
+
+def encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset=0):
+    """fp32 vector -> (scales float32[num_buckets], packed uint8[ceil(n*bits/8)]), exactly as
+    reference.encode. Non-float32 input is converted to float32 first (as the API does)."""
+    lv, bits, bucket_size = _check_common(levels, bits, bucket_size)
+    if scale_kind not in (SCALE_L2, SCALE_MAXABS, SCALE_MEANABS):
+        raise ValueError(f"unknown scale kind {scale_kind}")
+    if int(offset) < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    n = x.size
+    scales = np.empty(num_buckets(n, bucket_size), dtype=np.float32)
+    packed = np.empty(packed_nbytes(n, bits), dtype=np.uint8)
+    if n == 0:
+        return scales, packed
+    tables, method, steps, uniform_m = _search_tables(lv)
+    _encode_kernel(_readonly(x), _readonly(x.view(np.uint32)), _readonly(tables), method, lv.size, steps,
+                   uniform_m, bits, bucket_size,
+                   int(scale_kind), bool(stochastic), np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF),
+                   np.uint64(int(offset)), scales, packed)
+    return scales, packed
+
+
+def _decode_inputs(scales, packed, levels, bits, bucket_size, n):
+    lv, bits, bucket_size = _check_common(levels, bits, bucket_size)
+    n = int(n)
+    scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
+    packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
+    if scales.size != num_buckets(n, bucket_size):
+        raise ValueError(f"decode: {scales.size} scales for {n} elements in buckets of {bucket_size}")
+    if packed.size < packed_nbytes(n, bits):
+        raise ValueError(f"decode: {packed.size} code bytes; {n} elements at {bits} bits need "
+                         f"{packed_nbytes(n, bits)}")
+    table = np.full(256, np.nan, dtype=np.float32)
+    table[:lv.size] = lv
+    return _readonly(scales), _readonly(packed), lv, _readonly(table), bits, bucket_size, n
+
+
+def _check_codes(max_code, num_levels):
+    if max_code.size and int(max_code.max()) >= num_levels:
+        raise ValueError(f"decode: code {int(max_code.max())} is out of range for a codebook of "
+                         f"{num_levels} levels (corrupt payload)")
+
+
+def decode(scales, packed, levels, bits, bucket_size, n):
+    """Packed codes -> float32[n] (level * bucket scale), exactly as reference.decode."""
+    scales, packed, lv, table, bits, bucket_size, n = _decode_inputs(scales, packed, levels, bits,
+                                                                      bucket_size, n)
+    out = np.empty(n, dtype=np.float32)
+    if n:
+        max_code = np.zeros(-(-n // _TASK), dtype=np.int64)
+        _decode_kernel(scales, packed, table, bits, bucket_size, out, False, max_code)
+        _check_codes(max_code, lv.size)
+    return out
+
+
+def decode_add(acc, scales, packed, levels, bits, bucket_size, n):
+    """acc += decode(...) in place (float32 acc of n elements); returns acc. Codes are checked
+    before acc is touched, so a corrupt payload leaves acc unchanged."""
+    scales, packed, lv, table, bits, bucket_size, n = _decode_inputs(scales, packed, levels, bits,
+                                                                      bucket_size, n)
+    if not (isinstance(acc, np.ndarray) and acc.dtype == np.float32 and acc.size == n
+            and acc.flags.c_contiguous and acc.flags.writeable):
+        raise ValueError(f"decode_add: acc must be a writeable contiguous float32 array of {n} elements")
+    if n:
+        flat = acc.reshape(-1)
+        max_code = np.zeros(-(-n // _TASK), dtype=np.int64)
+        if lv.size < 2 ** bits:  # some codes would be invalid: check them first
+            _max_code_kernel(packed, bits, n, max_code)
+            _check_codes(max_code, lv.size)
+        _decode_kernel(scales, packed, table, bits, bucket_size, flat, True, max_code)
+    return acc
+
+
+def warmup():
+    """Compile (or load from the cache) every kernel; returns the seconds it took."""
+    import time
+    t0 = time.perf_counter()
+    x = np.linspace(-1, 1, 40, dtype=np.float32)
+    for lv in (np.array([-1, 0, 1], np.float32), np.linspace(-1, 1, 64, dtype=np.float32)):
+        bits = 2 if lv.size == 3 else 6
+        s, p = encode(x, lv, bits, 4, SCALE_L2, True, 1, 0)
+        decode_add(decode(s, p, lv, bits, 4, x.size), s, p, lv, bits, 4, x.size)
+    encode(x, lv, 6, 64, SCALE_MEANABS, False, 1, 0)   # the few-buckets path
+    return time.perf_counter() - t0
+
+
+__all__ = ["encode", "decode", "decode_add", "warmup"]
