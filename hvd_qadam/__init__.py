@@ -10,6 +10,7 @@ from .api import dequantize, quantize  # noqa: F401
 from .compression import Compression  # noqa: F401
 from .engine import ConsistencyError, NonFiniteGradientError  # noqa: F401
 from .optimizer import DistributedOptimizer  # noqa: F401
+from .ps import ps_init  # noqa: F401
 from .quant.codebooks import QuantizerError  # noqa: F401
 from .simulator import simulate  # noqa: F401
 from .wire import Frame, Payload, PayloadError  # noqa: F401

@@ -241,46 +241,30 @@ class Engine:
                 stats.fp32_bytes += 4 * g.numel
         stats.encode_s = time.perf_counter() - t0
 
-        # 2. uplink exchange
+        # 2. uplink exchange, 3. server side on the chunks this rank serves, 4. downlink
         t1 = time.perf_counter()
-        frames = self._uplink_exchange(chunk_payloads, error, stats)
-        stats.exchange_s = time.perf_counter() - t1
-        errors = [f.error for f in frames if f.error is not None]
-        if errors:
-            return self._fail(errors)
-        for src, f in enumerate(frames):
-            if f.step != t or f.layout != self.layout.hash:
-                raise ConsistencyError(
-                    f"rank {src} sent step {f.step} / layout {f.layout:#010x}, rank {self.rank} expected step {t} / "
-                    f"layout {self.layout.hash:#010x}: ranks disagree about the model or their step count")
-
-        # 3. server side on the chunks this rank serves; 4. downlink
-        t2 = time.perf_counter()
-        served = self._served_chunks()
-        down_payloads = {}
-        for gi, c in served:
-            g = self.layout.groups[gi]
-            a, b = self.bounds[gi][c]
-            idx = [i for i, (gj, cj) in enumerate(self._frame_order(c)) if gj == gi]
-            payloads = [f.payloads[idx[0]] for f in frames]
-            for src, p in enumerate(payloads):
-                if p.numel != b - a:
-                    raise ConsistencyError(f"rank {src} sent {p.numel} elements for group {gi} chunk {c}, "
-                                           f"expected {b - a}")
-            mean = self._mean(payloads, b - a)
-            _, down = self._links(g, compress)
-            u = self._server_transform(g, a, b, mean, g.flatten(params), pending)
-            down_payloads[(gi, c)] = self._downlink(g, a, u, down, pending)
-        out_flat = self._downlink_exchange(down_payloads, stats)
-        stats.decode_s = time.perf_counter() - t2
+        if cfg.topology == "ps":
+            out_flat = self._ps_exchange(chunk_payloads, error, stats)
+            if out_flat is None:
+                return None
+            stats.exchange_s = time.perf_counter() - t1
+        else:
+            frames = self._uplink_exchange(chunk_payloads, error, stats)
+            stats.exchange_s = time.perf_counter() - t1
+            errors = [f.error for f in frames if f.error is not None]
+            if errors:
+                return self._fail(errors)
+            self._check_frames(frames)
+            t2 = time.perf_counter()
+            down_payloads = self._serve(frames, self._served_chunks(), params, compress, pending)
+            out_flat = self._downlink_exchange(down_payloads, stats)
+            stats.decode_s = time.perf_counter() - t2
 
         # 5. commit, then hand the result to the optimizer
         self.worker_memory.commit(pending["worker_residuals"])
-        self.server_memory.commit(pending["server_residuals"])
         self.worker_state.update(pending["worker_state"])
-        self.server_state.update(pending["server_state"])
         self.counters["worker_adam_step"].update(pending["worker_adam_step"])
-        self.counters["server_adam_step"].update(pending["server_adam_step"])
+        self._commit_server(pending)
         self.counters["step"] += 1
         for k in ("sent_bytes", "received_bytes", "fp32_bytes"):
             stats.totals[k] += getattr(stats, k)
@@ -296,6 +280,84 @@ class Engine:
             out.update(g.views(flat))
         return out
 
+    def _check_frames(self, frames: list) -> None:
+        t = self.step_count
+        for src, f in enumerate(frames):
+            if f.step != t or f.layout != self.layout.hash:
+                raise ConsistencyError(
+                    f"rank {src} sent step {f.step} / layout {f.layout:#010x}, rank {self.rank} expected step {t} / "
+                    f"layout {self.layout.hash:#010x}: ranks disagree about the model or their step count")
+
+    def _serve(self, frames: list, served: list, params: dict, compress: bool, pending: dict) -> dict:
+        """Server side: average the workers' payloads of each served chunk, apply the server
+        transform and encode the downlink. Returns {(group, chunk): payload}."""
+        down_payloads = {}
+        for gi, c in served:
+            g = self.layout.groups[gi]
+            a, b = self.bounds[gi][c]
+            pos = [i for i, (gj, _) in enumerate(self._frame_order(c)) if gj == gi][0]
+            payloads = [f.payloads[pos] for f in frames]
+            for src, p in enumerate(payloads):
+                if p.numel != b - a:
+                    raise ConsistencyError(f"rank {src} sent {p.numel} elements for group {gi} chunk {c}, "
+                                           f"expected {b - a}")
+            mean = self._mean(payloads, b - a)
+            _, down = self._links(g, compress)
+            u = self._server_transform(g, a, b, mean, g.flatten(params), pending)
+            down_payloads[(gi, c)] = self._downlink(g, a, u, down, pending)
+        return down_payloads
+
+    def _commit_server(self, pending: dict) -> None:
+        self.server_memory.commit(pending["server_residuals"])
+        self.server_state.update(pending["server_state"])
+        self.counters["server_adam_step"].update(pending["server_adam_step"])
+
+    # ------------------------------------------------------------------ parameter server (ps topology)
+    def _ps_exchange(self, chunk_payloads: dict, error, stats: StepStats):
+        """Worker side of ``ps``: send the frame to the server rank, get the downlink frame back."""
+        data = self._frame([chunk_payloads[k] for k in self._frame_order(0)] if error is None else [], error)
+        hyper = [{k: v for k, v in pg.items() if k != "params"} for pg in self.hyper_groups()]
+        status, reply = self.comm.ps_request(("step", data, hyper))
+        stats.sent_bytes += len(data)
+        if status == "nonfinite":
+            return self._fail([reply])
+        if status != "ok":
+            raise ConsistencyError(f"parameter server: {reply}")
+        stats.received_bytes += len(reply)
+        frame = self._parse([reply], "downlink")[0]
+        return {g.index: self._decode(frame.payloads[g.index]) for g in self.layout.groups}
+
+    def server_step(self, frames_data: list, params: dict):
+        """Server rank of ``ps``: one step from the workers' frames. Returns (status, reply) where
+        reply is the downlink frame for status "ok", else an error message. The server's copy of
+        the parameters (``params``) is updated the way the workers update theirs."""
+        frames = self._parse(frames_data, "uplink")
+        errors = [f.error for f in frames if f.error is not None]
+        if errors:
+            return "nonfinite", "; ".join(errors)
+        try:
+            self._check_frames(frames)
+        except ConsistencyError as e:
+            return "consistency", str(e)
+        pending = {"server_residuals": {}, "server_state": {}, "server_adam_step": {}}
+        compress = self.step_count >= self.cfg.warmup_steps
+        down = self._serve(frames, [(g.index, 0) for g in self.layout.groups], params, compress, pending)
+        self._commit_server(pending)
+        self.counters["step"] += 1
+        with torch.no_grad():
+            for g in self.layout.groups:
+                value = self._decode(down[(g.index, 0)])
+                for name, v in g.views(value).items():
+                    if self.kind == OUT_UPDATE:
+                        params[name].sub_(v.to(params[name].dtype))
+                    elif self.kind == OUT_WEIGHTS and self.cfg.algorithm != "local_sgd":
+                        params[name].copy_(v)
+        return "ok", self._frame([down[(g.index, 0)] for g in self.layout.groups], None)
+
+    def hyper_groups(self) -> list:
+        n = 1 + max((g.param_group for g in self.layout.groups), default=0)
+        return [self.hyper(i) for i in range(n)]
+
     def _refit_levels(self, vectors: list):
         lv = self.uplink_levels
         if lv.due(self.step_count):
@@ -304,7 +366,7 @@ class Engine:
             total = gathered[0].copy()
             for s in gathered[1:]:
                 total += s                    # rank order: identical on every rank
-            lv.update(total, self.size)
+            lv.update(total, self.size, step=self.step_count)
         return lv.codebook
 
     def _fail(self, errors: list):
@@ -317,13 +379,15 @@ class Engine:
     # ------------------------------------------------------------------ topologies
     def _frame_order(self, chunk: int) -> list:
         """The (group, chunk) order of payloads in a frame destined to the server of ``chunk``."""
-        if self.cfg.topology == "allgather":
+        if self.cfg.topology in ("allgather", "ps"):
             return [(g.index, 0) for g in self.layout.groups]
         return [(g.index, chunk) for g in self.layout.groups]
 
     def _served_chunks(self) -> list:
         if self.cfg.topology == "allgather":
             return [(g.index, 0) for g in self.layout.groups]
+        if self.cfg.topology == "ps":
+            return []
         return [(g.index, self.rank) for g in self.layout.groups]
 
     def _frame(self, payloads, error):

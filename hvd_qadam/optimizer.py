@@ -95,6 +95,8 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             raise ConsistencyError(f"parameters differ between rank {self._comm.rank} and rank {r} "
                                    f"(name, shape, dtype, group, compressed): {detail}")
         self._engine.start(self._tensors(grads=False))
+        if self._qcfg.topology == "ps":
+            self._comm.hello(self._engine, self._tensors(grads=False))
         self._started = True
 
     def _tensors(self, grads: bool) -> dict:
@@ -182,6 +184,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         save one file per rank to resume the exact trajectory."""
         sd = super(self.__class__, self).state_dict()
         sd[STATE_KEY] = self._engine.state_dict()
+        if self._qcfg.topology == "ps" and self._started:
+            status, server = self._comm.ps_request(("state",))   # the server's moments and residuals
+            sd[STATE_KEY]["ps_server"] = server
         return sd
 
     def load_state_dict(self, state_dict):
@@ -190,6 +195,10 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         super(self.__class__, self).load_state_dict(state_dict)
         if ours is not None:
             self._engine.load_state_dict(ours)
+            if self._qcfg.topology == "ps" and ours.get("ps_server") is not None:
+                if not self._started:
+                    self._start()
+                self._comm.ps_request(("load", ours["ps_server"]))
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, *, algorithm: str = "qsgd",

@@ -70,3 +70,45 @@ def test_mpi_dead_rank_ends_the_job_in_bounded_time():
     assert "FINISHED" not in proc.stdout
     assert re.search(r"exited|non-zero|aborted", proc.stdout + proc.stderr), proc.stderr[-2000:]
     assert time.time() - t0 < 120
+
+
+PS_CASES = [
+    ("adam", {"algorithm": "qadam", "downlink_quantizer": "qsgd", "downlink_bits": 8}),
+    ("adam", {"algorithm": "efficient_adam", "downlink_quantizer": "qsgd", "downlink_bits": 4}),
+    ("adam", {"algorithm": "qadam_weights", "downlink_quantizer": "qsgdinf", "downlink_bits": 8}),
+]
+
+
+@pytest.mark.parametrize("base,kwargs", PS_CASES, ids=[c[1]["algorithm"] for c in PS_CASES])
+def test_mpi_parameter_server_equals_simulator_bit_for_bit(base, kwargs, tmp_path):
+    """3 workers + 1 server rank (mpirun -np 4); state_dict() also fetches the server's state."""
+    out = tmp_path / "ps.pt"
+    run_mpi(4, "train_ps.py", "--out", str(out), "--steps", "6", "--checkpoint-at", "3", "--base", base,
+            "--kwargs", json.dumps(kwargs))
+    res = torch.load(out)
+    assert res["size"] == 3 and len(set(res["digests"])) == 1
+    assert res["has_server_state"]
+    stats = res["stats"]
+    assert 0 < stats["sent_bytes"] < stats["fp32_bytes"] / 5      # 4-bit uplink
+    sim = sim_train(3, 6, base, **kwargs)
+    assert_same_params(res["params"], sim[0], "ps vs simulator")
+
+
+def test_mpi_sharded_four_ranks_equals_simulator(tmp_path):
+    kwargs = {"algorithm": "qadam", "topology": "sharded", "bucket_size": 64, "downlink_quantizer": "qsgd",
+              "downlink_bits": 4}
+    out = tmp_path / "params.pt"
+    run_mpi(4, "train_ranks.py", "--out", str(out), "--steps", "4", "--kwargs", json.dumps(kwargs))
+    res = torch.load(out)
+    assert len(set(res["digests"])) == 1
+    assert_same_params(res["params"], sim_train(4, 4, **kwargs)[0], "sharded np4 vs simulator")
+
+
+def test_ps_without_mpi_launch_refuses_clearly():
+    import subprocess
+    import sys
+    code = "import hvd_qadam; hvd_qadam.ps_init()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**__import__('os').environ, "HOROVOD_CONTROLLER": "gloo"})
+    assert proc.returncode != 0
+    assert "topology='ps' needs at least 2 MPI processes" in proc.stderr and "Gloo" in proc.stderr, proc.stderr

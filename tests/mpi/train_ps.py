@@ -1,0 +1,53 @@
+"""Runs under mpirun with N workers + 1 server rank (the last): the ps topology."""
+import argparse
+import hashlib
+import json
+
+from mpi4py import MPI
+
+import torch
+
+import hvd_qadam
+from hvd_qadam.examples import digits
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--steps", type=int, default=6)
+parser.add_argument("--kwargs", default="{}")
+parser.add_argument("--base", default="adam", choices=["adam", "sgd"])
+parser.add_argument("--checkpoint-at", type=int, default=0, help="save, rebuild and reload at this step")
+args = parser.parse_args()
+torch.set_num_threads(1)
+
+hvd_qadam.ps_init()            # the server rank never returns from here
+import horovod.torch as hvd    # noqa: E402
+
+kwargs = dict(json.loads(args.kwargs), topology="ps")
+
+
+def make_optimizer(model):
+    base = (torch.optim.Adam(model.parameters(), lr=2e-3) if args.base == "adam"
+            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
+    return hvd_qadam.DistributedOptimizer(base, model.named_parameters(), **kwargs)
+
+
+holder = {}
+
+
+def on_step(step, opt):
+    holder["opt"] = opt
+    if step == args.checkpoint_at:
+        holder["state"] = opt.state_dict()
+
+
+model, _ = digits.train(hvd.rank(), hvd.size(), make_optimizer, epochs=100, max_steps=args.steps, on_step=on_step)
+params = {n: p.detach().clone() for n, p in model.named_parameters()}
+digest = hashlib.sha256(b"".join(p.numpy().tobytes() for p in params.values())).hexdigest()
+digests = hvd.allgather_object(digest)
+out = {"params": params, "digests": digests, "size": hvd.size(),
+       "stats": vars(holder["opt"].communication_stats) if "opt" in holder else None}
+if "state" in holder:
+    out["has_server_state"] = "ps_server" in holder["state"]["hvd_qadam"]
+if hvd.rank() == 0:
+    torch.save(out, args.out)
+hvd.shutdown()
