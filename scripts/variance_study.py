@@ -151,7 +151,10 @@ def main():
                     help="CPU quantizer backend (default: the package's choice); results are identical")
     ap.add_argument("--json", default=None, help="write all numbers and levels here")
     ap.add_argument("--plot", default=None, help="write a figure here (png/pdf)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1 avoids oversubscription for this small model)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     grads = capture_gradients(args.epochs, args.capture_every, args.batch, args.lr, args.seed)
     fit_set, eval_set = grads[0::2], grads[1::2]
