@@ -17,7 +17,10 @@ uniform / exponential / sqrt-density-quantile starts. AMQ: levels +-p^j and
 gradient descent on p with the analytic dPsi/dp; best of several starts.
 
 Everything is a deterministic function of the summed statistics (and, for AMQ, the previous p,
-which every rank holds too), so ranks agree on the codebook without sending it.
+which every rank holds too), so ranks agree on the codebook without sending it. That holds for
+identical software on identical CPUs; NumPy's vectorised exp/erf may differ in the last bit
+between CPU generations, so a mixed cluster should broadcast rank 0's levels
+(``LevelAdapter.set_codebook``).
 """
 from __future__ import annotations
 
@@ -226,7 +229,12 @@ def _solve_increasing(fn, dfn, lo, hi, x0=None):
 
 
 def fit_pooled(stats: np.ndarray, min_sigma: float = 1e-6) -> TruncatedNormalMixture | None:
-    """One truncated normal matching the mean and variance of all coordinates (alq_n, amq_n)."""
+    """One truncated normal matching the mean and variance of all coordinates (alq_n, amq_n).
+
+    The variance is that of all pooled coordinates (spread of the bucket means included), the
+    moment match of their marginal; the authors' code pooled only within-bucket variances. For
+    normalised gradients the bucket means are near zero and the two agree closely.
+    """
     b = split_statistics(stats)
     use = b["usable"]
     n = b["count"][use].sum()
