@@ -199,7 +199,8 @@ def main():
         print(f"  {m:>5}: {100 * lvl / tot:.2f}% of training time: {1e3 * lvl / n:.0f} ms per update, "
               f"{n // len(runs)} updates per run of {runs[0]['steps']} steps at {step_ms:.1f} ms per step")
         last = runs[0]["level_updates"][-1]
-        print(f"         levels at step {last['step']} (seed 0): [" + ", ".join(f"{v:.3g}" for v in last["levels"]) + "]"
+        shown = ", ".join(f"{v:.3g}" for v in last["levels"])
+        print(f"         levels at step {last['step']} (seed 0): [{shown}]"
               + (f"  p = {last['p']:.3f}" if last["p"] is not None else ""))
 
     if args.json:

@@ -201,7 +201,8 @@ def main():
             cells = " ".join(f"{row[c]:>9.4g}" if c in row else f"{'-':>9}" for c in cols)
             best_fixed = min(row[c] for c in FIXED if c in row)
             best_adapted = min(row[c] for c in ADAPTED)
-            print(f"{bits:>4} {bucket:>6} {cells}   {row['nuq'] / best_adapted:9.2f}x {best_fixed / best_adapted:9.2f}x")
+            gains = f"{row['nuq'] / best_adapted:9.2f}x {best_fixed / best_adapted:9.2f}x"
+            print(f"{bits:>4} {bucket:>6} {cells}   {gains}")
 
     print("\nLearned levels (ALQ: all levels; AMQ: multiplier p, levels +-p^j)")
     for bits in args.bits:
