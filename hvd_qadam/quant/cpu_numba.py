@@ -31,6 +31,7 @@ every access into a select), and the parallel bodies only call separately compil
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -58,16 +59,25 @@ _BLOCK = 512            # elements per stage-by-stage block (scratch stays in L1
 _TASK = 1 << 15         # target elements per parallel task
 _EINSUM_BUFFER = 8192   # NumPy's iterator buffer: einsum sums a single long row in pieces of this
 _PAIRWISE_BLOCK = 128   # NumPy's pairwise summation leaf size
-# How j is found: compare r with every level held in registers (K <= 2, 4, 8, 16 or 32 slots),
-# recompute a uniform grid arithmetically, or binary-search the level table.
-_SEARCH_COUNT2, _SEARCH_COUNT4, _SEARCH_COUNT8, _SEARCH_COUNT16, _SEARCH_COUNT32 = 0, 1, 2, 3, 4
-_SEARCH_UNIFORM, _SEARCH_BISECT = 5, 6
-_COUNT_METHODS = ((2, _SEARCH_COUNT2), (4, _SEARCH_COUNT4), (8, _SEARCH_COUNT8), (16, _SEARCH_COUNT16),
-                  (32, _SEARCH_COUNT32))
+# How j is found: compare r with every level held in registers (K <= 2, 8 or 16 slots),
+# recompute a uniform grid arithmetically, start from a table indexed by r's float pattern, or
+# binary-search the levels.
+_SEARCH_COUNT2, _SEARCH_COUNT8, _SEARCH_COUNT16 = 0, 1, 2
+_SEARCH_UNIFORM, _SEARCH_LOOKUP, _SEARCH_BISECT = 3, 4, 5
+# _SEARCH_LOOKUP's table: one entry per (sign, top 14 bits of |r|'s pattern); |r| <= 1 has a
+# pattern <= 0x3F800000, so 14 bits after a shift of 16 cover it (cells 2^-7 wide relative).
+_CELL_SHIFT = 16
+_CELL_MAGNITUDES = 1 << 14
+_CELL_SIGN_SHIFT = 14
+_MAX_CORRECTIONS = 4  # a codebook needing more steps per cell is binary-searched instead
+_NO_CELL_INDEX = np.zeros(1, np.uint8)
+_COUNT_METHODS = ((2, _SEARCH_COUNT2), (8, _SEARCH_COUNT8), (16, _SEARCH_COUNT16))
 # Rows of the per-codebook float32 table (256 columns: up to 2^8 levels).
 _LEVELS, _WIDTHS, _COUNT_LOW, _COUNT_HIGH, _SEARCH = 0, 1, 2, 3, 4
 _NUM_TABLES = 5
-_UNIFORM_MIN_LEVELS = 8  # up to this many levels, comparing with all of them is as fast
+_DECODE, _DECODE_ADD, _CHECK_CODES = 0, 1, 2  # what _decode_span does with the codes
+_MIN_BUCKET_TASKS = 8  # with fewer buckets, scales and quantization are parallelised separately
+_UNIFORM_MIN_LEVELS = 4  # up to this many levels, comparing with all of them is as fast
 
 # Kernel options: compiled once and cached on disk (NUMBA_CACHE_DIR is honoured by numba);
 # never fastmath (bit-identity); numpy error model so float division has no zero check.
@@ -306,7 +316,7 @@ def _fill_scales(scales, bucket_size, b0, block_scale):
 @njit(**_INLINE)
 def _search_count(r, low_slots, high_slots, top, slots):
     """(j, l_j, l_{j+1} - l_j) by comparing r with every interior level. ``slots`` is a
-    compile-time constant (16 or 32), so the level loops unroll and the caller's element loop
+    compile-time constant (2, 8 or 16), so the level loops unroll and the caller's element loop
     vectorizes with the levels in registers. low_slots = l_0..l_{K-2} padded with +inf (never
     <= r); high_slots = the same padded with l_{K-1}; top = l_{K-1}."""
     j = 0
@@ -350,11 +360,6 @@ def _quantize_count2(xs, block_scale, tables, num_levels, stochastic, key, base,
 
 
 @njit(**_JIT)
-def _quantize_count4(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
-    _count_rounding(xs, block_scale, tables, num_levels, 4, stochastic, key, base, codes)
-
-
-@njit(**_JIT)
 def _quantize_count8(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
     _count_rounding(xs, block_scale, tables, num_levels, 8, stochastic, key, base, codes)
 
@@ -362,11 +367,6 @@ def _quantize_count8(xs, block_scale, tables, num_levels, stochastic, key, base,
 @njit(**_JIT)
 def _quantize_count16(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
     _count_rounding(xs, block_scale, tables, num_levels, 16, stochastic, key, base, codes)
-
-
-@njit(**_JIT)
-def _quantize_count32(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
-    _count_rounding(xs, block_scale, tables, num_levels, 32, stochastic, key, base, codes)
 
 
 @njit(**_INLINE)
@@ -400,18 +400,31 @@ def _quantize_uniform(xs, block_scale, tables, num_levels, uniform_m, stochastic
 
 
 @njit(**_INLINE)
-def _bisect_loop(r, j, tables, top_j, stochastic, key, base, codes):
+def _round_loop(r, j, lo, w, top_j, stochastic, key, base, codes):
+    for e in range(r.size):
+        re = r[e]
+        codes[e] = _nan_code(re, _round(re, j[e], lo[e], w[e], stochastic, key, base + np.uint64(e)), top_j)
+
+
+@njit(**_INLINE)
+def _round_from_table(r, j, tables, num_levels, stochastic, key, base, lo, w, codes):
+    """codes from r and j: the level lookups in a loop of their own, so that the rounding loop
+    (with its 64-bit hashing) stays vectorizable."""
     levels = tables[_LEVELS]
     widths = tables[_WIDTHS]
     for e in range(r.size):
         jj = j[e]
-        re = r[e]
-        codes[e] = _nan_code(re, _round(re, jj, levels[jj], widths[jj], stochastic, key, base + np.uint64(e)),
-                             top_j)
+        lo[e] = levels[jj]
+        w[e] = widths[jj]
+    if stochastic:
+        _round_loop(r, j, lo, w, num_levels - 2, True, key, base, codes)
+    else:
+        _round_loop(r, j, lo, w, num_levels - 2, False, key, base, codes)
 
 
 @njit(**_JIT)
-def _quantize_bisect(xs, block_scale, tables, num_levels, search_steps, stochastic, key, base, r, j, codes):
+def _quantize_bisect(xs, block_scale, tables, num_levels, search_steps, stochastic, key, base, r, j, lo, w,
+                     codes):
     """Any sorted codebook, stage by stage: a branchless binary search for the last entry
     <= r of l_0..l_{K-2} padded with +inf."""
     search = tables[_SEARCH]
@@ -426,10 +439,31 @@ def _quantize_bisect(xs, block_scale, tables, num_levels, search_steps, stochast
         for e in range(xs.size):
             t = j[e] + step
             j[e] = t if search[t] <= _search_input(r[e], first) else j[e]
-    if stochastic:
-        _bisect_loop(r, j, tables, num_levels - 2, True, key, base, codes)
-    else:
-        _bisect_loop(r, j, tables, num_levels - 2, False, key, base, codes)
+    _round_from_table(r, j, tables, num_levels, stochastic, key, base, lo, w, codes)
+
+
+@njit(**_JIT)
+def _quantize_lookup(xs, block_scale, tables, num_levels, cell_index, corrections, stochastic, key, base, r, j,
+                     lo, w, codes):
+    """Any sorted codebook, stage by stage: j starts at a lower bound read from a table indexed
+    by r's sign, exponent and top mantissa bits (see _cell_index_table), then steps up while
+    the next level is still <= r; ``corrections`` steps are always enough (the most levels any
+    cell holds), so the result is exact."""
+    search = tables[_SEARCH]
+    first = tables[_LEVELS, 0]
+    last = tables[_LEVELS, num_levels - 1]
+    for e in range(xs.size):
+        r[e] = _normalise(xs[e], block_scale[e], first, last)
+    r_bits = r.view(np.uint32)
+    for e in range(xs.size):
+        b = np.int64(r_bits[e])
+        magnitude = min((b & 0x7FFFFFFF) >> _CELL_SHIFT, _CELL_MAGNITUDES - 1)  # NaN: any cell
+        j[e] = cell_index[((b >> 31) << _CELL_SIGN_SHIFT) | magnitude]
+    for _ in range(corrections):
+        for e in range(xs.size):
+            t = j[e] + 1
+            j[e] = t if search[t] <= r[e] else j[e]   # search[K-1] = +inf stops at K-2
+    _round_from_table(r, j, tables, num_levels, stochastic, key, base, lo, w, codes)
 
 
 # ----------------------------------------------------------------------------- pack / unpack
@@ -512,11 +546,13 @@ def _unpack(packed, bits, codes):
 
 @njit(**_JIT)
 def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
-                 bits, stochastic, key, offset, packed):
+                 cell_index, corrections, bits, stochastic, key, offset, packed):
     """Quantize and pack elements e0..e1-1 (e0 a multiple of 8) with their buckets' scales."""
     block_scale = np.empty(_BLOCK, np.float32)
     r = np.empty(_BLOCK, np.float32)
     j = np.empty(_BLOCK, np.int32)
+    lo = np.empty(_BLOCK, np.float32)
+    w = np.empty(_BLOCK, np.float32)
     codes = np.empty(_BLOCK, np.uint8)
     for b0 in range(e0, e1, _BLOCK):
         length = min(_BLOCK, e1 - b0)
@@ -527,26 +563,26 @@ def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, sea
         _fill_scales(scales, bucket_size, b0, ss)
         if method == _SEARCH_COUNT2:
             _quantize_count2(xs, ss, tables, num_levels, stochastic, key, base, cs)
-        elif method == _SEARCH_COUNT4:
-            _quantize_count4(xs, ss, tables, num_levels, stochastic, key, base, cs)
         elif method == _SEARCH_COUNT8:
             _quantize_count8(xs, ss, tables, num_levels, stochastic, key, base, cs)
         elif method == _SEARCH_COUNT16:
             _quantize_count16(xs, ss, tables, num_levels, stochastic, key, base, cs)
-        elif method == _SEARCH_COUNT32:
-            _quantize_count32(xs, ss, tables, num_levels, stochastic, key, base, cs)
+        elif method == _SEARCH_LOOKUP:
+            _quantize_lookup(xs, ss, tables, num_levels, cell_index, corrections, stochastic, key, base,
+                             r[:length], j[:length], lo[:length], w[:length], cs)
         elif not (method == _SEARCH_UNIFORM
                   and _quantize_uniform(xs, ss, tables, num_levels, uniform_m, stochastic, key, base, cs)):
             _quantize_bisect(xs, ss, tables, num_levels, search_steps, stochastic, key, base,
-                             r[:length], j[:length], cs)
+                             r[:length], j[:length], lo[:length], w[:length], cs)
         byte0 = (b0 // 8) * bits
         _pack(cs, bits, packed[byte0:byte0 + (length * bits + 7) // 8])
 
 
 @njit(**_JIT)
-def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, accumulate):
-    """out[e] = table[code] * scale (or +=) for elements e0..e1-1 (e0 a multiple of 8); returns
-    the largest code seen, so the caller can reject codes past the codebook."""
+def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode):
+    """For elements e0..e1-1 (e0 a multiple of 8): out[e] = table[code] * scale (_DECODE), or
+    out[e] += ... (_DECODE_ADD), or nothing (_CHECK_CODES). Returns the largest code seen, so
+    the caller can reject codes past the codebook."""
     block_scale = np.empty(_BLOCK, np.float32)
     codes = np.empty(_BLOCK, np.uint8)
     seen = 0
@@ -555,78 +591,44 @@ def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, accumula
         ss = block_scale[:length]
         cs = codes[:length]
         os = out[b0:b0 + length]
-        _fill_scales(scales, bucket_size, b0, ss)
+        if mode != _CHECK_CODES:
+            _fill_scales(scales, bucket_size, b0, ss)
         byte0 = (b0 // 8) * bits
         _unpack(packed[byte0:byte0 + (length * bits + 7) // 8], bits, cs)
         block_max = np.uint8(0)
         for e in range(length):
             block_max = cs[e] if cs[e] > block_max else block_max
         seen = max(seen, int(block_max))
-        if accumulate:
+        if mode == _DECODE_ADD:
             for e in range(length):
                 os[e] = os[e] + table[cs[e]] * ss[e]
-        else:
+        elif mode == _DECODE:
             for e in range(length):
                 os[e] = table[cs[e]] * ss[e]
     return seen
 
 
-@njit(**_JIT)
-def _max_code_span(packed, bits, e0, e1):
-    codes = np.empty(_BLOCK, np.uint8)
-    block_max = np.uint8(0)
-    for b0 in range(e0, e1, _BLOCK):
-        length = min(_BLOCK, e1 - b0)
-        cs = codes[:length]
-        byte0 = (b0 // 8) * bits
-        _unpack(packed[byte0:byte0 + (length * bits + 7) // 8], bits, cs)
-        for e in range(length):
-            block_max = cs[e] if cs[e] > block_max else block_max
-    return int(block_max)
-
-
 # ----------------------------------------------------------------------------- parallel kernels
 
 @njit(parallel=True, **_JIT)
-def _encode_kernel(x, x_bits, tables, method, num_levels, search_steps, uniform_m, bits, bucket_size,
-                   scale_kind, stochastic, key, offset, scales, packed):
-    n = x.size
-    nb = scales.size
-    single_bucket = nb == 1
-    if nb >= 8:
-        # Tasks of whole buckets; a task spans a multiple of 8 elements so it owns whole bytes.
-        align = 8 // math.gcd(bucket_size, 8)
-        per_task = max(1, _TASK // bucket_size)
-        per_task = ((per_task + align - 1) // align) * align
-        num_tasks = (nb + per_task - 1) // per_task
-        for t in prange(num_tasks):
-            k0 = t * per_task
-            k1 = min(k0 + per_task, nb)
-            _bucket_scales(x, x_bits, k0, k1, bucket_size, scale_kind, single_bucket, scales)
-            _encode_span(x, k0 * bucket_size, min(k1 * bucket_size, n), scales, bucket_size, tables, method,
-                         num_levels, search_steps, uniform_m, bits, stochastic, key, offset, packed)
-    else:
-        # Few (long) buckets: all scales first, then split the elements themselves.
-        for k in prange(nb):
-            _bucket_scales(x, x_bits, k, k + 1, bucket_size, scale_kind, single_bucket, scales)
-        num_tasks = (n + _TASK - 1) // _TASK
-        for t in prange(num_tasks):
-            _encode_span(x, t * _TASK, min((t + 1) * _TASK, n), scales, bucket_size, tables, method,
-                         num_levels, search_steps, uniform_m, bits, stochastic, key, offset, packed)
+def _encode_kernel(x, x_bits, task_buckets, task_elements, tables, method, num_levels, search_steps, uniform_m,
+                   cell_index, corrections, bits, bucket_size, scale_kind, stochastic, key, offset, scales,
+                   packed):
+    """Task t computes the scales of buckets task_buckets[t] (a range, maybe empty), then
+    quantizes and packs elements task_elements[t] (maybe empty) with them."""
+    single_bucket = scales.size == 1
+    for t in prange(task_buckets.shape[0]):
+        _bucket_scales(x, x_bits, task_buckets[t, 0], task_buckets[t, 1], bucket_size, scale_kind, single_bucket,
+                       scales)
+        _encode_span(x, task_elements[t, 0], task_elements[t, 1], scales, bucket_size, tables, method, num_levels,
+                     search_steps, uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed)
 
 
 @njit(parallel=True, **_JIT)
-def _decode_kernel(scales, packed, table, bits, bucket_size, out, accumulate, max_code):
-    n = out.size
-    for t in prange((n + _TASK - 1) // _TASK):
+def _decode_kernel(scales, packed, table, bits, bucket_size, out, n, mode, max_code):
+    for t in prange(max_code.size):
         max_code[t] = _decode_span(scales, packed, table, bits, bucket_size, out, t * _TASK,
-                                   min((t + 1) * _TASK, n), accumulate)
-
-
-@njit(parallel=True, **_JIT)
-def _max_code_kernel(packed, bits, n, max_code):
-    for t in prange((n + _TASK - 1) // _TASK):
-        max_code[t] = _max_code_span(packed, bits, t * _TASK, min((t + 1) * _TASK, n))
+                                   min((t + 1) * _TASK, n), mode)
 
 
 # ----------------------------------------------------------------------------- Python entry points
@@ -652,8 +654,28 @@ def _check_common(levels, bits, bucket_size):
     return lv, int(bits), int(bucket_size)
 
 
-def _search_tables(lv):
-    """(tables, method, search steps, m) for a sorted float32 codebook (see _encode_span)."""
+def _cell_index_table(lv):
+    """(cell_index, corrections) for _SEARCH_LOOKUP. Cell c = (sign, |r| pattern >> 16) holds an
+    interval of floats; cell_index[c] is j for its lowest value (a lower bound for every r in
+    the cell, as j is monotone in r), corrections the most that j grows across any cell."""
+    magnitude = np.arange(_CELL_MAGNITUDES, dtype=np.uint32)
+    low_pattern = np.minimum(magnitude << np.uint32(_CELL_SHIFT), np.uint32(0x3F800000))
+    high_pattern = np.minimum(low_pattern | np.uint32((1 << _CELL_SHIFT) - 1), np.uint32(0x3F800000))
+    low_abs, high_abs = low_pattern.view(np.float32), high_pattern.view(np.float32)
+    k = lv.size
+
+    def j_of(r):
+        return np.clip(np.searchsorted(lv, r, side="right") - 1, 0, k - 2)
+
+    # positive cells run from low_abs up to high_abs; negative ones from -high_abs up to -low_abs
+    start = np.concatenate([j_of(low_abs), j_of(-high_abs)])
+    end = np.concatenate([j_of(high_abs), j_of(-low_abs)])
+    return start.astype(np.uint8), int((end - start).max())
+
+
+@functools.lru_cache(maxsize=64)
+def _search_tables_cached(level_bytes):
+    lv = np.frombuffer(level_bytes, dtype=np.float32)
     k = lv.size
     tables = np.zeros((_NUM_TABLES, 256), dtype=np.float32)
     tables[_LEVELS, :k] = lv
@@ -662,17 +684,46 @@ def _search_tables(lv):
     tables[_COUNT_LOW, :k - 1] = lv[:-1]
     tables[_COUNT_HIGH, :] = lv[-1]
     tables[_COUNT_HIGH, :k - 1] = lv[:-1]
-    steps = max(0, int(k - 2).bit_length())               # binary search over j = 0..K-2
     tables[_SEARCH, :] = np.inf
     tables[_SEARCH, :k - 1] = lv[:-1]
+    steps = max(0, int(k - 2).bit_length())               # binary search over j = 0..K-2
     uniform_m = (k - 1) // 2
     grid = np.arange(k, dtype=np.float32) - np.float32(uniform_m)
     is_uniform = k % 2 == 1 and k > 2 and np.array_equal(grid / np.float32(uniform_m), lv)
-    method = _SEARCH_UNIFORM if is_uniform and k > _UNIFORM_MIN_LEVELS else _SEARCH_BISECT
-    for slots, count_method in _COUNT_METHODS:
-        if k <= slots and method == _SEARCH_BISECT:
-            method = count_method
-    return tables, method, steps, uniform_m
+    cell_index, corrections = _NO_CELL_INDEX, 0
+    if is_uniform and k > _UNIFORM_MIN_LEVELS:
+        method = _SEARCH_UNIFORM
+    elif k <= _COUNT_METHODS[-1][0]:
+        method = next(m for slots, m in _COUNT_METHODS if k <= slots)
+    else:
+        cell_index, corrections = _cell_index_table(lv)
+        method = _SEARCH_LOOKUP if corrections <= _MAX_CORRECTIONS else _SEARCH_BISECT
+    for table in (tables, cell_index):
+        table.flags.writeable = False
+    return tables, method, steps, uniform_m, cell_index, corrections
+
+
+def _search_tables(lv):
+    """(tables, method, binary search steps, m, cell index, corrections) for a sorted float32
+    codebook: how _encode_span finds j. Cached, as adaptive codebooks change rarely."""
+    return _search_tables_cached(np.ascontiguousarray(lv, dtype=np.float32).tobytes())
+
+
+def _encode_passes(n, bucket_size, nb):
+    """The task lists (bucket ranges, element ranges), one per call of _encode_kernel."""
+    if nb >= _MIN_BUCKET_TASKS:
+        # Tasks of whole buckets spanning a multiple of 8 elements, so each owns whole bytes.
+        align = 8 // math.gcd(bucket_size, 8)
+        per_task = -(-max(1, _TASK // bucket_size) // align) * align
+        k0 = np.arange(0, nb, per_task, dtype=np.int64)
+        k1 = np.minimum(k0 + per_task, nb)
+        return [(np.stack([k0, k1], 1), np.stack([k0 * bucket_size, np.minimum(k1 * bucket_size, n)], 1))]
+    # Few long buckets: all scales first (a task per bucket), then the elements in chunks.
+    k0 = np.arange(nb, dtype=np.int64)
+    e0 = np.arange(0, n, _TASK, dtype=np.int64)
+    no_elements = np.zeros((nb, 2), np.int64)
+    no_buckets = np.zeros((e0.size, 2), np.int64)
+    return [(np.stack([k0, k0 + 1], 1), no_elements), (no_buckets, np.stack([e0, np.minimum(e0 + _TASK, n)], 1))]
 
 
 def encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset=0):
@@ -689,11 +740,12 @@ def encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset=0):
     packed = np.empty(packed_nbytes(n, bits), dtype=np.uint8)
     if n == 0:
         return scales, packed
-    tables, method, steps, uniform_m = _search_tables(lv)
-    _encode_kernel(_readonly(x), _readonly(x.view(np.uint32)), _readonly(tables), method, lv.size, steps,
-                   uniform_m, bits, bucket_size,
-                   int(scale_kind), bool(stochastic), np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF),
-                   np.uint64(int(offset)), scales, packed)
+    tables, method, steps, uniform_m, cell_index, corrections = _search_tables(lv)
+    x_ro, x_bits = _readonly(x), _readonly(x.view(np.uint32))
+    for task_buckets, task_elements in _encode_passes(n, bucket_size, scales.size):
+        _encode_kernel(x_ro, x_bits, task_buckets, task_elements, tables, method, lv.size, steps, uniform_m,
+                       cell_index, corrections, bits, bucket_size, int(scale_kind), bool(stochastic),
+                       np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF), np.uint64(int(offset)), scales, packed)
     return scales, packed
 
 
@@ -707,12 +759,14 @@ def _decode_inputs(scales, packed, levels, bits, bucket_size, n):
     if packed.size < packed_nbytes(n, bits):
         raise ValueError(f"decode: {packed.size} code bytes; {n} elements at {bits} bits need "
                          f"{packed_nbytes(n, bits)}")
-    table = np.full(256, np.nan, dtype=np.float32)
+    table = np.full(256, np.nan, dtype=np.float32)  # codes past the codebook are reported below
     table[:lv.size] = lv
     return _readonly(scales), _readonly(packed), lv, _readonly(table), bits, bucket_size, n
 
 
-def _check_codes(max_code, num_levels):
+def _run_decode(scales, packed, table, bits, bucket_size, out, n, mode, num_levels):
+    max_code = np.zeros(-(-n // _TASK), dtype=np.int64)
+    _decode_kernel(scales, packed, table, bits, bucket_size, out, n, mode, max_code)
     if max_code.size and int(max_code.max()) >= num_levels:
         raise ValueError(f"decode: code {int(max_code.max())} is out of range for a codebook of "
                          f"{num_levels} levels (corrupt payload)")
@@ -724,15 +778,14 @@ def decode(scales, packed, levels, bits, bucket_size, n):
                                                                       bucket_size, n)
     out = np.empty(n, dtype=np.float32)
     if n:
-        max_code = np.zeros(-(-n // _TASK), dtype=np.int64)
-        _decode_kernel(scales, packed, table, bits, bucket_size, out, False, max_code)
-        _check_codes(max_code, lv.size)
+        _run_decode(scales, packed, table, bits, bucket_size, out, n, _DECODE, lv.size)
     return out
 
 
 def decode_add(acc, scales, packed, levels, bits, bucket_size, n):
-    """acc += decode(...) in place (float32 acc of n elements); returns acc. Codes are checked
-    before acc is touched, so a corrupt payload leaves acc unchanged."""
+    """acc += decode(...) in place (float32 acc of n elements); returns acc. Bit for bit
+    acc + decode(...). Codes are checked before acc is touched, so a corrupt payload raises
+    ValueError and leaves acc unchanged."""
     scales, packed, lv, table, bits, bucket_size, n = _decode_inputs(scales, packed, levels, bits,
                                                                       bucket_size, n)
     if not (isinstance(acc, np.ndarray) and acc.dtype == np.float32 and acc.size == n
@@ -740,24 +793,20 @@ def decode_add(acc, scales, packed, levels, bits, bucket_size, n):
         raise ValueError(f"decode_add: acc must be a writeable contiguous float32 array of {n} elements")
     if n:
         flat = acc.reshape(-1)
-        max_code = np.zeros(-(-n // _TASK), dtype=np.int64)
-        if lv.size < 2 ** bits:  # some codes would be invalid: check them first
-            _max_code_kernel(packed, bits, n, max_code)
-            _check_codes(max_code, lv.size)
-        _decode_kernel(scales, packed, table, bits, bucket_size, flat, True, max_code)
+        if lv.size < 2 ** bits:  # some code values are invalid: look before writing
+            _run_decode(scales, packed, table, bits, bucket_size, flat, n, _CHECK_CODES, lv.size)
+        _run_decode(scales, packed, table, bits, bucket_size, flat, n, _DECODE_ADD, lv.size)
     return acc
 
 
 def warmup():
-    """Compile (or load from the cache) every kernel; returns the seconds it took."""
+    """Compile (or load from the on-disk cache) every kernel; returns the seconds it took."""
     import time
     t0 = time.perf_counter()
     x = np.linspace(-1, 1, 40, dtype=np.float32)
-    for lv in (np.array([-1, 0, 1], np.float32), np.linspace(-1, 1, 64, dtype=np.float32)):
-        bits = 2 if lv.size == 3 else 6
-        s, p = encode(x, lv, bits, 4, SCALE_L2, True, 1, 0)
-        decode_add(decode(s, p, lv, bits, 4, x.size), s, p, lv, bits, 4, x.size)
-    encode(x, lv, 6, 64, SCALE_MEANABS, False, 1, 0)   # the few-buckets path
+    lv = np.array([-1, 0, 1], np.float32)
+    scales, packed = encode(x, lv, 2, 4, SCALE_L2, True, 1, 0)
+    decode_add(decode(scales, packed, lv, 2, 4, x.size), scales, packed, lv, 2, 4, x.size)
     return time.perf_counter() - t0
 
 
