@@ -1,0 +1,536 @@
+"""CuPy (CUDA) kernels for the quantizer family, bit-identical to :mod:`hvd_qadam.quant.reference`.
+
+Same functions as the CPU backends, on CuPy arrays: ``encode(x, levels, bits, bucket_size,
+scale_kind, stochastic, key, offset)`` -> (scales, packed) and ``decode(...)`` / ``decode_add(...)``,
+all on the input's device and on the current CuPy stream; nothing is synchronised (``.get()``
+on a result waits for the stream, as usual in CuPy). Only the GPU path uses this module
+(``backend.gpu_backend()``); it imports without CuPy (for ``KERNEL_SOURCE`` and the NumPy
+helpers), and its kernels raise ImportError then.
+
+How the output matches the CPU bit for bit:
+  * Every float operation is an explicit IEEE round-to-nearest intrinsic (__fdiv_rn, __fmul_rn,
+    __dadd_rn, ...): NVRTC would otherwise contract a*b+c into an FMA, which rounds once where
+    the reference rounds twice. Division is a true division, sqrt a correctly rounded one.
+  * j (the largest level <= r, clipped to 0..K-2) comes from a binary search over the level
+    table itself, so it equals np.searchsorted; the uniforms are the counter-based SplitMix64
+    of :mod:`.rng`, a pure function of (key, element index).
+  * Bucket scales are float64 sums in NumPy's own order, rounded once to float32, as on the
+    CPU (see cpu_numba): one thread per bucket sums it sequentially; long buckets (> 8192)
+    are split where NumPy's order allows it without changing a bit (8192-element pieces of a
+    single-bucket L2 sum, chunks of a max, subtrees of the pairwise mean |x|). A long L2 bucket
+    among several is summed by one thread: exact, but slow for buckets of millions.
+    Should a NumPy build use another summation order, only the last float64 bits of a scale's
+    sum can differ, which changes the float32 scale only when the sum lies within those bits
+    of a float32 rounding boundary (practically never).
+Codes past the codebook (only a corrupt payload has them; the wire format rejects those)
+decode to NaN rather than reading out of bounds; unlike the CPU backend, the GPU does not stop
+to check.
+
+``KERNEL_SOURCE`` is plain CUDA C++ with ``extern "C"`` kernels that are thin loops over
+``__host__ __device__`` functions, so a test can compile it with ``nvcc`` and even run those
+functions on the host.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+try:
+    import cupy as cp
+except ImportError:  # a CPU machine: KERNEL_SOURCE and the NumPy helpers still work
+    cp = None
+
+from .codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
+from .reference import num_buckets, packed_nbytes
+
+KERNEL_SOURCE = r"""
+// hvd_qadam quantizer kernels: see hvd_qadam/quant/gpu_cupy.py and reference.py.
+#if !defined(__CUDACC_RTC__)
+#include <cmath>
+#include <cstring>
+#endif
+
+typedef unsigned long long hq_u64;
+typedef long long hq_i64;
+typedef unsigned int hq_u32;
+typedef unsigned char hq_u8;
+
+#define HQ_FN __host__ __device__ __forceinline__
+#define HQ_PAIRWISE_LEAF 128   // NumPy's pairwise-summation leaf
+#define HQ_PIECE 8192          // NumPy's iterator buffer; also the split size of long buckets
+#define HQ_SCALE_L2 0
+#define HQ_SCALE_MAXABS 1
+#define HQ_SCALE_MEANABS 2
+#define HQ_THREADS 256
+
+// IEEE round-to-nearest operations that the compiler may not fuse or approximate.
+#if defined(__CUDA_ARCH__)
+#define F32_ADD(a, b) __fadd_rn((a), (b))
+#define F32_SUB(a, b) __fsub_rn((a), (b))
+#define F32_MUL(a, b) __fmul_rn((a), (b))
+#define F32_DIV(a, b) __fdiv_rn((a), (b))
+#define F64_ADD(a, b) __dadd_rn((a), (b))
+#define F64_MUL(a, b) __dmul_rn((a), (b))
+#define F64_DIV(a, b) __ddiv_rn((a), (b))
+#define F64_SQRT(a) __dsqrt_rn(a)
+#else
+#define F32_ADD(a, b) ((a) + (b))
+#define F32_SUB(a, b) ((a) - (b))
+#define F32_MUL(a, b) ((a) * (b))
+#define F32_DIV(a, b) ((a) / (b))
+#define F64_ADD(a, b) ((a) + (b))
+#define F64_MUL(a, b) ((a) * (b))
+#define F64_DIV(a, b) ((a) / (b))
+#define F64_SQRT(a) std::sqrt(a)
+#endif
+
+HQ_FN float hq_float_from_bits(hq_u32 bits) {
+#if defined(__CUDA_ARCH__)
+    return __uint_as_float(bits);
+#else
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
+HQ_FN hq_i64 hq_min(hq_i64 a, hq_i64 b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------------------- counter-based RNG
+// rng.uniforms: SplitMix64 of key + (index + 1) * GOLDEN, top 24 bits * 2^-24.
+HQ_FN float hq_uniform(hq_u64 key, hq_u64 index) {
+    hq_u64 z = key + (index + 1ULL) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z = z ^ (z >> 31);
+    return F32_MUL((float)(hq_u32)(z >> 40), 5.9604644775390625e-08f);
+}
+
+// ---------------------------------------------------------------------------- bucket scales
+// Sum of float64 squares in np.einsum's order: two lanes, four products chained per lane per
+// step of 8 elements, a zero-filled last vector, lanes added at the end.
+HQ_FN double hq_sumsq_einsum(const float* v, hq_i64 n) {
+    double lane0 = 0.0, lane1 = 0.0;
+    hq_i64 n8 = n - n % 8;
+    for (hq_i64 i = 0; i < n8; i += 8) {
+        double t0 = F64_ADD(F64_MUL((double)v[i + 6], (double)v[i + 6]), lane0);
+        double t1 = F64_ADD(F64_MUL((double)v[i + 7], (double)v[i + 7]), lane1);
+        t0 = F64_ADD(F64_MUL((double)v[i + 4], (double)v[i + 4]), t0);
+        t1 = F64_ADD(F64_MUL((double)v[i + 5], (double)v[i + 5]), t1);
+        t0 = F64_ADD(F64_MUL((double)v[i + 2], (double)v[i + 2]), t0);
+        t1 = F64_ADD(F64_MUL((double)v[i + 3], (double)v[i + 3]), t1);
+        lane0 = F64_ADD(F64_MUL((double)v[i], (double)v[i]), t0);
+        lane1 = F64_ADD(F64_MUL((double)v[i + 1], (double)v[i + 1]), t1);
+    }
+    for (hq_i64 i = n8; i < n; ++i) {
+        double sq = F64_MUL((double)v[i], (double)v[i]);
+        if ((i - n8) % 2 == 0) lane0 = F64_ADD(sq, lane0); else lane1 = F64_ADD(sq, lane1);
+    }
+    return F64_ADD(lane0, lane1);
+}
+
+// max |x| as a bit pattern (|x| orders like its bits with the sign cleared; NaN above inf)
+HQ_FN hq_u32 hq_max_abs_bits(const float* v, hq_i64 n) {
+    const hq_u32* bits = (const hq_u32*)v;
+    hq_u32 m = 0;
+    for (hq_i64 i = 0; i < n; ++i) {
+        hq_u32 b = bits[i] & 0x7FFFFFFFu;
+        m = b > m ? b : m;
+    }
+    return m;
+}
+
+HQ_FN float hq_max_abs_scale(hq_u32 m) {
+    return m > 0x7F800000u ? hq_float_from_bits(0x7FC00000u) : hq_float_from_bits(m);
+}
+
+// One leaf (n <= 128) of NumPy's pairwise sum of |v[lo:lo+n]|; positions >= valid are zeros
+// (the reference pads the last bucket), and skipping them adds exactly what they would.
+HQ_FN double hq_pairwise_leaf(const float* v, hq_i64 valid, hq_i64 lo, hq_i64 n) {
+    if (lo >= valid) return 0.0;
+    if (n < 8) {
+        double res = 0.0;
+        for (hq_i64 i = lo; i < hq_min(lo + n, valid); ++i) res = F64_ADD(res, fabs((double)v[i]));
+        return res;
+    }
+    hq_i64 n8 = n - n % 8;
+    double r[8];
+    for (int k = 0; k < 8; ++k) r[k] = lo + k < valid ? fabs((double)v[lo + k]) : 0.0;
+    for (hq_i64 i = lo + 8; i < hq_min(lo + n8, valid); ++i) r[(i - lo) % 8] = F64_ADD(r[(i - lo) % 8], fabs((double)v[i]));
+    double res = F64_ADD(F64_ADD(F64_ADD(r[0], r[1]), F64_ADD(r[2], r[3])),
+                         F64_ADD(F64_ADD(r[4], r[5]), F64_ADD(r[6], r[7])));
+    for (hq_i64 i = lo + n8; i < hq_min(lo + n, valid); ++i) res = F64_ADD(res, fabs((double)v[i]));
+    return res;
+}
+
+// NumPy's pairwise sum of |v| over [lo0, lo0+n0): halves cut at a multiple of 8, recursively,
+// down to leaves of <= 128 (an explicit stack). With ``pieces`` given, every subtree of at most
+// HQ_PIECE elements is read from pieces[] (left to right) instead of being summed here.
+HQ_FN double hq_pairwise_abs_sum(const float* v, hq_i64 valid, hq_i64 lo0, hq_i64 n0, const double* pieces) {
+    hq_i64 lo_stack[64], n_stack[64];
+    int state[64];
+    double values[64];
+    int top = 0, num_values = 0;
+    hq_i64 next_piece = 0;
+    lo_stack[0] = lo0; n_stack[0] = n0; state[0] = 0;
+    while (top >= 0) {
+        hq_i64 lo = lo_stack[top], m = n_stack[top];
+        if (pieces != 0 && m <= HQ_PIECE) {
+            values[num_values++] = pieces[next_piece++];
+            --top;
+            continue;
+        }
+        if (m <= HQ_PAIRWISE_LEAF) {
+            values[num_values++] = hq_pairwise_leaf(v, valid, lo, m);
+            --top;
+            continue;
+        }
+        hq_i64 half = m / 2;
+        half -= half % 8;
+        if (state[top] == 0) {
+            state[top] = 1;
+            ++top; lo_stack[top] = lo; n_stack[top] = half; state[top] = 0;
+        } else if (state[top] == 1) {
+            state[top] = 2;
+            ++top; lo_stack[top] = lo + half; n_stack[top] = m - half; state[top] = 0;
+        } else {
+            --num_values;
+            values[num_values - 1] = F64_ADD(values[num_values - 1], values[num_values]);
+            --top;
+        }
+    }
+    return values[0];
+}
+
+// One piece of a long bucket (see gpu_cupy._scale_pieces): the L2 sum of 8192 elements of a
+// single-bucket vector, the max |x| bits of 8192 elements of bucket k, or the pairwise sum of
+// subtree (piece_lo, piece_len) of bucket k.
+HQ_FN double hq_scale_piece(const float* x, hq_i64 n, hq_i64 bucket_size, int scale_kind, hq_i64 k, hq_i64 q,
+                            hq_i64 piece_lo, hq_i64 piece_len) {
+    hq_i64 start = k * bucket_size;
+    hq_i64 valid = hq_min(bucket_size, n - start);
+    if (scale_kind == HQ_SCALE_MEANABS) return hq_pairwise_abs_sum(x + start, valid, piece_lo, piece_len, 0);
+    hq_i64 lo = q * HQ_PIECE;
+    hq_i64 len = lo < valid ? hq_min(HQ_PIECE, valid - lo) : 0;
+    if (scale_kind == HQ_SCALE_L2) return hq_sumsq_einsum(x + start + lo, len);
+    return (double)hq_max_abs_bits(x + start + lo, len);
+}
+
+// scales[k]; ``pieces`` (num_pieces per bucket) when the bucket was split, else null.
+HQ_FN float hq_bucket_scale(const float* x, hq_i64 n, hq_i64 bucket_size, hq_i64 num_buckets, int scale_kind,
+                            hq_i64 k, const double* pieces, hq_i64 num_pieces) {
+    hq_i64 start = k * bucket_size;
+    hq_i64 valid = hq_min(bucket_size, n - start);
+    const double* own = pieces != 0 ? pieces + k * num_pieces : 0;
+    if (scale_kind == HQ_SCALE_L2) {
+        double total = 0.0;
+        if (own != 0) {
+            for (hq_i64 q = 0; q < num_pieces; ++q) total = F64_ADD(total, own[q]);
+        } else if (num_buckets == 1) {  // einsum sums a single row in 8192-element buffers
+            for (hq_i64 c = 0; c < valid; c += HQ_PIECE)
+                total = F64_ADD(total, hq_sumsq_einsum(x + start + c, hq_min(HQ_PIECE, valid - c)));
+        } else {
+            total = hq_sumsq_einsum(x + start, valid);
+        }
+        return (float)F64_SQRT(total);
+    }
+    if (scale_kind == HQ_SCALE_MAXABS) {
+        hq_u32 m = 0;
+        if (own != 0) {
+            for (hq_i64 q = 0; q < num_pieces; ++q) m = (hq_u32)own[q] > m ? (hq_u32)own[q] : m;
+        } else {
+            m = hq_max_abs_bits(x + start, valid);
+        }
+        return hq_max_abs_scale(m);
+    }
+    double total = hq_pairwise_abs_sum(x + start, valid, 0, bucket_size, own);
+    return (float)F64_DIV(total, (double)valid);
+}
+
+// ---------------------------------------------------------------------------- quantize + pack
+// tables: [0, 256) levels, [256, 512) widths l_{j+1} - l_j, [512, 768) l_0..l_{K-2} padded
+// with +inf for the binary search, [768, 1024) the levels padded with NaN for decoding.
+#define HQ_LEVELS 0
+#define HQ_WIDTHS 256
+#define HQ_SEARCH 512
+#define HQ_DECODE 768
+
+HQ_FN int hq_code(float xv, float s, const float* tables, int num_levels, int search_steps, int stochastic,
+                  hq_u64 key, hq_u64 index) {
+    const float first = tables[HQ_LEVELS], last = tables[HQ_LEVELS + num_levels - 1];
+    float q = F32_DIV(xv, s);
+    float r = s > 0.0f ? q : 0.0f;           // a zero scale gives r = 0
+    r = r < first ? first : r;
+    r = r > last ? last : r;
+    const bool is_nan = r != r;               // only from inf/NaN input
+    const float rs = is_nan ? first : r;
+    int j = 0, step = 1 << search_steps;
+    for (int t = 0; t < search_steps; ++t) {  // last entry <= r of l_0..l_{K-2}, +inf padded
+        step >>= 1;
+        j = tables[HQ_SEARCH + j + step] <= rs ? j + step : j;
+    }
+    float p = F32_DIV(F32_SUB(r, tables[HQ_LEVELS + j]), tables[HQ_WIDTHS + j]);
+    int up = stochastic ? (hq_uniform(key, index) < p) : (p >= 0.5f);
+    // np.searchsorted puts NaN after every level (j = K-2) and p = NaN never rounds up
+    return is_nan ? num_levels - 2 : j + up;
+}
+
+// Elements 8g .. 8g+7 -> exactly ``bits`` bytes at packed[g * bits] (fewer for the last group).
+HQ_FN void hq_encode_group(hq_i64 g, const float* x, hq_i64 n, const float* scales, hq_i64 bucket_size,
+                           const float* tables, int num_levels, int search_steps, int bits, int stochastic,
+                           hq_u64 key, hq_u64 offset, hq_u8* packed) {
+    hq_i64 e0 = g * 8;
+    int count = (int)hq_min(8, n - e0);
+    hq_i64 k = e0 / bucket_size, next_bucket = (k + 1) * bucket_size;
+    float s = scales[k];
+    hq_u64 acc = 0;
+    for (int t = 0; t < count; ++t) {
+        hq_i64 i = e0 + t;
+        if (i == next_bucket) { ++k; next_bucket += bucket_size; s = scales[k]; }
+        int code = hq_code(x[i], s, tables, num_levels, search_steps, stochastic, key, offset + (hq_u64)i);
+        acc |= (hq_u64)code << (t * bits);
+    }
+    int nbytes = (count * bits + 7) / 8;
+    for (int b = 0; b < nbytes; ++b) packed[g * bits + b] = (hq_u8)(acc >> (8 * b));
+}
+
+// out[i] = level(code_i) * scale (accumulate: out[i] += ...), codes LSB-first.
+HQ_FN void hq_decode_element(hq_i64 i, const float* scales, const hq_u8* packed, const float* tables, int bits,
+                             hq_i64 bucket_size, int accumulate, float* out) {
+    hq_i64 bit = i * bits;
+    hq_u32 window = packed[bit >> 3];
+    int shift = (int)(bit & 7);
+    if (shift + bits > 8) window |= (hq_u32)packed[(bit >> 3) + 1] << 8;
+    hq_u32 code = (window >> shift) & ((1u << bits) - 1u);
+    float value = F32_MUL(tables[HQ_DECODE + code], scales[i / bucket_size]);
+    out[i] = accumulate ? F32_ADD(out[i], value) : value;
+}
+
+// ---------------------------------------------------------------------------- kernels
+HQ_FN hq_i64 hq_thread_index() {
+#if defined(__CUDA_ARCH__)
+    return (hq_i64)blockIdx.x * blockDim.x + threadIdx.x;
+#else
+    return 0;
+#endif
+}
+
+extern "C" __global__ void hq_scale_pieces(const float* x, hq_i64 n, hq_i64 bucket_size, int scale_kind,
+                                           hq_i64 num_buckets, hq_i64 num_pieces, const hq_i64* piece_lo,
+                                           const hq_i64* piece_len, double* pieces) {
+    hq_i64 id = hq_thread_index();
+    if (id >= num_buckets * num_pieces) return;
+    hq_i64 k = id / num_pieces, q = id % num_pieces;
+    pieces[id] = hq_scale_piece(x, n, bucket_size, scale_kind, k, q, piece_lo[q], piece_len[q]);
+}
+
+extern "C" __global__ void hq_bucket_scales(const float* x, hq_i64 n, hq_i64 bucket_size, hq_i64 num_buckets,
+                                            int scale_kind, const double* pieces, hq_i64 num_pieces,
+                                            float* scales) {
+    hq_i64 k = hq_thread_index();
+    if (k < num_buckets)
+        scales[k] = hq_bucket_scale(x, n, bucket_size, num_buckets, scale_kind, k, num_pieces ? pieces : 0,
+                                    num_pieces);
+}
+
+extern "C" __global__ void hq_encode(const float* x, hq_i64 n, const float* scales, hq_i64 bucket_size,
+                                     const float* tables, int num_levels, int search_steps, int bits,
+                                     int stochastic, hq_u64 key, hq_u64 offset, hq_u8* packed) {
+    hq_i64 g = hq_thread_index();
+    if (g * 8 < n)
+        hq_encode_group(g, x, n, scales, bucket_size, tables, num_levels, search_steps, bits, stochastic, key,
+                        offset, packed);
+}
+
+extern "C" __global__ void hq_decode(const float* scales, const hq_u8* packed, const float* tables, int bits,
+                                     hq_i64 bucket_size, hq_i64 n, int accumulate, float* out) {
+    hq_i64 i = hq_thread_index();
+    if (i < n) hq_decode_element(i, scales, packed, tables, bits, bucket_size, accumulate, out);
+}
+"""
+
+_THREADS = 256          # HQ_THREADS
+_PIECE = 8192           # HQ_PIECE
+_PAIRWISE_LEAF = 128    # HQ_PAIRWISE_LEAF
+_TABLE_WIDTH = 256      # columns of each table row (K <= 2^8)
+_OPTIONS = ("--std=c++17", "--fmad=false")  # the source uses _rn intrinsics anyway
+
+
+def _require_cupy():
+    if cp is None:
+        raise ImportError("the CuPy backend needs cupy (pip install cupy-cuda12x) and a CUDA device")
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_id: int):
+    with cp.cuda.Device(device_id):
+        return cp.RawModule(code=KERNEL_SOURCE, options=_OPTIONS)
+
+
+def _kernel(name: str):
+    return _module(cp.cuda.runtime.getDevice()).get_function(name)
+
+
+def _grid(count: int) -> tuple:
+    return (max(1, -(-int(count) // _THREADS)),)
+
+
+def host_tables(levels) -> tuple[np.ndarray, int]:
+    """(float32[4 * 256] table block, binary search steps) for a sorted codebook; see HQ_LEVELS."""
+    lv = np.ascontiguousarray(levels, dtype=np.float32).ravel()
+    k = lv.size
+    tables = np.zeros(4 * _TABLE_WIDTH, dtype=np.float32)
+    tables[0:k] = lv
+    tables[_TABLE_WIDTH:_TABLE_WIDTH + k - 1] = lv[1:] - lv[:-1]   # float32 subtraction, as the reference
+    tables[2 * _TABLE_WIDTH:3 * _TABLE_WIDTH] = np.inf
+    tables[2 * _TABLE_WIDTH:2 * _TABLE_WIDTH + k - 1] = lv[:-1]
+    tables[3 * _TABLE_WIDTH:] = np.nan
+    tables[3 * _TABLE_WIDTH:3 * _TABLE_WIDTH + k] = lv
+    return tables, max(0, int(k - 2).bit_length())
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tables(device_id: int, level_bytes: bytes):
+    tables, steps = host_tables(np.frombuffer(level_bytes, dtype=np.float32))
+    with cp.cuda.Device(device_id):
+        return cp.asarray(tables), steps
+
+
+def pairwise_pieces(length: int, piece: int = _PIECE) -> tuple[np.ndarray, np.ndarray]:
+    """The subtrees of NumPy's pairwise summation over ``length`` elements where the recursion
+    first reaches <= ``piece`` elements, left to right: (starts, lengths)."""
+    starts, lengths, stack = [], [], [(0, length)]
+    while stack:
+        lo, m = stack.pop()
+        if m <= piece:
+            starts.append(lo)
+            lengths.append(m)
+            continue
+        half = m // 2
+        half -= half % 8
+        stack.append((lo + half, m - half))   # popped after the left half
+        stack.append((lo, half))
+    return np.asarray(starts, np.int64), np.asarray(lengths, np.int64)
+
+
+def scale_pieces(n: int, bucket_size: int, nb: int, scale_kind: int):
+    """How a long bucket's scale is split across threads, or None to sum each bucket in one
+    thread: (piece starts, piece lengths); only the pairwise sum uses them, the others cut
+    plain 8192-element chunks (an L2 sum only in a single-bucket vector, where NumPy does)."""
+    if bucket_size <= _PIECE:
+        return None
+    if scale_kind == SCALE_MEANABS:
+        return pairwise_pieces(bucket_size)
+    if scale_kind == SCALE_L2 and nb > 1:
+        return None
+    count = -(-min(bucket_size, n) // _PIECE) if scale_kind == SCALE_L2 else -(-bucket_size // _PIECE)
+    return np.zeros(count, np.int64), np.zeros(count, np.int64)
+
+
+def _check_common(levels, bits, bucket_size):
+    _require_cupy()
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer)) or bucket_size < 1:
+        raise ValueError(f"bucket_size must be a positive integer, got {bucket_size!r}")
+    lv = np.ascontiguousarray(cp.asnumpy(levels) if isinstance(levels, cp.ndarray) else levels,
+                              dtype=np.float32).ravel()
+    if not 2 <= lv.size <= 2 ** bits:
+        raise ValueError(f"codebook has {lv.size} levels; {bits} bit(s) allow 2..{2 ** bits}")
+    if not (np.all(np.isfinite(lv)) and np.all(lv[1:] > lv[:-1])):
+        raise ValueError("codebook levels must be finite and strictly increasing")
+    return lv, int(bits), int(bucket_size)
+
+
+def encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset=0):
+    """CuPy fp32 vector -> (scales cupy.float32[num_buckets], packed cupy.uint8[ceil(n*bits/8)])."""
+    lv, bits, bucket_size = _check_common(levels, bits, bucket_size)
+    if scale_kind not in (SCALE_L2, SCALE_MAXABS, SCALE_MEANABS):
+        raise ValueError(f"unknown scale kind {scale_kind}")
+    if int(offset) < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    x = cp.ascontiguousarray(x, dtype=cp.float32).reshape(-1)
+    n = int(x.size)
+    nb = num_buckets(n, bucket_size)
+    with x.device:
+        scales = cp.empty(nb, dtype=cp.float32)
+        packed = cp.empty(packed_nbytes(n, bits), dtype=cp.uint8)
+        if n == 0:
+            return scales, packed
+        tables, steps = _device_tables(x.device.id, lv.tobytes())
+        pieces_plan = scale_pieces(n, bucket_size, nb, scale_kind)
+        num_pieces = 0
+        pieces = cp.empty(1, dtype=cp.float64)
+        if pieces_plan is not None:
+            starts, lengths = (cp.asarray(a) for a in pieces_plan)
+            num_pieces = int(starts.size)
+            pieces = cp.empty(nb * num_pieces, dtype=cp.float64)
+            _kernel("hq_scale_pieces")(
+                _grid(nb * num_pieces), (_THREADS,),
+                (x, np.int64(n), np.int64(bucket_size), np.int32(scale_kind), np.int64(nb), np.int64(num_pieces),
+                 starts, lengths, pieces))
+        _kernel("hq_bucket_scales")(
+            _grid(nb), (_THREADS,),
+            (x, np.int64(n), np.int64(bucket_size), np.int64(nb), np.int32(scale_kind), pieces,
+             np.int64(num_pieces), scales))
+        _kernel("hq_encode")(
+            _grid(-(-n // 8)), (_THREADS,),
+            (x, np.int64(n), scales, np.int64(bucket_size), tables, np.int32(lv.size), np.int32(steps),
+             np.int32(bits), np.int32(bool(stochastic)), np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF),
+             np.uint64(int(offset)), packed))
+    return scales, packed
+
+
+def _decode_into(out, scales, packed, levels, bits, bucket_size, n, accumulate):
+    lv, bits, bucket_size = _check_common(levels, bits, bucket_size)
+    n = int(n)
+    scales = cp.ascontiguousarray(scales, dtype=cp.float32).reshape(-1)
+    packed = cp.ascontiguousarray(packed, dtype=cp.uint8).reshape(-1)
+    if scales.size != num_buckets(n, bucket_size):
+        raise ValueError(f"decode: {scales.size} scales for {n} elements in buckets of {bucket_size}")
+    if packed.size < packed_nbytes(n, bits):
+        raise ValueError(f"decode: {packed.size} code bytes; {n} elements at {bits} bits need "
+                         f"{packed_nbytes(n, bits)}")
+    if n:
+        with out.device:
+            tables, _ = _device_tables(out.device.id, lv.tobytes())
+            _kernel("hq_decode")(
+                _grid(n), (_THREADS,),
+                (scales, packed, tables, np.int32(bits), np.int64(bucket_size), np.int64(n),
+                 np.int32(bool(accumulate)), out))
+    return out
+
+
+def decode(scales, packed, levels, bits, bucket_size, n):
+    """Packed codes -> cupy.float32[n] (level * bucket scale), on the device of ``packed``."""
+    _require_cupy()
+    with cp.asarray(packed).device:
+        out = cp.empty(int(n), dtype=cp.float32)
+    return _decode_into(out, scales, packed, levels, bits, bucket_size, n, False)
+
+
+def decode_add(acc, scales, packed, levels, bits, bucket_size, n):
+    """acc += decode(...) in place (cupy float32 of n elements); bit for bit acc + decode(...)."""
+    _require_cupy()
+    if not (isinstance(acc, cp.ndarray) and acc.dtype == cp.float32 and acc.size == int(n)
+            and acc.flags.c_contiguous):
+        raise ValueError(f"decode_add: acc must be a contiguous cupy float32 array of {n} elements")
+    _decode_into(acc.reshape(-1), scales, packed, levels, bits, bucket_size, n, True)
+    return acc
+
+
+def warmup():
+    """Compile the kernels for the current device; returns the seconds it took."""
+    import time
+    _require_cupy()
+    t0 = time.perf_counter()
+    x = cp.linspace(-1, 1, 40, dtype=cp.float32)
+    lv = np.array([-1, 0, 1], np.float32)
+    scales, packed = encode(x, lv, 2, 4, SCALE_L2, True, 1, 0)
+    decode_add(decode(scales, packed, lv, 2, 4, x.size), scales, packed, lv, 2, 4, x.size)
+    cp.cuda.get_current_stream().synchronize()
+    return time.perf_counter() - t0
+
+
+__all__ = ["KERNEL_SOURCE", "encode", "decode", "decode_add", "warmup"]
