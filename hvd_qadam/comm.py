@@ -25,6 +25,8 @@ class HorovodComm:
         self._kw = kw
         self.rank = hvd.rank() if process_set is None else process_set.rank()
         self.size = hvd.size() if process_set is None else process_set.size()
+        from .quant.backend import share_cores
+        share_cores(hvd.local_size())
 
     @staticmethod
     def _tensor(data: bytes) -> torch.Tensor:

@@ -367,6 +367,10 @@ class Engine:
             for s in gathered[1:]:
                 total += s                    # rank order: identical on every rank
             lv.update(total, self.size, step=self.step_count)
+            # Every rank fitted the same statistics; adopt rank 0's result anyway, since libm's
+            # exp/erf may differ in the last bit between CPU models and codebooks must agree.
+            states = self.comm.allgather_object(lv.state_dict(), name=f"hvd_qadam.levels_fit.{self.step_count}")
+            lv.load_state_dict(states[0])
         return lv.codebook
 
     def _fail(self, errors: list):

@@ -118,6 +118,8 @@ def ps_init(server_rank: int | None = None):
     is_server = world.Get_rank() == server
     worker_comm = world.Split(MPI.UNDEFINED if is_server else 1, world.Get_rank())
     ps_comm = world.Dup()
+    from .quant.backend import share_cores
+    share_cores(world.Split_type(MPI.COMM_TYPE_SHARED).Get_size())   # ranks on this host, server included
     if is_server:
         code = 0
         try:
