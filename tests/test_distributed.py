@@ -32,7 +32,9 @@ def test_mpi_run_equals_simulator_bit_for_bit(np_, base, kwargs, tmp_path):
 
 
 def _ranks(stdout: str, what: str) -> dict:
-    return {int(m.group(1)): m.group(2) for m in re.finditer(rf"RANK (\d+) {what}(.*)", stdout)}
+    # Lines of different ranks can arrive interleaved without a newline between them.
+    return {int(m.group(1)): m.group(2)
+            for m in re.finditer(rf"RANK (\d+) {what}(.*?)(?=RANK \d+ |$)", stdout, re.M)}
 
 
 @pytest.mark.parametrize("topology", ["allgather", "sharded"])
