@@ -19,13 +19,13 @@ CASES = {
     "Adam (fp32, Adam on the mean gradient)": dict(quantizer="none"),
     "Efficient-Adam fp32": dict(EA, quantizer="none"),
     "Efficient-Adam sign (1 bit) + EF": dict(EA, quantizer="sign", downlink_quantizer="sign"),
-    "Efficient-Adam sign (1 bit), no EF": dict(EA, NO_EF, quantizer="sign", downlink_quantizer="sign"),
+    "Efficient-Adam sign (1 bit), no EF": dict(EA, **NO_EF, quantizer="sign", downlink_quantizer="sign"),
     "Efficient-Adam qsgdinf 2 bit + EF": dict(EA, quantizer="qsgdinf", bits=2, downlink_quantizer="qsgdinf",
                                               downlink_bits=2),
-    "Efficient-Adam qsgdinf 2 bit, no EF (nearest)": dict(EA, NO_EF, quantizer="qsgdinf", bits=2, rounding="nearest",
+    "Efficient-Adam qsgdinf 2 bit, no EF (nearest)": dict(EA, **NO_EF, quantizer="qsgdinf", bits=2, rounding="nearest",
                                                           downlink_quantizer="qsgdinf", downlink_bits=2,
                                                           downlink_rounding="nearest"),
-    "Efficient-Adam qsgdinf 2 bit, no EF (stochastic)": dict(EA, NO_EF, quantizer="qsgdinf", bits=2,
+    "Efficient-Adam qsgdinf 2 bit, no EF (stochastic)": dict(EA, **NO_EF, quantizer="qsgdinf", bits=2,
                                                              downlink_quantizer="qsgdinf", downlink_bits=2),
 }
 
