@@ -52,6 +52,7 @@ _U64_UNIFORM_SHIFT = np.uint64(UNIFORM_SHIFT)
 _F32_UNIFORM_SCALE = np.float32(2.0 ** -24)
 _F32_HALF = np.float32(0.5)
 _F32_ZERO = np.float32(0.0)
+_F32_ONE = np.float32(1.0)
 _ABS_MASK = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
 
@@ -153,18 +154,20 @@ def _pairwise_leaf(v, lo, n):
         r5 = abs(np.float64(leaf[5]))
         r6 = abs(np.float64(leaf[6]))
         r7 = abs(np.float64(leaf[7]))
-        for i in range(8, n8, 8):
+        i = np.uint64(8)   # unsigned: no negative-index wrap-around on every access
+        while i < np.uint64(n8):
             r0 += abs(np.float64(leaf[i]))
-            r1 += abs(np.float64(leaf[i + 1]))
-            r2 += abs(np.float64(leaf[i + 2]))
-            r3 += abs(np.float64(leaf[i + 3]))
-            r4 += abs(np.float64(leaf[i + 4]))
-            r5 += abs(np.float64(leaf[i + 5]))
-            r6 += abs(np.float64(leaf[i + 6]))
-            r7 += abs(np.float64(leaf[i + 7]))
+            r1 += abs(np.float64(leaf[i + np.uint64(1)]))
+            r2 += abs(np.float64(leaf[i + np.uint64(2)]))
+            r3 += abs(np.float64(leaf[i + np.uint64(3)]))
+            r4 += abs(np.float64(leaf[i + np.uint64(4)]))
+            r5 += abs(np.float64(leaf[i + np.uint64(5)]))
+            r6 += abs(np.float64(leaf[i + np.uint64(6)]))
+            r7 += abs(np.float64(leaf[i + np.uint64(7)]))
+            i += np.uint64(8)
         res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-        for i in range(n8, n):
-            res += abs(np.float64(leaf[i]))
+        for i in range(lo + n8, lo + n):
+            res += abs(np.float64(v[i]))
         return res
     # A leaf that runs past the data: skipping the padding zeros adds exactly what they would.
     acc = np.zeros(8, np.float64)
@@ -319,18 +322,18 @@ def _search_count(r, low_slots, high_slots, top, slots):
     compile-time constant (2, 8 or 16), so the level loops unroll and the caller's element loop
     vectorizes with the levels in registers. low_slots = l_0..l_{K-2} padded with +inf (never
     <= r); high_slots = the same padded with l_{K-1}; top = l_{K-1}."""
-    j = 0
+    j = _F32_ZERO     # counted in float32 (exact), so that every lane of the loop is 32-bit
     lo = low_slots[0]
     for i in range(1, slots):
         level = low_slots[i]
         below = level <= r
-        j += 1 if below else 0
+        j += _F32_ONE if below else _F32_ZERO
         lo = level if below else lo
     hi = top
     for i in range(slots - 1, 0, -1):
         level = high_slots[i]
         hi = level if level > r else hi
-    return j, lo, hi - lo
+    return np.int32(j), lo, hi - lo
 
 
 @njit(**_INLINE)
