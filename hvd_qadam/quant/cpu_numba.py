@@ -89,36 +89,68 @@ _INLINE = dict(inline="always", **_JIT)
 # ----------------------------------------------------------------------------- bucket scales
 
 @njit(**_INLINE)
+def _einsum_step(v, i, lane0, lane1):
+    """One step of np.einsum's float64 sum of squares over v[i:i+8] (i unsigned, so the loads
+    need no negative-index wrap-around): two lanes, each chaining four products (elements 6,
+    4, 2, 0 into lane 0; 7, 5, 3, 1 into lane 1)."""
+    e0 = np.float64(v[i])
+    e1 = np.float64(v[i + np.uint64(1)])
+    e2 = np.float64(v[i + np.uint64(2)])
+    e3 = np.float64(v[i + np.uint64(3)])
+    e4 = np.float64(v[i + np.uint64(4)])
+    e5 = np.float64(v[i + np.uint64(5)])
+    e6 = np.float64(v[i + np.uint64(6)])
+    e7 = np.float64(v[i + np.uint64(7)])
+    t0 = e6 * e6 + lane0
+    t1 = e7 * e7 + lane1
+    t0 = e4 * e4 + t0
+    t1 = e5 * e5 + t1
+    t0 = e2 * e2 + t0
+    t1 = e3 * e3 + t1
+    return e0 * e0 + t0, e1 * e1 + t1
+
+
+@njit(**_INLINE)
+def _einsum_finish(v, lane0, lane1):
+    """The elements after the last full step (einsum's zero-filled vectors: a missing odd
+    element adds nothing), then the two lanes added."""
+    n8 = v.size - v.size % 8
+    for i in range(n8, v.size):
+        sq = np.float64(v[i]) * np.float64(v[i])
+        if (i - n8) % 2 == 0:
+            lane0 = sq + lane0
+        else:
+            lane1 = sq + lane1
+    return lane0 + lane1
+
+
+@njit(**_INLINE)
 def _sumsq_einsum_order(v):
-    """Sum of float64 squares of v in np.einsum's order: two lanes, four products per lane
-    chained per step of 8, a zero-filled last vector, lanes added at the end."""
+    """Sum of float64 squares of v in np.einsum's order."""
     lane0 = 0.0
     lane1 = 0.0
-    n8 = v.size - v.size % 8
-    for i in range(0, n8, 8):
-        v0 = np.float64(v[i])
-        v1 = np.float64(v[i + 1])
-        v2 = np.float64(v[i + 2])
-        v3 = np.float64(v[i + 3])
-        v4 = np.float64(v[i + 4])
-        v5 = np.float64(v[i + 5])
-        v6 = np.float64(v[i + 6])
-        v7 = np.float64(v[i + 7])
-        t0 = v6 * v6 + lane0
-        t1 = v7 * v7 + lane1
-        t0 = v4 * v4 + t0
-        t1 = v5 * v5 + t1
-        t0 = v2 * v2 + t0
-        t1 = v3 * v3 + t1
-        lane0 = v0 * v0 + t0
-        lane1 = v1 * v1 + t1
-    for i in range(n8, v.size):  # the zero-filled vectors: a missing odd element adds nothing
-        vi = np.float64(v[i])
-        if (i - n8) % 2 == 0:
-            lane0 = vi * vi + lane0
-        else:
-            lane1 = vi * vi + lane1
-    return lane0 + lane1
+    for q in range(v.size // 8):
+        lane0, lane1 = _einsum_step(v, np.uint64(8 * q), lane0, lane1)
+    return _einsum_finish(v, lane0, lane1)
+
+
+@njit(**_INLINE)
+def _sumsq_einsum_order4(rows, sums):
+    """_sumsq_einsum_order of the 4 rows of ``rows`` at once: each sum is one long chain of
+    dependent additions, so four of them interleaved keep the adders busy."""
+    a0 = a1 = b0 = b1 = c0 = c1 = d0 = d1 = 0.0
+    ra, rb, rc, rd = rows[0], rows[1], rows[2], rows[3]
+    n = rows.shape[1]
+    for q in range(n // 8):
+        i = np.uint64(8 * q)
+        a0, a1 = _einsum_step(ra, i, a0, a1)
+        b0, b1 = _einsum_step(rb, i, b0, b1)
+        c0, c1 = _einsum_step(rc, i, c0, c1)
+        d0, d1 = _einsum_step(rd, i, d0, d1)
+    sums[0] = _einsum_finish(ra, a0, a1)
+    sums[1] = _einsum_finish(rb, b0, b1)
+    sums[2] = _einsum_finish(rc, c0, c1)
+    sums[3] = _einsum_finish(rd, d0, d1)
 
 
 @njit(**_INLINE)
@@ -248,6 +280,15 @@ def _maxabs_scale(bits):
 def _bucket_scales(x, x_bits, k0, k1, bucket_size, scale_kind, single_bucket, scales):
     """scales[k] for buckets k0..k1-1."""
     n = x.size
+    if scale_kind == SCALE_L2 and not single_bucket:
+        # whole buckets four at a time (see _sumsq_einsum_order4); the rest below
+        sums = np.empty(4, np.float64)
+        full_end = min(k1, n // bucket_size)
+        while k0 + 4 <= full_end:
+            _sumsq_einsum_order4(x[k0 * bucket_size:(k0 + 4) * bucket_size].reshape((4, bucket_size)), sums)
+            for q in range(4):
+                scales[k0 + q] = np.float32(math.sqrt(sums[q]))
+            k0 += 4
     for k in range(k0, k1):
         start = k * bucket_size
         stop = min(start + bucket_size, n)
