@@ -31,9 +31,11 @@ every access into a select), and the parallel bodies only call separately compil
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -79,6 +81,10 @@ _NUM_TABLES = 5
 _DECODE, _DECODE_ADD, _CHECK_CODES = 0, 1, 2  # what _decode_span does with the codes
 _MIN_BUCKET_TASKS = 8  # with fewer buckets, scales and quantization are parallelised separately
 _UNIFORM_MIN_LEVELS = 4  # up to this many levels, comparing with all of them is as fast
+# Below this many elements a kernel runs on the calling thread alone: waking the other threads
+# costs more than it saves, and on a busy machine a parallel region waits for its slowest
+# thread to be scheduled at all (milliseconds).
+_SERIAL_BELOW = 1 << 16
 
 # Kernel options: compiled once and cached on disk (NUMBA_CACHE_DIR is honoured by numba);
 # never fastmath (bit-identity); numpy error model so float division has no zero check.
@@ -753,6 +759,20 @@ def _search_tables(lv):
     return _search_tables_cached(np.ascontiguousarray(lv, dtype=np.float32).tobytes())
 
 
+@contextlib.contextmanager
+def _threads_for(n):
+    """Run the kernels inside on one thread when n is small (numba's setting is per thread)."""
+    if n >= _SERIAL_BELOW:
+        yield
+        return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
 def _encode_passes(n, bucket_size, nb):
     """The task lists (bucket ranges, element ranges), one per call of _encode_kernel."""
     if nb >= _MIN_BUCKET_TASKS:
@@ -786,10 +806,11 @@ def encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset=0):
         return scales, packed
     tables, method, steps, uniform_m, cell_index, corrections = _search_tables(lv)
     x_ro, x_bits = _readonly(x), _readonly(x.view(np.uint32))
-    for task_buckets, task_elements in _encode_passes(n, bucket_size, scales.size):
-        _encode_kernel(x_ro, x_bits, task_buckets, task_elements, tables, method, lv.size, steps, uniform_m,
-                       cell_index, corrections, bits, bucket_size, int(scale_kind), bool(stochastic),
-                       np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF), np.uint64(int(offset)), scales, packed)
+    with _threads_for(n):
+        for task_buckets, task_elements in _encode_passes(n, bucket_size, scales.size):
+            _encode_kernel(x_ro, x_bits, task_buckets, task_elements, tables, method, lv.size, steps, uniform_m,
+                           cell_index, corrections, bits, bucket_size, int(scale_kind), bool(stochastic),
+                           np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF), np.uint64(int(offset)), scales, packed)
     return scales, packed
 
 
@@ -810,7 +831,8 @@ def _decode_inputs(scales, packed, levels, bits, bucket_size, n):
 
 def _run_decode(scales, packed, table, bits, bucket_size, out, n, mode, num_levels):
     max_code = np.zeros(-(-n // _TASK), dtype=np.int64)
-    _decode_kernel(scales, packed, table, bits, bucket_size, out, n, mode, max_code)
+    with _threads_for(n):
+        _decode_kernel(scales, packed, table, bits, bucket_size, out, n, mode, max_code)
     if max_code.size and int(max_code.max()) >= num_levels:
         raise ValueError(f"decode: code {int(max_code.max())} is out of range for a codebook of "
                          f"{num_levels} levels (corrupt payload)")
