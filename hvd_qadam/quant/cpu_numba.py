@@ -9,9 +9,14 @@ How the output stays identical to the NumPy reference:
     with w_j = l_{j+1} - l_j, code = j + (u < p) or j + (p >= 0.5); decode = l_code * s. Kernels
     are compiled without fastmath, so LLVM neither reassociates nor contracts to FMA, and
     divisions stay divisions.
-  * j (the largest level <= r, clipped to 0..K-2) is found by comparisons against the float32
-    level table itself (a count of interior levels <= r, or a branchless binary search), never
-    by arithmetic alone, so it always equals np.searchsorted.
+  * j (the largest level <= r, clipped to 0..K-2) always equals np.searchsorted's. It comes
+    from comparisons with the float32 levels themselves: counting the levels <= r (K <= 16,
+    levels held in registers), stepping up from a start read from a table indexed by r's float
+    bits (large codebooks), or a binary search. Uniform grids l_i = float32(i - m) / m (checked
+    level by level) guess j arithmetically, recompute l_j and l_{j+1} the same way and verify
+    l_j <= r < l_{j+1}; a block where a guess missed is redone with the binary search.
+  * Inputs with inf or NaN (which the API refuses by default) get the reference's codes too; only
+    a NaN scale's payload bits may differ.
   * Bucket scales accumulate in float64 and round once to float32. The summation order mirrors
     the one NumPy uses inside the reference, so even the float64 sums agree: the L2 sum follows
     np.einsum's 2-lane, 4x-unrolled loop (rows longer than 8192 of a single-bucket vector are
