@@ -14,6 +14,7 @@ position, so the ``allgather`` and ``sharded`` topologies produce bit-identical 
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -71,6 +72,7 @@ class Engine:
         self.rank, self.size = comm.rank, comm.size
         self.kind = OUTPUT_KIND[config.algorithm]
         self.worker_memory = ResidualMemory(self.size, config.topology)
+        self._flat_residuals: dict[int, torch.Tensor] = {}   # group -> flat residual (views live in memory)
         self.server_memory = ResidualMemory(self.size, config.topology)
         self.worker_state: dict[str, torch.Tensor] = {}   # flat per-group tensors, e.g. "g0.m"
         self.server_state: dict[str, torch.Tensor] = {}   # flat per-chunk tensors, e.g. "g0@512.m"
@@ -118,10 +120,17 @@ class Engine:
                 acc += decode_flat(p)
             else:
                 be.decode_add(acc, p.scales, p.codes, p.levels, p.bits, p.bucket_size, p.numel)
-        return torch.from_numpy(acc) / float(len(payloads))
+        acc /= np.float32(len(payloads))
+        return torch.from_numpy(acc)
 
     def _key(self, rank: int, group: int, direction: int) -> int:
         return rng.stream_key(self.cfg.seed, rank, self.step_count, group, direction)
+
+    def _worker_residual(self, g) -> torch.Tensor:
+        flat = self._flat_residuals.get(g.index)
+        if flat is None:         # first step, or after load_state_dict: gather by parameter name
+            flat = g.flatten({s.name: self.worker_memory.get(s.name, s.param) for s in g.slots})
+        return flat
 
     # ------------------------------------------------------------------ worker transform
     def _worker_transform(self, g, grad: torch.Tensor, x: torch.Tensor, pending: dict) -> torch.Tensor:
@@ -135,14 +144,15 @@ class Engine:
             m, v = F.adam_moments(m, v, grad, beta1, beta2)
             t = self.counters["worker_adam_step"].get(key, 0) + 1
             d = F.adam_step(m, v, t, h["lr"], beta1, beta2, h["eps"], self.cfg.bias_correction)
-            d = F.decoupled_weight_decay(d, x, h["lr"], h.get("weight_decay", 0.0))
+            if h.get("weight_decay", 0.0):
+                d = F.decoupled_weight_decay(d, x(), h["lr"], h["weight_decay"])
             pending["worker_state"].update({key + ".m": m, key + ".v": v})
             pending["worker_adam_step"][key] = t
             return d
         if alg == "ef_sgd":
             wd = h.get("weight_decay", 0.0)
             if wd:
-                grad = grad + x * wd
+                grad = grad + x() * wd
             mom = h.get("momentum", 0.0)
             early = self.cfg.momentum_steps
             if early is not None and self.step_count >= early:
@@ -153,7 +163,7 @@ class Engine:
             return buf * h["lr"]
         if alg == "local_sgd":
             anchor = self.worker_state[key + ".anchor"]
-            return x - anchor
+            return x() - anchor
         raise AssertionError(alg)
 
     # ------------------------------------------------------------------ server transform
@@ -169,9 +179,13 @@ class Engine:
             v = self.server_state.get(key + ".v", torch.zeros_like(mean))
             m, v = F.adam_moments(m, v, mean, beta1, beta2)
             t = self.counters["server_adam_step"].get(key, 0) + 1
-            xs = self.server_state.get(key + ".x", x[a:b]) if alg == "qadam_weights" else x[a:b]
+            if alg == "qadam_weights":
+                xs = self.server_state.get(key + ".x")
+                xs = x()[a:b] if xs is None else xs
             d = F.adam_step(m, v, t, h["lr"], beta1, beta2, h["eps"], self.cfg.bias_correction)
-            d = F.decoupled_weight_decay(d, xs, h["lr"], h.get("weight_decay", 0.0))
+            if h.get("weight_decay", 0.0):
+                d = F.decoupled_weight_decay(d, xs if alg == "qadam_weights" else x()[a:b], h["lr"],
+                                             h["weight_decay"])
             pending["server_state"].update({key + ".m": m, key + ".v": v})
             pending["server_adam_step"][key] = t
             if alg == "qadam":
@@ -184,7 +198,8 @@ class Engine:
     def _downlink(self, g, a: int, u: torch.Tensor, link: LinkSpec, pending: dict):
         """Server output -> downlink payload (+ server EF for update-type outputs)."""
         if link.passthrough:
-            return self._encode(u, link, 0, a)
+            # allgather: every rank already holds u, nothing travels; else it is sent as fp32/fp16
+            return u if self.cfg.topology == "allgather" and link.quantizer == "none" else self._encode(u, link, 0, a)
         key = self._key(SERVER_RANK, g.index, rng.DOWNLINK)
         ef = self.cfg.server_error_feedback and self.kind in (OUT_UPDATE, OUT_GRAD)
         name = f"g{g.index}@{a}"
@@ -210,34 +225,34 @@ class Engine:
         uplink_vectors = []
         for g in self.layout.groups:
             grad = g.flatten(grads)
-            x = g.flatten(params)
-            if not bool(torch.isfinite(grad).all()):
+            # A sum is ~5x cheaper than isfinite().all() and is non-finite whenever an element is
+            # (or, rarely, when finite values overflow: then the exact check clears it).
+            if not math.isfinite(float(grad.sum())) and not bool(torch.isfinite(grad).all()):
                 bad = [f"{s.name} ({int(torch.isnan(grads[s.name]).sum())} NaN, "
                        f"{int(torch.isinf(grads[s.name]).sum())} Inf)"
                        for s in g.slots if not bool(torch.isfinite(grads[s.name]).all())]
                 error = f"rank {self.rank}, step {t}: non-finite gradient in {', '.join(bad)}"
                 break
+            x = _Lazy(g.flatten, params)
             v = self._worker_transform(g, grad, x, pending)
             up, _ = self._links(g, compress)
             use_ef = cfg.error_feedback and not up.passthrough
-            p = (v + g.flatten({s.name: self.worker_memory.get(s.name, s.param) for s in g.slots})) if use_ef else v
-            uplink_vectors.append((g, x, p, up, use_ef))
+            p = v + self._worker_residual(g) if use_ef else v    # a new tensor: becomes the residual
+            uplink_vectors.append((g, p, up, use_ef))
         codebook = None
         if error is None and self.uplink_levels is not None and compress:
-            codebook = self._refit_levels([p for (g, _, p, up, _) in uplink_vectors if not up.passthrough])
+            codebook = self._refit_levels([p for (g, p, up, _) in uplink_vectors if not up.passthrough])
         chunk_payloads = {}          # (group, chunk) -> payload
         if error is None:
-            for g, x, p, up, use_ef in uplink_vectors:
+            for g, p, up, use_ef in uplink_vectors:
                 key = self._key(self.rank, g.index, rng.UPLINK)
-                decoded = []
                 for c, (a, b) in enumerate(self.bounds[g.index]):
                     q = self._encode(p[a:b], up, key, a, codebook if not up.passthrough else None)
                     chunk_payloads[(g.index, c)] = q
                     if use_ef:
-                        decoded.append(self._decode(q))
+                        p[a:b].sub_(self._decode(q))      # e = p - decode(Q(p)), in place
                 if use_ef:
-                    resid = p - torch.cat(decoded)
-                    pending["worker_residuals"].update({n: r.clone() for n, r in g.views(resid).items()})
+                    pending["worker_residuals"][g.index] = p
                 stats.fp32_bytes += 4 * g.numel
         stats.encode_s = time.perf_counter() - t0
 
@@ -261,7 +276,10 @@ class Engine:
             stats.decode_s = time.perf_counter() - t2
 
         # 5. commit, then hand the result to the optimizer
-        self.worker_memory.commit(pending["worker_residuals"])
+        for gi, resid in pending["worker_residuals"].items():
+            # Stored per parameter name as views of the flat buffer (no copy), which is kept too.
+            self.worker_memory.commit(self.layout.groups[gi].views(resid))
+            self._flat_residuals[gi] = resid
         self.worker_state.update(pending["worker_state"])
         self.counters["worker_adam_step"].update(pending["worker_adam_step"])
         self._commit_server(pending)
@@ -303,7 +321,7 @@ class Engine:
                                            f"expected {b - a}")
             mean = self._mean(payloads, b - a)
             _, down = self._links(g, compress)
-            u = self._server_transform(g, a, b, mean, g.flatten(params), pending)
+            u = self._server_transform(g, a, b, mean, _Lazy(g.flatten, params), pending)
             down_payloads[(gi, c)] = self._downlink(g, a, u, down, pending)
         return down_payloads
 
@@ -429,7 +447,7 @@ class Engine:
         """Every rank ends with the full downlink vector of every group."""
         if self.cfg.topology == "allgather":
             # Every rank computed the server side itself (same seeds): nothing to send.
-            return {gi: self._decode(p) for (gi, _), p in down_payloads.items()}
+            return {gi: p if isinstance(p, torch.Tensor) else self._decode(p) for (gi, _), p in down_payloads.items()}
         data = self._frame([down_payloads[(g.index, self.rank)] for g in self.layout.groups], None)
         gathered = self.comm.allgather_bytes(data, f"hvd_qadam.down.{self.step_count}")
         stats.sent_bytes += len(data)
@@ -471,6 +489,7 @@ class Engine:
         self.worker_state = {k: v.clone() for k, v in state["worker_state"].items()}
         same_world = state.get("world_size") == self.size and state["config"]["topology"] == self.cfg.topology
         self.worker_memory.load_state_dict(state["worker_memory"])
+        self._flat_residuals = {}
         self.server_memory.load_state_dict(state["server_memory"])
         if same_world:
             self.server_state = {k: v.clone() for k, v in state["server_state"].items()}
@@ -482,6 +501,18 @@ class Engine:
             self.counters["server_adam_step"] = {}
         if self.uplink_levels is not None and state.get("levels") is not None:
             self.uplink_levels.load_state_dict(state["levels"])
+
+
+class _Lazy:
+    """A value computed on first use (e.g. the flat parameters, which most algorithms never need)."""
+
+    def __init__(self, fn, *args):
+        self._fn, self._args, self._value = fn, args, None
+
+    def __call__(self):
+        if self._value is None:
+            self._value = self._fn(*self._args)
+        return self._value
 
 
 def cb_adaptive(link: LinkSpec) -> bool:
