@@ -56,8 +56,10 @@ class StepStats:
     encode_s: float = 0.0
     exchange_s: float = 0.0
     decode_s: float = 0.0
+    levels_s: float = 0.0          # adaptive quantizers: time spent refitting levels this step
     compressed: bool = True
-    totals: dict = field(default_factory=lambda: {"sent_bytes": 0, "received_bytes": 0, "fp32_bytes": 0, "steps": 0})
+    totals: dict = field(default_factory=lambda: {"sent_bytes": 0, "received_bytes": 0, "fp32_bytes": 0, "steps": 0,
+                                                  "levels_s": 0.0, "level_refits": 0})
 
     @property
     def ratio(self) -> float:
@@ -241,7 +243,13 @@ class Engine:
             uplink_vectors.append((g, p, up, use_ef))
         codebook = None
         if error is None and self.uplink_levels is not None and compress:
-            codebook = self._refit_levels([p for (g, p, up, _) in uplink_vectors if not up.passthrough])
+            tl = time.perf_counter()
+            due = self.uplink_levels.due(t)
+            codebook = self._refit_levels([p for (g, p, up, _) in uplink_vectors if not up.passthrough], due)
+            if due:
+                stats.levels_s = time.perf_counter() - tl
+                stats.totals["levels_s"] += stats.levels_s
+                stats.totals["level_refits"] += 1
         chunk_payloads = {}          # (group, chunk) -> payload
         if error is None:
             for g, p, up, use_ef in uplink_vectors:
@@ -376,9 +384,9 @@ class Engine:
         n = 1 + max((g.param_group for g in self.layout.groups), default=0)
         return [self.hyper(i) for i in range(n)]
 
-    def _refit_levels(self, vectors: list):
+    def _refit_levels(self, vectors: list, due: bool):
         lv = self.uplink_levels
-        if lv.due(self.step_count):
+        if due:
             local = lv.local_stats([v.detach().cpu().numpy() for v in vectors])
             gathered = self.comm.allgather_object(local, name=f"hvd_qadam.levels.{self.step_count}")
             total = gathered[0].copy()

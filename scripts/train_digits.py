@@ -58,7 +58,10 @@ def run(label, make_optimizer):
         bar = tqdm(total=args.epochs * steps_per_epoch, desc=label, unit="step", leave=False, file=sys.stderr)
     rows = []
 
+    holder = {}
+
     def on_step(step, opt):
+        holder["opt"] = opt
         if bar is not None:
             bar.update(1)
 
@@ -77,7 +80,7 @@ def run(label, make_optimizer):
                             seed=args.seed, on_step=on_step, on_epoch=on_epoch)
     if bar is not None:
         bar.close()
-    return rows, time.time() - t0
+    return rows, time.time() - t0, getattr(holder.get("opt"), "communication_stats", None)
 
 
 fp32_bytes = 4 * sum(q.numel() for q in digits.make_model().parameters())
@@ -113,11 +116,16 @@ results[label] = run(label, compressed)
 if main:
     print("\n== summary")
     print(f"{'run':<28}{'final loss':>12}{'test acc':>10}{'best acc':>10}{'sent B/step':>13}{'vs fp32':>9}{'time s':>8}")
-    for name, (rows, secs) in results.items():
+    for name, (rows, secs, _) in results.items():
         last = rows[-1]
         best = max(r["test_accuracy"] for r in rows)
         print(f"{name:<28}{last['loss']:>12.4f}{last['test_accuracy']:>10.4f}{best:>10.4f}"
               f"{last['sent_bytes_per_step']:>13d}{fp32_bytes / last['sent_bytes_per_step']:>8.1f}x{secs:>8.1f}")
+    stats = results[label][2]
+    if stats is not None and stats.totals["level_refits"]:
+        secs = results[label][1]
+        print(f"adaptive levels: {stats.totals['level_refits']} refits, {1e3 * stats.totals['levels_s']:.1f} ms in total "
+              f"= {100 * stats.totals['levels_s'] / secs:.2f}% of the run's {secs:.1f} s")
     if "uncompressed" in results:
         gap = results["uncompressed"][0][-1]["test_accuracy"] - results[label][0][-1]["test_accuracy"]
         print(f"accuracy gap (uncompressed - compressed): {100 * gap:+.2f} points")
