@@ -83,4 +83,7 @@ if ! "$PY" -c "import hvd_qadam, os, sys; sys.exit(0 if os.path.realpath(os.path
   log "installing hvd_qadam (editable)"
   "$PY" -m pip install -q --no-build-isolation --no-deps -e "$here"
 fi
+# --- compile the CPU kernels once (numba caches them on disk) ----------------------------------
+export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$CACHE/numba}"
+"$PY" -c "from hvd_qadam.quant.backend import warm_cache; print(f'[install] CPU kernels ready ({warm_cache():.1f} s)')" >&2
 log "ready"
