@@ -423,9 +423,12 @@ class Engine:
     def _frame(self, payloads, error):
         return Frame(self.rank, self.step_count, self.layout.hash, payloads, error).to_bytes()
 
-    def _parse(self, views, what: str) -> list:
+    def _parse(self, views, what: str, skip: int | None = None) -> list:
         frames = []
         for src, v in enumerate(views):
+            if src == skip:
+                frames.append(None)
+                continue
             try:
                 frames.append(Frame.from_bytes(v, source=f"{what} frame from rank {src}"))
             except PayloadError as e:
@@ -442,7 +445,13 @@ class Engine:
             views = split_frames(gathered)
             if len(views) != self.size:
                 raise ConsistencyError(f"expected {self.size} frames in the allgather, got {len(views)}")
-            return self._parse(views, "uplink")
+            if len(views[self.rank]) != len(data) or bytes(views[self.rank][:64]) != data[:64]:
+                raise ConsistencyError(f"rank {self.rank}: the allgather returned a different frame at its own slot")
+            # Peers' frames are parsed and validated; our own we already hold as objects.
+            frames = self._parse(views, "uplink", skip=self.rank)
+            frames[self.rank] = Frame(self.rank, self.step_count, self.layout.hash,
+                                      [chunk_payloads[k] for k in self._frame_order(0)] if error is None else [], error)
+            return frames
         # sharded: chunk c of every group goes to rank c
         per_dest = [self._frame([chunk_payloads[k] for k in self._frame_order(c)] if error is None else [], error)
                     for c in range(self.size)]

@@ -186,13 +186,12 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
         return None
     if 8 % bits == 0:
         per = 8 // bits
-        byte_values = np.arange(256)
-        fields = (byte_values[:, None] >> (bits * np.arange(per))) & ((1 << bits) - 1)
+        fields = (np.arange(256)[:, None] >> (bits * np.arange(per))) & ((1 << bits) - 1)
         bad_byte = (fields >= n_levels).any(axis=1)
-        hits = np.flatnonzero(bad_byte[packed])
-        if hits.size == 0:
+        # A byte histogram is one fast pass; locate the culprit only when there is one.
+        if not np.bincount(packed, minlength=256)[bad_byte].any():
             return None
-        b = int(hits[0])
+        b = int(np.flatnonzero(bad_byte[packed])[0])
         field = int(np.flatnonzero(fields[packed[b]] >= n_levels)[0])
         return b * per + field, int(fields[packed[b], field])
     from .quant.reference import unpack_codes

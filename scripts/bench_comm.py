@@ -153,9 +153,10 @@ def main():
         for (case, topo) in dict.fromkeys((r["case"], r["topology"]) for r in rows):
             sel = [r for r in rows if r["case"] == case and r["topology"] == topo]
             label = f"{case} [{topo}]"
-            axes[0].plot([r["ranks"] for r in sel], [r["sent_bytes"] / 1e6 for r in sel], "o-", label=label)
+            axes[0].plot([r["ranks"] for r in sel], [(r["sent_bytes"] + r["received_bytes"]) / 1e6 for r in sel], "o-",
+                         label=label)
             axes[1].plot([r["ranks"] for r in sel], [1e3 * r["step_s"] for r in sel], "o-", label=label)
-        axes[0].set_ylabel("MB sent per rank per step")
+        axes[0].set_ylabel("MB sent + received per rank per step")
         axes[1].set_ylabel("step time (ms)")
         for ax in axes:
             ax.set_xlabel("ranks")
