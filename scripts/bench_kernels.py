@@ -50,21 +50,26 @@ TORCH_BASELINE_ALWAYS = {("qsgd", 4), ("sign", 1)}
 # ----------------------------------------------------------------------------- timing
 
 class Timer:
-    """Best-of-N wall time of a callable; synchronises the GPU around each run when needed."""
+    """Best-of-N wall time of a callable; synchronises the GPU around each run when needed.
+    Also keeps the least CPU time (all threads of this process) of a run in ``last_cpu``: on a
+    shared machine the wall time depends on what else runs, the CPU time much less."""
 
     def __init__(self, repeats: int, sync=None):
         self.repeats = repeats
         self.sync = sync or (lambda: None)
+        self.last_cpu = math.nan
 
     def best(self, fn, repeats: int | None = None) -> float:
         fn()                      # warm-up (first-call costs are measured separately)
         self.sync()
-        best = math.inf
+        best = cpu = math.inf
         for _ in range(repeats or self.repeats):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             self.sync()
             best = min(best, time.perf_counter() - t0)
+            cpu = min(cpu, time.process_time() - c0)
+        self.last_cpu = cpu
         return best
 
 
@@ -184,7 +189,9 @@ def run_case(name, bits, x, x_host, args, backend, xp, timer, torch, torch_x, de
         half = x.astype(xp.float16)
         row["levels"] = None
         row["encode_s"] = timer.best(lambda: x.astype(xp.float16))
+        row["encode_cpu_ns"] = 1e9 * timer.last_cpu / n
         row["decode_s"] = timer.best(lambda: half.astype(xp.float32))
+        row["decode_cpu_ns"] = 1e9 * timer.last_cpu / n
         row["wire_bytes"] = hvd_qadam.quantize(x_host, "fp16", 16).nbytes
     else:
         kind = cb.kind(name)
@@ -194,7 +201,9 @@ def run_case(name, bits, x, x_host, args, backend, xp, timer, torch, torch_x, de
         scales, packed = backend.encode(x, levels, bits, args.bucket_size, kind.scale, kind.stochastic, key, 0)
         row["encode_s"] = timer.best(
             lambda: backend.encode(x, levels, bits, args.bucket_size, kind.scale, kind.stochastic, key, 0))
+        row["encode_cpu_ns"] = 1e9 * timer.last_cpu / n
         row["decode_s"] = timer.best(lambda: backend.decode(scales, packed, levels, bits, args.bucket_size, n))
+        row["decode_cpu_ns"] = 1e9 * timer.last_cpu / n
         acc = xp.zeros(n, dtype=xp.float32)
         if hasattr(backend, "decode_add"):
             row["decode_add_s"] = timer.best(
@@ -208,7 +217,9 @@ def run_case(name, bits, x, x_host, args, backend, xp, timer, torch, torch_x, de
             sync = (lambda: torch.cuda.synchronize()) if device == "cuda" else None
             torch_timer = Timer(timer.repeats, sync)
             row["torch_encode_s"] = torch_timer.best(lambda: ops.encode(torch_x))
+            row["torch_encode_cpu_ns"] = 1e9 * torch_timer.last_cpu / n
             row["torch_decode_s"] = torch_timer.best(lambda: ops.decode(t_scales, t_packed))
+            row["torch_decode_cpu_ns"] = 1e9 * torch_timer.last_cpu / n
     row["min_wire_bytes"] = min_wire_bytes(name, bits, n, args.bucket_size)
     gb = 4 * n / 1e9
     row["encode_gbps"] = gb / row["encode_s"]
@@ -229,8 +240,8 @@ def fmt(value, spec):
 
 def print_table(rows, copy_gbps):
     head = (f"{'quantizer':<9} {'bits':>4} {'K':>4} | {'enc GB/s':>8} {'/copy':>5} {'dec GB/s':>8} {'/copy':>5} "
-            f"| {'torch enc':>9} {'x':>6} {'torch dec':>9} {'x':>6} | {'wire B':>10} {'min B':>10} "
-            f"{'/min':>6} {'vs fp32':>7}")
+            f"| {'enc cpu':>7} {'dec cpu':>7} | {'torch enc':>9} {'x':>6} {'torch dec':>9} {'x':>6} "
+            f"| {'wire B':>10} {'min B':>10} {'/min':>6} {'vs fp32':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -238,6 +249,7 @@ def print_table(rows, copy_gbps):
         torch_dec = 4 * 1e-9 * r["n"] / r["torch_decode_s"] if "torch_decode_s" in r else None
         print(f"{r['quantizer']:<9} {r['bits']:>4} {fmt(r['levels'], '>4')} | {r['encode_gbps']:>8.2f} "
               f"{r['encode_gbps'] / copy_gbps:>5.2f} {r['decode_gbps']:>8.2f} {r['decode_gbps'] / copy_gbps:>5.2f} "
+              f"| {fmt(r.get('encode_cpu_ns'), '>7.2f')} {fmt(r.get('decode_cpu_ns'), '>7.2f')} "
               f"| {fmt(torch_enc, '>9.3f')} {fmt(r.get('encode_speedup'), '>6.1f')} {fmt(torch_dec, '>9.3f')} "
               f"{fmt(r.get('decode_speedup'), '>6.1f')} | {r['wire_bytes']:>10} {r['min_wire_bytes']:>10} "
               f"{r['wire_over_min']:>6.4f} {r['compression_vs_fp32']:>7.2f}")
@@ -360,6 +372,8 @@ def main(argv=None) -> int:
           + (f"; torch {info['torch']} with {info['torch_threads']} threads" if torch is not None else ""))
     if "first_call_s" in info:
         print("first-call latency: " + ", ".join(f"{k} {v:.2f} s" for k, v in info["first_call_s"].items()))
+    print("enc/dec cpu: CPU time of all threads per element (ns), least over the runs; x: speed-up "
+          "(wall time) over the torch-ops baseline")
     print()
     print_table(rows, info["copy_gbps"])
     print()

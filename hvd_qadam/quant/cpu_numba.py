@@ -242,7 +242,7 @@ def _pairwise_abs_sum(v, n):
     while top >= 0:
         lo = lo_stack[top]
         m = n_stack[top]
-        if m <= _PAIRWISE_BLOCK:
+        if m <= _PAIRWISE_BLOCK or lo >= v.size:   # a leaf, or padding only (sums to exactly 0)
             values[num_values] = _pairwise_leaf(v, lo, m)
             num_values += 1
             top -= 1

@@ -165,9 +165,12 @@ HQ_FN double hq_pairwise_leaf(const float* v, hq_i64 valid, hq_i64 lo, hq_i64 n)
 }
 
 // NumPy's pairwise sum of |v| over [lo0, lo0+n0): halves cut at a multiple of 8, recursively,
-// down to leaves of <= 128 (an explicit stack). With ``pieces`` given, every subtree of at most
-// HQ_PIECE elements is read from pieces[] (left to right) instead of being summed here.
-HQ_FN double hq_pairwise_abs_sum(const float* v, hq_i64 valid, hq_i64 lo0, hq_i64 n0, const double* pieces) {
+// down to leaves of <= 128 (an explicit stack). A subtree starting at or past ``limit`` holds
+// only padding and sums to exactly 0. With ``pieces`` given, every other subtree of at most
+// HQ_PIECE elements is read from pieces[] (left to right) instead of being summed here; the
+// limit is then the same for all buckets (see gpu_cupy.pairwise_pieces), else ``valid``.
+HQ_FN double hq_pairwise_abs_sum(const float* v, hq_i64 valid, hq_i64 lo0, hq_i64 n0, const double* pieces,
+                                 hq_i64 limit) {
     hq_i64 lo_stack[64], n_stack[64];
     int state[64];
     double values[64];
@@ -176,6 +179,11 @@ HQ_FN double hq_pairwise_abs_sum(const float* v, hq_i64 valid, hq_i64 lo0, hq_i6
     lo_stack[0] = lo0; n_stack[0] = n0; state[0] = 0;
     while (top >= 0) {
         hq_i64 lo = lo_stack[top], m = n_stack[top];
+        if (lo >= limit) {
+            values[num_values++] = 0.0;
+            --top;
+            continue;
+        }
         if (pieces != 0 && m <= HQ_PIECE) {
             values[num_values++] = pieces[next_piece++];
             --top;
@@ -210,7 +218,7 @@ HQ_FN double hq_scale_piece(const float* x, hq_i64 n, hq_i64 bucket_size, int sc
                             hq_i64 piece_lo, hq_i64 piece_len) {
     hq_i64 start = k * bucket_size;
     hq_i64 valid = hq_min(bucket_size, n - start);
-    if (scale_kind == HQ_SCALE_MEANABS) return hq_pairwise_abs_sum(x + start, valid, piece_lo, piece_len, 0);
+    if (scale_kind == HQ_SCALE_MEANABS) return hq_pairwise_abs_sum(x + start, valid, piece_lo, piece_len, 0, valid);
     hq_i64 lo = q * HQ_PIECE;
     hq_i64 len = lo < valid ? hq_min(HQ_PIECE, valid - lo) : 0;
     if (scale_kind == HQ_SCALE_L2) return hq_sumsq_einsum(x + start + lo, len);
@@ -244,7 +252,8 @@ HQ_FN float hq_bucket_scale(const float* x, hq_i64 n, hq_i64 bucket_size, hq_i64
         }
         return hq_max_abs_scale(m);
     }
-    double total = hq_pairwise_abs_sum(x + start, valid, 0, bucket_size, own);
+    double total = hq_pairwise_abs_sum(x + start, valid, 0, bucket_size, own,
+                                       own != 0 ? hq_min(bucket_size, n) : valid);
     return (float)F64_DIV(total, (double)valid);
 }
 
@@ -397,12 +406,15 @@ def _device_tables(device_id: int, level_bytes: bytes):
         return cp.asarray(tables), steps
 
 
-def pairwise_pieces(length: int, piece: int = _PIECE) -> tuple[np.ndarray, np.ndarray]:
-    """The subtrees of NumPy's pairwise summation over ``length`` elements where the recursion
-    first reaches <= ``piece`` elements, left to right: (starts, lengths)."""
+def pairwise_pieces(length: int, limit: int, piece: int = _PIECE) -> tuple[np.ndarray, np.ndarray]:
+    """The subtrees of NumPy's pairwise summation over ``length`` (padded) elements where the
+    recursion first reaches <= ``piece`` elements, left to right, skipping those that start at
+    or past ``limit`` (padding in every bucket): (starts, lengths)."""
     starts, lengths, stack = [], [], [(0, length)]
     while stack:
         lo, m = stack.pop()
+        if lo >= limit:
+            continue
         if m <= piece:
             starts.append(lo)
             lengths.append(m)
@@ -421,10 +433,10 @@ def scale_pieces(n: int, bucket_size: int, nb: int, scale_kind: int):
     if bucket_size <= _PIECE:
         return None
     if scale_kind == SCALE_MEANABS:
-        return pairwise_pieces(bucket_size)
+        return pairwise_pieces(bucket_size, min(bucket_size, n))
     if scale_kind == SCALE_L2 and nb > 1:
         return None
-    count = -(-min(bucket_size, n) // _PIECE) if scale_kind == SCALE_L2 else -(-bucket_size // _PIECE)
+    count = -(-min(bucket_size, n) // _PIECE)   # no bucket holds data past min(bucket_size, n)
     return np.zeros(count, np.int64), np.zeros(count, np.int64)
 
 
