@@ -221,6 +221,22 @@ def run_case(name, bits, x, x_host, args, backend, xp, timer, torch, torch_x, de
             row["torch_decode_s"] = torch_timer.best(lambda: ops.decode(t_scales, t_packed))
             row["torch_decode_cpu_ns"] = 1e9 * torch_timer.last_cpu / n
     row["min_wire_bytes"] = min_wire_bytes(name, bits, n, args.bucket_size)
+    return row
+
+
+def merge_rounds(rows):
+    """One row per case from several rounds: the least time of each measurement."""
+    best = dict(rows[0])
+    for row in rows[1:]:
+        for key, value in row.items():
+            if key.endswith("_s") or key.endswith("_cpu_ns"):
+                best[key] = min(best[key], value)
+    return best
+
+
+def derive(row, n):
+    """Throughputs and ratios from the times."""
+    row["n"] = n
     gb = 4 * n / 1e9
     row["encode_gbps"] = gb / row["encode_s"]
     row["decode_gbps"] = gb / row["decode_s"]
@@ -310,6 +326,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", choices=("numba", "numpy", "cupy"), default="numba")
     parser.add_argument("--quick", action="store_true", help="a subset of quantizers and fewer repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="passes over all cases, keeping each measurement's best (robust to bursts of load)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch-ops baseline")
     parser.add_argument("--quick-torch", action="store_true",
                         help="torch baseline only for 4-bit qsgd and 1-bit sign")
@@ -358,14 +376,21 @@ def main(argv=None) -> int:
         torch_x = torch.from_numpy(x_host).to(device)
     info["copy_gbps"] = copy_bandwidth(xp, timer)
 
-    rows = []
-    for name, bits in tqdm(cases, desc=f"{args.backend} kernels", unit="case", file=sys.stderr):
-        row = run_case(name, bits, x, x_host, args, backend, xp, timer, torch, torch_x, device)
-        row["n"] = args.numel
-        rows.append(row)
+    # Rounds over all cases, keeping each measurement's best: on a shared machine a burst of
+    # other work then spoils one round of a case rather than the result.
+    measured = {case: [] for case in cases}
+    progress = tqdm(total=len(cases) * args.rounds, desc=f"{args.backend} kernels", unit="case", file=sys.stderr)
+    for _ in range(args.rounds):
+        for name, bits in cases:
+            measured[(name, bits)].append(run_case(name, bits, x, x_host, args, backend, xp, timer, torch, torch_x,
+                                                   device))
+            progress.update()
+    progress.close()
+    rows = [derive(merge_rounds(measured[case]), args.numel) for case in cases]
     info["load_avg_after"] = os.getloadavg()
 
-    print(f"backend {args.backend}, {args.numel} fp32 elements, bucket {args.bucket_size}, best of {repeats}; "
+    print(f"backend {args.backend}, {args.numel} fp32 elements, bucket {args.bucket_size}, best of {repeats} runs "
+          f"x {args.rounds} round(s); "
           f"{info['cpus']} CPUs, load average {info['load_avg_before'][0]:.2f} before / "
           f"{info['load_avg_after'][0]:.2f} after")
     print(f"memory copy bandwidth (bytes read / time): {info['copy_gbps']:.2f} GB/s"
