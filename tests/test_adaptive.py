@@ -169,6 +169,82 @@ def test_alq_levels_are_stationary_points_of_psi(bits):
     assert value <= cd_only * (1 + 1e-9)
 
 
+def _alq_starts(density, bits):
+    """fit_alq's starts: equal-mass quantiles, uniform, +-2^-j, sqrt(f) quantiles."""
+    k = 2 ** bits
+    q = np.arange(1, k - 1) / (k - 1)
+    return [np.concatenate([[-1.0], density.ppf(q), [1.0]]), np.linspace(-1.0, 1.0, k),
+            cb.default_adaptive_codebook(bits).astype(np.float64),
+            np.concatenate([[-1.0], density.sqrt_density_quantiles(q), [1.0]])]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_vectorised_coordinate_descent_is_the_sequential_sweep(bits):
+    """fit_alq sweeps all starts at once, reusing each level's normal cdf/pdf; without the
+    polish it must end where level-by-level sweeps with alq_level_update end."""
+    d = ad.TruncatedNormalMixture([0.3, -0.02, -0.4], [0.02, 0.3, 0.05], [1.0, 5.0, 2.0])
+    reference = np.inf
+    for lv in _alq_starts(d, bits):
+        lv = np.sort(lv)
+        for _ in range(10):
+            for j in [*range(1, lv.size - 1, 2), *range(2, lv.size - 1, 2)]:
+                lv[j] = ad.alq_level_update(lv[j - 1:j], lv[j + 1:j + 2], lv[j:j + 1], d)[0]
+        reference = min(reference, ad.psi(lv, d))
+    _, value = ad.fit_alq(d, bits, polish=False)
+    assert value == pytest.approx(reference, rel=1e-9)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 5])
+def test_newton_polish_reaches_a_stationary_point_from_every_start(bits):
+    """Levels in a dip of f make Psi's Hessian indefinite; the damped steps still converge."""
+    d = ad.TruncatedNormalMixture([0.3, -0.02, -0.4], [0.02, 0.3, 0.05], [1.0, 5.0, 2.0])
+    for start in _alq_starts(d, bits):
+        if not np.all(np.diff(start) > 0):
+            continue
+        levels, value = ad.newton_polish(start, d)
+        assert value <= ad.psi(start, d) and value == pytest.approx(ad.psi(levels, d), rel=1e-12)
+        assert np.all(np.diff(levels) > 0) and levels[0] == -1.0 and levels[-1] == 1.0
+        assert np.max(np.abs(ad.psi_gradient(levels, d)[1:-1])) < 1e-5 * value
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("which", ["two components", "gradient buckets"])
+def test_amq_beats_a_dense_grid_of_p(bits, which):
+    if which == "two components":
+        d = _mixture()
+    else:
+        d = ad.fit_mixture(ad.bucket_statistics([_gradient_like(30000, 5), _gradient_like(5000, 6)], 512))
+    lo, hi = ad.amq_p_bounds(bits)
+    grid = np.unique(np.concatenate([np.linspace(lo, hi, 1001), np.geomspace(lo, hi, 201)]))
+    best_on_grid = min(ad.psi(ad.amq_levels(p, bits), d) for p in grid)
+    for previous in (None, 0.5, hi):
+        p, value = ad.fit_amq(d, bits, previous)
+        assert lo <= p <= hi
+        assert value == pytest.approx(ad.psi(ad.amq_levels(p, bits), d), rel=1e-12)
+        assert value <= best_on_grid * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("bits", [3, 5, 8])
+def test_amq_puts_a_level_on_point_masses(bits):
+    """Constant buckets are point masses (sigma = min_sigma): Psi(p) then has dips far narrower
+    than any grid, where a level p^j sits on a mass; the fit must find them."""
+    stats = ad.bucket_statistics([np.full(5000, 0.25, np.float32)], 512)  # masses at 512^-1/2, 392^-1/2
+    d = ad.fit_mixture(stats)
+    lo, hi = ad.amq_p_bounds(bits)
+    on_a_mass = [ad.psi(ad.amq_levels(p, bits), d) for r in np.unique(d.mu)
+                 for p in r ** (1.0 / np.arange(1, 2 ** (bits - 1))) if lo <= p <= hi]
+    p, value = ad.fit_amq(d, bits, 0.5)
+    assert value <= min(on_a_mass) * (1 + 1e-12)
+
+
+def test_fits_are_deterministic():
+    d = ad.fit_mixture(ad.bucket_statistics([_gradient_like(30000, 5)], 512))
+    for bits in (3, 8):
+        a, b = ad.fit_alq(d, bits), ad.fit_alq(d, bits)
+        assert a[0].tobytes() == b[0].tobytes() and a[1] == b[1]
+        assert ad.fit_amq(d, bits, 0.5) == ad.fit_amq(d, bits, 0.5)
+
+
 def test_alq_keeps_endpoints_and_order():
     for bits in (1, 2, 3, 5, 8):
         levels, value = ad.fit_alq(_mixture(), bits)
