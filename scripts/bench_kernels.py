@@ -295,7 +295,7 @@ def plot(rows, copy_gbps, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['quantizer']}{r['bits']}" for r in rows]
+    labels = [r["quantizer"] if r["quantizer"] == "fp16" else f"{r['quantizer']}{r['bits']}" for r in rows]
     pos = np.arange(len(rows))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 0.6 * len(rows)), 8), sharex=True)
     top.bar(pos - 0.2, [r["encode_gbps"] for r in rows], 0.4, label="encode")

@@ -157,7 +157,8 @@ HQ_FN double hq_pairwise_leaf(const float* v, hq_i64 valid, hq_i64 lo, hq_i64 n)
     hq_i64 n8 = n - n % 8;
     double r[8];
     for (int k = 0; k < 8; ++k) r[k] = lo + k < valid ? fabs((double)v[lo + k]) : 0.0;
-    for (hq_i64 i = lo + 8; i < hq_min(lo + n8, valid); ++i) r[(i - lo) % 8] = F64_ADD(r[(i - lo) % 8], fabs((double)v[i]));
+    for (hq_i64 i = lo + 8; i < hq_min(lo + n8, valid); ++i)
+        r[(i - lo) % 8] = F64_ADD(r[(i - lo) % 8], fabs((double)v[i]));
     double res = F64_ADD(F64_ADD(F64_ADD(r[0], r[1]), F64_ADD(r[2], r[3])),
                          F64_ADD(F64_ADD(r[4], r[5]), F64_ADD(r[6], r[7])));
     for (hq_i64 i = lo + n8; i < hq_min(lo + n, valid); ++i) res = F64_ADD(res, fabs((double)v[i]));
