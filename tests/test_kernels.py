@@ -448,10 +448,20 @@ class CupyOnHost:
 @pytest.mark.parametrize("name,bits", FIXED, ids=[f"{q}{b}" for q, b in FIXED])
 def test_gpu_matches_reference(cupy, name, bits):
     backend = CupyOnHost(cupy)
-    for n, bucket_size in ((1, 1), (7, 3), (1_000_003, 512), (20_000, 8192), (50_000, 1 << 20), (30_000, 9000)):
+    for n, bucket_size in ((1, 1), (7, 3), (4101, 512), (20_000, 8192), (50_000, 1 << 20), (30_000, 9000)):
         for stochastic in (True, False):
             check_backend(backend, sample(n, seed=n, zero_bucket=slice(0, min(n, 512))),
                           cb.codebook(name, bits), bits, bucket_size, cb.kind(name).scale, stochastic, offset=3)
+    for scale_kind in SCALE_KINDS:
+        check_backend(backend, sample(3001, seed=bits), random_codebook(np.random.default_rng(bits), 2 ** bits // 2 + 1,
+                                                                         -0.3, 1.0), bits, 100, scale_kind, True)
+
+
+@pytest.mark.parametrize("name,bits", [("qsgd", 4), ("sign", 1), ("nuq", 3)])
+def test_gpu_long_vector(cupy, name, bits):
+    x = sample(1_000_003, seed=bits, zero_bucket=slice(8192, 9000))
+    check_backend(CupyOnHost(cupy), x, cb.codebook(name, bits), bits, 512, cb.kind(name).scale, name != "sign",
+                  offset=99)
 
 
 def test_gpu_torch_tensors_through_api(cupy):

@@ -62,7 +62,6 @@ typedef unsigned char hq_u8;
 #define HQ_SCALE_L2 0
 #define HQ_SCALE_MAXABS 1
 #define HQ_SCALE_MEANABS 2
-#define HQ_THREADS 256
 
 // IEEE round-to-nearest operations that the compiler may not fuse or approximate.
 #if defined(__CUDA_ARCH__)
@@ -360,9 +359,8 @@ extern "C" __global__ void hq_decode(const float* scales, const hq_u8* packed, c
 }
 """
 
-_THREADS = 256          # HQ_THREADS
+_THREADS = 256          # threads per block
 _PIECE = 8192           # HQ_PIECE
-_PAIRWISE_LEAF = 128    # HQ_PAIRWISE_LEAF
 _TABLE_WIDTH = 256      # columns of each table row (K <= 2^8)
 _OPTIONS = ("--std=c++17", "--fmad=false")  # the source uses _rn intrinsics anyway
 
