@@ -40,6 +40,11 @@ DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
 
 
+def _host(a):
+    """A NumPy view of ``a``; GPU (CuPy) arrays are copied to the host first."""
+    return a.get() if type(a).__module__.startswith("cupy") else a
+
+
 @dataclass
 class Payload:
     """One quantized (or passed-through) tensor. ``nbytes`` is its exact size on the wire."""
@@ -80,10 +85,10 @@ class Payload:
     def to_bytes(self) -> bytes:
         parts = [np.asarray(self.shape, dtype="<u8").tobytes()]
         if self.scales is not None:
-            parts.append(np.ascontiguousarray(self.scales, dtype="<f4").tobytes())
+            parts.append(np.ascontiguousarray(_host(self.scales), dtype="<f4").tobytes())
         if self.codebook is not None:
-            parts.append(np.ascontiguousarray(self.codebook, dtype="<f4").tobytes())
-        parts.append(np.ascontiguousarray(self.codes).tobytes())
+            parts.append(np.ascontiguousarray(_host(self.codebook), dtype="<f4").tobytes())
+        parts.append(np.ascontiguousarray(_host(self.codes)).tobytes())
         body = b"".join(parts)
         flags = (FLAG_STOCHASTIC if self.stochastic else 0) | (FLAG_CODEBOOK if self.codebook is not None else 0)
         head = _HEADER.pack(MAGIC, VERSION, self.kind.wire_id, self.bits, flags, self.bucket_size, self.numel,
