@@ -75,8 +75,6 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.algorithm == "qsgd" and self.error_feedback and self.uplink.stochastic is False:
-            pass  # biased quantizer with EF is fine (EF-signSGD)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -94,9 +94,10 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                           f"{len(a)} vs {len(b)} parameters")
             raise ConsistencyError(f"parameters differ between rank {self._comm.rank} and rank {r} "
                                    f"(name, shape, dtype, group, compressed): {detail}")
-        self._engine.start(self._tensors(grads=False))
+        params = self._tensors(grads=False)
+        self._engine.start(params)
         if self._qcfg.topology == "ps":
-            self._comm.hello(self._engine, self._tensors(grads=False))
+            self._comm.hello(self._engine, params)
         self._started = True
 
     def _tensors(self, grads: bool) -> dict:

@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit, prange
 
 from .codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
-from .reference import num_buckets, packed_nbytes
+from .reference import check_decode_sizes, num_buckets, packed_nbytes
 from .rng import GOLDEN, MIX1, MIX2, UNIFORM_SHIFT
 
 _U64_GOLDEN = np.uint64(GOLDEN)
@@ -824,11 +824,7 @@ def _decode_inputs(scales, packed, levels, bits, bucket_size, n):
     n = int(n)
     scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
     packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
-    if scales.size != num_buckets(n, bucket_size):
-        raise ValueError(f"decode: {scales.size} scales for {n} elements in buckets of {bucket_size}")
-    if packed.size < packed_nbytes(n, bits):
-        raise ValueError(f"decode: {packed.size} code bytes; {n} elements at {bits} bits need "
-                         f"{packed_nbytes(n, bits)}")
+    check_decode_sizes(scales.size, packed.size, n, bits, bucket_size)
     table = np.full(256, np.nan, dtype=np.float32)  # codes past the codebook are reported below
     table[:lv.size] = lv
     return _readonly(scales), _readonly(packed), lv, _readonly(table), bits, bucket_size, n

@@ -42,7 +42,7 @@ except ImportError:  # a CPU machine: KERNEL_SOURCE and the NumPy helpers still 
     cp = None
 
 from .codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
-from .reference import num_buckets, packed_nbytes
+from .reference import check_decode_sizes, num_buckets, packed_nbytes
 
 KERNEL_SOURCE = r"""
 // hvd_qadam quantizer kernels: see hvd_qadam/quant/gpu_cupy.py and reference.py.
@@ -498,11 +498,7 @@ def _decode_into(out, scales, packed, levels, bits, bucket_size, n, accumulate):
     n = int(n)
     scales = cp.ascontiguousarray(scales, dtype=cp.float32).reshape(-1)
     packed = cp.ascontiguousarray(packed, dtype=cp.uint8).reshape(-1)
-    if scales.size != num_buckets(n, bucket_size):
-        raise ValueError(f"decode: {scales.size} scales for {n} elements in buckets of {bucket_size}")
-    if packed.size < packed_nbytes(n, bits):
-        raise ValueError(f"decode: {packed.size} code bytes; {n} elements at {bits} bits need "
-                         f"{packed_nbytes(n, bits)}")
+    check_decode_sizes(scales.size, packed.size, n, bits, bucket_size)
     if n:
         with out.device:
             tables, _ = _device_tables(out.device.id, lv.tobytes())

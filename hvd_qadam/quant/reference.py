@@ -25,6 +25,15 @@ def packed_nbytes(n: int, bits: int) -> int:
     return -(-n * bits // 8)
 
 
+def check_decode_sizes(n_scales: int, n_packed: int, n: int, bits: int, bucket_size: int) -> None:
+    """The scales and packed codes handed to a decode kernel must cover ``n`` elements."""
+    if n_scales != num_buckets(n, bucket_size):
+        raise ValueError(f"decode: {n_scales} scales for {n} elements in buckets of {bucket_size}")
+    if n_packed < packed_nbytes(n, bits):
+        raise ValueError(f"decode: {n_packed} code bytes; {n} elements at {bits} bits need "
+                         f"{packed_nbytes(n, bits)}")
+
+
 def bucket_scales(x: np.ndarray, bucket_size: int, scale_kind: int) -> np.ndarray:
     n = x.size
     nb = num_buckets(n, bucket_size)

@@ -3,7 +3,7 @@ import argparse
 import hashlib
 import json
 
-from mpi4py import MPI
+from mpi4py import MPI  # noqa: F401 - imported first so mpi4py owns MPI
 
 import torch
 
