@@ -48,6 +48,27 @@ class HorovodComm:
     def allgather_object(self, obj, name: str = "hvd_qadam.object") -> list:
         return self.hvd.allgather_object(obj, name=name)
 
+    # Asynchronous collectives run on Horovod's background thread while backward goes on.
+    def allgather_async(self, data: bytes, name: str):
+        return ("allgather", self.hvd.allgather_async(self._tensor(data), name=name, **self._kw))
+
+    def alltoall_async(self, per_dest: list, name: str):
+        splits = torch.tensor([len(b) for b in per_dest], dtype=torch.int32)
+        return ("alltoall", self.hvd.alltoall_async(self._tensor(b"".join(per_dest)), splits=splits, name=name,
+                                                    **self._kw))
+
+    def wait(self, handle):
+        kind, h = handle
+        out = self.hvd.synchronize(h)
+        if kind == "allgather":
+            return memoryview(out.numpy())
+        out, recv_splits = out
+        buf, pos, res = memoryview(out.numpy()), 0, []
+        for n in recv_splits.tolist():
+            res.append(buf[pos:pos + n])
+            pos += n
+        return res
+
 
 class SimWorld:
     """Shared state of N simulated ranks that run as threads of one process."""
@@ -89,3 +110,17 @@ class SimComm:
 
     def allgather_object(self, obj, name: str = "hvd_qadam.object") -> list:
         return self.world._exchange(self.rank, obj)
+
+    # Deferred: the exchange happens at wait(), which every rank calls in the same order, so the
+    # barrier-based world stays in step however the hooks interleaved.
+    def allgather_async(self, data: bytes, name: str):
+        data = bytes(data)
+        return lambda: self.allgather_bytes(data, name)
+
+    def alltoall_async(self, per_dest: list, name: str):
+        per_dest = [bytes(b) for b in per_dest]
+        return lambda: self.alltoall_bytes(per_dest, name)
+
+    @staticmethod
+    def wait(handle):
+        return handle()

@@ -20,31 +20,36 @@ from .api import dequantize, quantize
 from .quant import rng
 
 
-class NoneCompressor:
-    @staticmethod
-    def compress(tensor):
-        return tensor, None
+try:  # Horovod's own compressors where Horovod is installed (it always is with hvd_qadam's install)
+    from horovod.torch.compression import Compressor, FP16Compressor, NoneCompressor
+except ImportError:  # pragma: no cover - the NumPy/torch-only use of the quantizers
+    class Compressor:
+        """Interface of Horovod's compressors: compress -> (tensor, ctx); decompress(tensor, ctx)."""
 
-    @staticmethod
-    def decompress(tensor, ctx):
-        return tensor
+    class NoneCompressor(Compressor):
+        @staticmethod
+        def compress(tensor):
+            return tensor, None
+
+        @staticmethod
+        def decompress(tensor, ctx):
+            return tensor
+
+    class FP16Compressor(Compressor):
+        """Floating tensors travel as fp16 and come back in their own dtype (integers pass through)."""
+
+        @staticmethod
+        def compress(tensor):
+            if tensor.dtype.is_floating_point:
+                return tensor.to(torch.float16), tensor.dtype
+            return tensor, None
+
+        @staticmethod
+        def decompress(tensor, ctx):
+            return tensor.to(ctx) if ctx is not None else tensor
 
 
-class FP16Compressor:
-    """Floating tensors travel as fp16 and come back in their own dtype (integers pass through)."""
-
-    @staticmethod
-    def compress(tensor):
-        if tensor.dtype.is_floating_point:
-            return tensor.to(torch.float16), tensor.dtype
-        return tensor, None
-
-    @staticmethod
-    def decompress(tensor, ctx):
-        return tensor.to(ctx) if ctx is not None else tensor
-
-
-class QuantizeDequantizeCompressor:
+class QuantizeDequantizeCompressor(Compressor):
     """Replaces each tensor by Q(tensor) decoded back to its dtype (fp32 on the wire).
 
     Each call draws from a fresh random stream keyed by (seed, rank, call number), since
@@ -88,3 +93,17 @@ class Compression:
     def simulated(quantizer: str = "qsgd", bits: int | None = 4, bucket_size: int = 512,
                   rounding: str | None = None, seed: int = 0) -> QuantizeDequantizeCompressor:
         return QuantizeDequantizeCompressor(quantizer, bits, bucket_size, rounding, seed)
+
+
+def quantizer_of(compression) -> str | None:
+    """The uplink quantizer hvd_qadam.DistributedOptimizer uses for a Horovod ``compression``
+    argument: None for no compression (our default applies), "fp16" for fp16."""
+    if compression is None or compression is NoneCompressor or isinstance(compression, NoneCompressor):
+        return None
+    if compression is FP16Compressor or isinstance(compression, FP16Compressor):
+        return "fp16"
+    if isinstance(compression, QuantizeDequantizeCompressor):
+        return compression.quantizer
+    name = getattr(compression, "__name__", type(compression).__name__)
+    raise ValueError(f"compression={name} is not supported by hvd_qadam.DistributedOptimizer: pass "
+                     f"hvd.Compression.none / .fp16, or choose a quantizer with quantizer=...")

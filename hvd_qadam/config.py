@@ -9,7 +9,7 @@ from .quant import codebooks as cb
 
 ALGORITHMS = ("qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd", "local_sgd")
 TOPOLOGIES = ("allgather", "sharded", "ps")
-NONFINITE_POLICIES = ("raise", "skip")
+NONFINITE_POLICIES = ("raise", "skip", "propagate")
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,14 @@ NONE_LINK = LinkSpec("none", None)
 class Config:
     algorithm: str = "qsgd"
     topology: str = "allgather"
-    uplink: LinkSpec = LinkSpec()
+    uplink: LinkSpec = LinkSpec("qsgdinf")
     downlink: LinkSpec = NONE_LINK          # server -> workers (efficient_adam, qadam, ef_sgd, qadam_weights)
     error_feedback: bool = True             # worker EF on the uplink
     server_error_feedback: bool = True      # server EF on a quantized downlink
     seed: int = 0
     warmup_steps: int = 0                   # uncompressed steps first
     min_compress_numel: int = 1024          # smaller tensors (biases, norms) travel as fp32
-    fusion_threshold_bytes: int = 64 << 20  # fp32 bytes per fused buffer
+    fusion_threshold_bytes: int = 25 << 20  # fp32 bytes per fused buffer
     nonfinite: str = "raise"
     # algorithm hyper-parameters that are not in the torch param_groups
     bias_correction: bool = True

@@ -1,39 +1,178 @@
-"""Functional optimizer math used by the worker and server transforms (no state, no comms).
+"""Fused optimizer kernels used by the worker and server transforms (no state, no comms).
 
-Written with separate multiply/add operations (no ``alpha=``/``addcmul``) on purpose: fused
-multiply-adds can differ in the last bit between vectorised and scalar code paths, and the
-project promises bit-identical results whether a buffer is processed whole or in shards.
+Each kernel makes one pass over flat float32 buffers and writes its results into buffers the
+caller owns (persistent, preallocated), so a steady-state step allocates nothing of the model's
+size. All arithmetic is float32 with float32 constants, one IEEE operation at a time: numba
+compiles without fastmath, so LLVM neither reassociates nor contracts to FMA, and a buffer
+processed whole or in shards gives the same bits. :func:`adam_reference` and
+:func:`momentum_reference` are the NumPy statements of the same arithmetic (the tests' oracle).
+
+CUDA tensors take the torch expression of the same formulas (the CPU kernels are for host memory).
 """
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
+try:
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - numba is a hard dependency of the CPU path
+    njit = prange = None
 
-def adam_moments(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta1: float, beta2: float):
-    """New (m, v) from gradient g; the inputs are not modified."""
-    m_new = m * beta1 + g * (1.0 - beta1)
-    v_new = v * beta2 + (g * g) * (1.0 - beta2)
-    return m_new, v_new
-
-
-def adam_step(m: torch.Tensor, v: torch.Tensor, step: int, lr: float, beta1: float, beta2: float, eps: float,
-              bias_correction: bool = True) -> torch.Tensor:
-    """The Adam update lr * m_hat / (sqrt(v_hat) + eps) for a 1-based ``step``."""
-    if bias_correction:
-        m = m / (1.0 - beta1 ** step)
-        v = v / (1.0 - beta2 ** step)
-    return (m * lr) / (torch.sqrt(v) + eps)
+_TASK = 1 << 15
+_JIT = dict(cache=True, nogil=True, error_model="numpy")
 
 
-def decoupled_weight_decay(update: torch.Tensor, x: torch.Tensor, lr: float, weight_decay: float) -> torch.Tensor:
-    """AdamW-style decay folded into an update that is subtracted from x."""
-    if weight_decay:
-        return update + x * (lr * weight_decay)
-    return update
+def _f32(x) -> np.float32:
+    return np.float32(x)
 
 
-def momentum_buffer(buf: torch.Tensor | None, g: torch.Tensor, momentum: float) -> torch.Tensor:
-    """Heavy-ball buffer: buf = momentum * buf + g (a new tensor)."""
-    if buf is None or not momentum:
-        return g.clone()
-    return buf * momentum + g
+if njit is not None:
+    @njit(parallel=True, **_JIT)
+    def _adam_kernel(g, m, v, x, m_out, v_out, d_out, sign, l2, b1, omb1, b2, omb2, use_bc, bc1, bc2, lr, eps,
+                     lr_wd, decoupled):
+        n = g.size
+        for t in prange((n + _TASK - 1) // _TASK):
+            for i in range(t * _TASK, min(n, (t + 1) * _TASK)):
+                gi = g[i] * sign
+                if l2:
+                    gi = gi + x[i] * l2
+                mi = m[i] * b1 + gi * omb1
+                vi = v[i] * b2 + (gi * gi) * omb2
+                m_out[i] = mi
+                v_out[i] = vi
+                if use_bc:
+                    mi = mi / bc1
+                    vi = vi / bc2
+                d = (mi * lr) / (np.float32(math.sqrt(vi)) + eps)
+                if decoupled:
+                    d = d + x[i] * lr_wd
+                d_out[i] = d
+
+    @njit(parallel=True, **_JIT)
+    def _momentum_kernel(g, buf, x, buf_out, d_out, sign, wd, momentum, damp, first, nesterov, lr):
+        n = g.size
+        for t in prange((n + _TASK - 1) // _TASK):
+            for i in range(t * _TASK, min(n, (t + 1) * _TASK)):
+                gi = g[i] * sign
+                if wd:
+                    gi = gi + x[i] * wd
+                if momentum:
+                    b = gi if first else buf[i] * momentum + gi * damp
+                    buf_out[i] = b
+                    gi = gi + b * momentum if nesterov else b
+                d_out[i] = gi * lr
+
+    @njit(parallel=True, **_JIT)
+    def _axpby_kernel(a, b, out, alpha, beta):
+        """out = a * alpha + b * beta (alpha/beta of 1 or -1 are exact)."""
+        n = a.size
+        for t in prange((n + _TASK - 1) // _TASK):
+            for i in range(t * _TASK, min(n, (t + 1) * _TASK)):
+                out[i] = a[i] * alpha + b[i] * beta
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _host(*tensors) -> bool:
+    return njit is not None and all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def adam_constants(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   decoupled: bool, bias_correction: bool, maximize: bool) -> dict:
+    """The float32 constants of one Adam step (computed in double, rounded once, as torch does
+    for a Python scalar times a float32 tensor)."""
+    wd = float(weight_decay or 0.0)
+    return dict(sign=_f32(-1.0 if maximize else 1.0), l2=_f32(0.0 if decoupled else wd), b1=_f32(beta1),
+                omb1=_f32(1.0 - beta1), b2=_f32(beta2), omb2=_f32(1.0 - beta2), use_bc=bool(bias_correction),
+                bc1=_f32(1.0 - beta1 ** step), bc2=_f32(1.0 - beta2 ** step), lr=_f32(lr), eps=_f32(eps),
+                lr_wd=_f32(lr * wd if decoupled else 0.0), decoupled=bool(decoupled and wd))
+
+
+def adam_update(g, m, v, x, m_out, v_out, d_out, c: dict) -> None:
+    """One Adam step from gradient g with constants c (:func:`adam_constants`):
+
+        g <- sign * g (+ l2 * x for Adam's L2 weight decay)
+        m' = b1 m + (1 - b1) g ;  v' = b2 v + (1 - b2) g^2
+        d  = lr (m' / bc1) / (sqrt(v' / bc2) + eps)   (+ lr wd x, AdamW's decoupled decay)
+
+    into m_out, v_out, d_out (the inputs are not modified). x may be None without weight decay."""
+    if _host(g, m, v, x, m_out, v_out, d_out):
+        xa = _np(x) if x is not None else _np(g)
+        _adam_kernel(_np(g), _np(m), _np(v), xa, _np(m_out), _np(v_out), _np(d_out), **c)
+        return
+    gi = g * c["sign"]
+    if c["l2"]:
+        gi = gi + x * c["l2"]
+    torch.add(m * c["b1"], gi * c["omb1"], out=m_out)
+    torch.add(v * c["b2"], (gi * gi) * c["omb2"], out=v_out)
+    mh, vh = (m_out / c["bc1"], v_out / c["bc2"]) if c["use_bc"] else (m_out, v_out)
+    torch.div(mh * c["lr"], torch.sqrt(vh) + c["eps"], out=d_out)
+    if c["decoupled"]:
+        d_out.add_(x * c["lr_wd"])
+
+
+def adam_reference(g, m, v, x, c: dict):
+    """NumPy statement of :func:`adam_update` (returns m', v', d)."""
+    f = np.float32
+    gi = g.astype(f) * c["sign"]
+    if c["l2"]:
+        gi = gi + x * c["l2"]
+    mi = m * c["b1"] + gi * c["omb1"]
+    vi = v * c["b2"] + (gi * gi) * c["omb2"]
+    mh, vh = (mi / c["bc1"], vi / c["bc2"]) if c["use_bc"] else (mi, vi)
+    d = (mh * c["lr"]) / (np.sqrt(vh) + c["eps"])
+    if c["decoupled"]:
+        d = d + x * c["lr_wd"]
+    return mi, vi, d.astype(f)
+
+
+def momentum_constants(lr: float, momentum: float, dampening: float, nesterov: bool, weight_decay: float,
+                       maximize: bool, first: bool) -> dict:
+    return dict(sign=_f32(-1.0 if maximize else 1.0), wd=_f32(weight_decay or 0.0), momentum=_f32(momentum or 0.0),
+                damp=_f32(1.0 - (dampening or 0.0)), first=bool(first), nesterov=bool(nesterov), lr=_f32(lr))
+
+
+def momentum_update(g, buf, x, buf_out, d_out, c: dict) -> None:
+    """torch.optim.SGD's direction, scaled by lr, into d_out (the new buffer into buf_out):
+
+        g <- sign * g + wd x
+        b' = g (first step) or momentum b + (1 - dampening) g
+        d  = lr (g + momentum b')  with nesterov, else lr b'   (d = lr g without momentum)
+    """
+    if _host(g, buf, x, buf_out, d_out):
+        dummy = _np(g)
+        _momentum_kernel(_np(g), dummy if buf is None else _np(buf), dummy if x is None else _np(x),
+                         dummy if buf_out is None else _np(buf_out), _np(d_out), **c)
+        return
+    gi = g * c["sign"]
+    if c["wd"]:
+        gi = gi + x * c["wd"]
+    if c["momentum"]:
+        b = gi.clone() if c["first"] else buf * c["momentum"] + gi * c["damp"]
+        buf_out.copy_(b)
+        gi = gi + b * c["momentum"] if c["nesterov"] else b
+    torch.mul(gi, c["lr"], out=d_out)
+
+
+def momentum_reference(g, buf, x, c: dict):
+    gi = g * c["sign"]
+    if c["wd"]:
+        gi = gi + x * c["wd"]
+    b = None
+    if c["momentum"]:
+        b = gi.copy() if c["first"] else buf * c["momentum"] + gi * c["damp"]
+        gi = gi + b * c["momentum"] if c["nesterov"] else b
+    return b, gi * c["lr"]
+
+
+def axpby(a, b, out, alpha: float, beta: float) -> None:
+    """out = alpha a + beta b elementwise in float32 (e.g. the model delta x - anchor)."""
+    if _host(a, b, out):
+        _axpby_kernel(_np(a), _np(b), _np(out), _f32(alpha), _f32(beta))
+    else:
+        torch.add(a * alpha, b * beta, out=out)

@@ -1,7 +1,10 @@
 """How parameters are fused into a few flat buffers, and how a buffer is sharded over ranks.
 
 Groups never mix torch param_groups (each group has one lr, betas, ...); tensors smaller than
-``min_compress_numel`` share one uncompressed group. The layout hash goes into every frame, so
+``min_compress_numel`` share one uncompressed group. Parameters are taken in *reverse*
+registration order, as PyTorch DDP buckets them: backward produces the last layers' gradients
+first, so the first group is complete (and its exchange can start) while earlier layers are
+still in backward. The layout hash goes into every frame, so
 ranks whose models differ are caught instead of exchanging misaligned bytes.
 """
 from __future__ import annotations
@@ -33,6 +36,10 @@ class Group:
         self.slots.append(Slot(name, p, self.numel, p.numel()))
         self.numel += p.numel()
 
+    @property
+    def device(self):
+        return self.slots[0].param.device
+
     def flatten(self, tensors: dict) -> torch.Tensor:
         """Concatenate ``tensors[name]`` of every slot into one float32 vector."""
         return torch.cat([tensors[s.name].reshape(-1).to(torch.float32) for s in self.slots])
@@ -45,10 +52,14 @@ class Layout:
     def __init__(self, param_groups: list, names: dict, min_compress_numel: int, fusion_threshold_bytes: int):
         self.groups: list[Group] = []
         limit = max(1, fusion_threshold_bytes // 4)
-        for gi, pg in enumerate(param_groups):
+        self.names_by_group = [[names[p] for p in pg["params"] if p.requires_grad] for pg in param_groups]
+        # (name, shape, dtype) in registration order: what a user compares when models differ
+        self.param_signature = [(names[p], tuple(p.shape), str(p.dtype)) for pg in param_groups
+                                for p in pg["params"] if p.requires_grad]
+        for gi, pg in reversed(list(enumerate(param_groups))):
             small = Group(-1, gi, compressed=False)
             current = None
-            for p in pg["params"]:
+            for p in reversed(pg["params"]):
                 if not p.requires_grad:
                     continue
                 name = names[p]
@@ -66,10 +77,6 @@ class Layout:
         self.signature = [(s.name, tuple(s.param.shape), str(s.param.dtype), g.index, g.compressed)
                           for g in self.groups for s in g.slots]
         self.hash = zlib.crc32(repr(self.signature).encode())
-
-    @property
-    def numel(self) -> int:
-        return sum(g.numel for g in self.groups)
 
     def params(self):
         for g in self.groups:

@@ -1,65 +1,71 @@
-"""Error-feedback residual memory: p = v + e; q = Q(p); e = p - decode(q).
+"""Persistent, double-buffered state: error-feedback residuals, moments, momentum buffers.
 
-Residuals are fp32 and keyed by name (a parameter name for worker memory, a group/chunk key for
-server memory). They live outside ``optimizer.state`` on purpose: Horovod elastic and
-``broadcast_optimizer_state`` broadcast that, and residuals are per rank. A step first computes
-new residuals, and commits them only once the exchange succeeded, so a failed step (NaN/Inf, a
-malformed payload, a dead peer) leaves the memory exactly as it was.
+Every piece of per-rank algorithm state is a flat float32 buffer with a key (``"g0.e"``: worker
+residual of fused group 0; ``"g0.m"``: worker Adam moment; ``"g0@512.v"``: the server's second
+moment of the shard starting at element 512). A step never writes the current buffers: it writes
+the new values into a spare buffer of the same size (allocated once, then reused), and
+:meth:`StateBank.commit` swaps current and spare only after the whole exchange succeeded. A failed
+step (NaN/Inf, a malformed payload, a failed peer) therefore leaves the state exactly as it was,
+and a steady-state step allocates nothing of the model's size.
+
+Residuals live outside ``optimizer.state`` on purpose: Horovod's ``broadcast_optimizer_state``
+broadcasts that, and residuals are per rank.
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 
 
-class ResidualMemory:
-    def __init__(self, world_size: int, topology: str = "allgather"):
-        self.world_size = world_size
-        self.topology = topology
-        self._residuals: dict[str, torch.Tensor] = {}
+class StateBank:
+    def __init__(self):
+        self.current: dict[str, torch.Tensor] = {}
+        self._spare: dict[str, torch.Tensor] = {}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self._residuals
+    def get(self, key: str) -> torch.Tensor | None:
+        return self.current.get(key)
 
-    def __len__(self) -> int:
-        return len(self._residuals)
+    def get_or_zeros(self, key: str, numel: int, device) -> torch.Tensor:
+        """The current buffer, or zeros the first time (kept as the current value: zeros are
+        what an absent residual or moment means, and they are never written in place)."""
+        t = self.current.get(key)
+        if t is None:
+            t = self.current[key] = torch.zeros(numel, dtype=torch.float32, device=device)
+        elif t.numel() != numel:
+            raise ValueError(f"state {key!r} has {t.numel()} elements, this model needs {numel}; the checkpoint "
+                             "or the model changed")
+        return t
 
-    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The residual for ``name`` (zeros of ``like``'s shape the first time; not stored until commit)."""
-        e = self._residuals.get(name)
-        if e is None:
-            return torch.zeros(like.shape, dtype=torch.float32, device=like.device)
-        if e.shape != like.shape:
-            raise ValueError(f"residual {name!r} has shape {tuple(e.shape)} but the tensor now has "
-                             f"{tuple(like.shape)}; reset the memory after changing the model")
-        return e
+    def spare(self, key: str, numel: int, device) -> torch.Tensor:
+        """The buffer the next value of ``key`` is written into (not the current one)."""
+        t = self._spare.get(key)
+        if t is None or t.numel() != numel or t.device != torch.device(device):
+            t = self._spare[key] = torch.empty(numel, dtype=torch.float32, device=device)
+        return t
 
-    def compensate(self, name: str, v: torch.Tensor) -> torch.Tensor:
-        """p = v + e (a new tensor; the memory is not changed)."""
-        return v.to(torch.float32) + self.get(name, v)
+    def commit(self, keys) -> None:
+        """Make the spare buffers of ``keys`` current (all or nothing: called after success)."""
+        for k in keys:
+            new = self._spare.pop(k)
+            old = self.current.get(k)
+            self.current[k] = new
+            if old is not None:
+                self._spare[k] = old
 
-    def commit(self, updates: dict[str, torch.Tensor]) -> None:
-        """Store new residuals, all or nothing."""
-        for name, e in updates.items():
-            self._residuals[name] = e.detach().to(torch.float32)
+    def set(self, key: str, value: torch.Tensor) -> None:
+        self.current[key] = value
 
-    def reset(self) -> None:
-        self._residuals.clear()
+    def clear(self, prefix_filter=None) -> None:
+        for k in [k for k in self.current if prefix_filter is None or prefix_filter(k)]:
+            del self.current[k]
+            self._spare.pop(k, None)
 
-    def norm(self) -> float:
-        return float(sum(float(e.double().pow(2).sum()) for e in self._residuals.values()) ** 0.5)
+    def norm(self, suffix: str = "") -> float:
+        return float(sum(float(t.double().pow(2).sum()) for k, t in self.current.items()
+                         if k.endswith(suffix)) ** 0.5)
 
     def state_dict(self) -> dict:
-        return {"world_size": self.world_size, "topology": self.topology,
-                "residuals": {k: v.clone() for k, v in self._residuals.items()}}
+        return {k: v.detach().clone() for k, v in self.current.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        ws, topo = state.get("world_size"), state.get("topology", self.topology)
-        if ws != self.world_size or topo != self.topology:
-            warnings.warn(f"error-feedback residuals were saved for world size {ws} / topology {topo!r}; "
-                          f"this run has {self.world_size} / {self.topology!r}: residuals reset to zero",
-                          RuntimeWarning, stacklevel=2)
-            self._residuals.clear()
-            return
-        self._residuals = {k: v.detach().to(torch.float32).clone() for k, v in state["residuals"].items()}
+        self.current = {k: v.detach().to(torch.float32).clone().reshape(-1) for k, v in state.items()}
+        self._spare = {}

@@ -19,17 +19,27 @@ import warnings
 import torch
 
 from .config import Config, LinkSpec, NONE_LINK
-from .engine import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS, ConsistencyError, Engine
+from .engine import OUT_GRAD, OUT_UPDATE, ConsistencyError, Engine, NonFiniteGradientError
 from .layout import Layout
 
 STATE_KEY = "hvd_qadam"
 
 
 class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
-    def __init__(self, params, named_parameters, config: Config, backward_passes_per_step: int, comm):
+    # Horovod's broadcast_optimizer_state() initialises the state of a fresh optimizer with a
+    # *local* step when the optimizer's class comes from Horovod's optimizer module, and with a
+    # communicating step() otherwise (which would make fresh ranks wait in our exchange while the
+    # root rank waits in the broadcast). This class keeps Horovod's contract, so it takes the same
+    # shortcut: the module name is the one Horovod checks for.
+    __module__ = "horovod.torch.optimizer"
+
+    def __init__(self, params, named_parameters, config: Config, backward_passes_per_step: int, comm,
+                 overlap: bool, sparse_as_dense: bool, op_sum: bool):
         super(self.__class__, self).__init__(params)
         self._qcfg = config
         self.backward_passes_per_step = backward_passes_per_step
+        self._sparse_as_dense = sparse_as_dense
+        self._op_sum = op_sum
         all_params = [p for pg in self.param_groups for p in pg["params"]]
         if named_parameters is not None:
             named_parameters = list(named_parameters)
@@ -46,8 +56,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"named_parameters does not cover every optimized parameter (missing "
                                  f"{len(missing)} of {len(all_params)}); pass model.named_parameters()")
         else:
-            self._names = {p: f"param.{gi}.{i}" for gi, pg in enumerate(self.param_groups)
+            self._names = {p: f"allreduce.noname.{gi}.{i}" for gi, pg in enumerate(self.param_groups)
                            for i, p in enumerate(pg["params"])}
+        self._parameter_names = dict(self._names)      # Horovod's attribute, read by its tests
         if comm is None:
             from .comm import HorovodComm
             comm = HorovodComm()
@@ -55,10 +66,24 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._layout = Layout(self.param_groups, self._names, config.min_compress_numel,
                               config.fusion_threshold_bytes)
         self._engine = Engine(config, self._layout, comm, self._hyper)
+        self._engine.alg.check_optimizer(self)
+        self._engine.set_params_source(lambda g: [s.param for s in g.slots])
         self._started = False
         self._should_synchronize = True
         self._synchronized = False
         self._local_iterations = 0
+        # Backward hooks: gradients are copied into a persistent flat buffer per group, and a
+        # group's exchange starts as soon as its last gradient of the step arrived.
+        self._grad_bufs = {g.index: torch.zeros(g.numel, dtype=torch.float32, device=g.device)
+                           for g in self._layout.groups}
+        self._slot_of = {s.param: (g, s) for g in self._layout.groups for s in g.slots}
+        self._delay = {p: backward_passes_per_step for p in self._slot_of}
+        self._ready = {g.index: 0 for g in self._layout.groups}
+        self._filled = {g.index: set() for g in self._layout.groups}
+        self._hook_handles = []
+        if overlap:
+            for p in self._slot_of:
+                self._hook_handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
 
     # ----------------------------------------------------------------- public extras
     @property
@@ -79,21 +104,28 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
 
     def _start(self):
         """First step: check that every rank has the same model and configuration (no hang, a clear error)."""
-        mine = {"layout": self._layout.signature, "config": self._qcfg.as_dict()}
+        mine = {"layout": self._layout.signature, "params": self._layout.param_signature,
+                "config": self._qcfg.as_dict(), "step": self._engine.step_count}
         everyone = self._comm.allgather_object(mine, name="hvd_qadam.handshake")
         for r, theirs in enumerate(everyone):
-            if theirs == mine:
-                continue
             if theirs["config"] != mine["config"]:
                 diff = {k: (mine["config"][k], theirs["config"][k]) for k in mine["config"]
                         if mine["config"][k] != theirs["config"].get(k)}
                 raise ConsistencyError(f"hvd_qadam configuration differs between rank {self._comm.rank} and rank {r}: "
                                        + ", ".join(f"{k}: {a!r} vs {b!r}" for k, (a, b) in diff.items()))
-            a, b = mine["layout"], theirs["layout"]
-            detail = next((f"{x!r} vs {y!r}" for x, y in zip(a, b) if x != y),
-                          f"{len(a)} vs {len(b)} parameters")
-            raise ConsistencyError(f"parameters differ between rank {self._comm.rank} and rank {r} "
-                                   f"(name, shape, dtype, group, compressed): {detail}")
+            if mine["layout"] != theirs["layout"]:
+                a, b = mine["params"], theirs["params"]
+                detail = next((f"{x!r} vs {y!r}" for x, y in zip(a, b) if x != y),
+                              f"{len(a)} vs {len(b)} parameters")
+                raise ConsistencyError(f"parameters differ between rank {self._comm.rank} and rank {r} "
+                                       f"(name, shape, dtype): {detail}")
+        steps = [theirs["step"] for theirs in everyone]
+        if len(set(steps)) > 1:
+            raise ConsistencyError(
+                f"ranks start at different steps {steps}: only some ranks restored an hvd_qadam checkpoint. "
+                f"Restore every rank from its own file (optimizer.state_dict() holds per-rank residuals), or "
+                f"none; after hvd.broadcast_optimizer_state() from a rank-0 checkpoint, drop the 'hvd_qadam' "
+                f"entry before loading (the compression state then starts afresh on every rank)")
         params = self._tensors(grads=False)
         self._engine.start(params)
         if self._qcfg.topology == "ps":
@@ -108,6 +140,50 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             else:
                 out[name] = p.detach()
         return out
+
+    # ----------------------------------------------------------------- gradients into groups
+    def _copy_grad(self, g, s) -> None:
+        grad = s.param.grad
+        dst = self._grad_bufs[g.index][s.offset:s.offset + s.numel]
+        if grad is None:
+            dst.zero_()
+            return
+        if grad.is_sparse:
+            if not self._sparse_as_dense:
+                raise ValueError(f"parameter {s.name!r} has a sparse gradient (e.g. nn.Embedding(sparse=True)); "
+                                 f"quantized exchange is dense: pass sparse_as_dense=True")
+            grad = grad.to_dense()
+        dst.view_as(s.param).copy_(grad)
+
+    def _on_grad_ready(self, p) -> None:
+        g, s = self._slot_of[p]
+        self._delay[p] -= 1
+        if self._delay[p] < 0:
+            raise AssertionError("Gradients were computed more than backward_passes_per_step times before call "
+                                 "to step(). Increase backward_passes_per_step to accumulate gradients locally.")
+        if self._delay[p] > 0:
+            return                      # accumulating locally (backward_passes_per_step)
+        if p in self._filled[g.index]:
+            return
+        self._copy_grad(g, s)
+        self._filled[g.index].add(p)
+        if len(self._filled[g.index]) == len(g.slots) and self._engine.can_launch_early():
+            if not self._started:
+                self._start()
+            if self._engine.pending is None or g.index not in self._engine.pending.launched:
+                self._engine.launch(g, self._grad_bufs[g.index], early=True)
+
+    def _grads_for(self, g) -> torch.Tensor:
+        for s in g.slots:
+            if s.param not in self._filled[g.index]:
+                self._copy_grad(g, s)
+        return self._grad_bufs[g.index]
+
+    def _reset_round(self) -> None:
+        for p in self._delay:
+            self._delay[p] = self.backward_passes_per_step
+        for f in self._filled.values():
+            f.clear()
 
     # ----------------------------------------------------------------- Horovod-style API
     def synchronize(self):
@@ -129,22 +205,47 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
     def _exchange_and_apply(self) -> bool:
         if not self._started:
             self._start()
-        out = self._engine.step(self._tensors(grads=True), self._tensors(grads=False))
+        try:
+            out = self._engine.finish(self._grads_for)
+        except NonFiniteGradientError:
+            if self._qcfg.nonfinite != "propagate":
+                raise
+            self._propagate_nonfinite()
+            return True
+        finally:
+            self._reset_round()
         if out is None:
             return False          # skipped (nonfinite="skip"): nothing changed
+        scale = float(self._comm.size) if self._op_sum else None
         with torch.no_grad():
-            for name, p in self._layout.params():
-                value = out[name]
-                if self._engine.kind == OUT_GRAD:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad.copy_(value)
-                elif self._engine.kind == OUT_UPDATE:
-                    p.sub_(value.to(p.dtype))
-                elif self._engine.kind == OUT_WEIGHTS:
-                    p.copy_(value)
+            for g in self._layout.groups:
+                flat = out[g.index]
+                if scale is not None:
+                    flat.mul_(scale)
+                for s in g.slots:
+                    p, value = s.param, flat[s.offset:s.offset + s.numel].view_as(s.param)
+                    if self._engine.kind == OUT_GRAD:
+                        if p.grad is None or p.grad.is_sparse or p.grad.shape != p.shape:
+                            p.grad = value.to(p.dtype).clone()
+                        else:
+                            p.grad.copy_(value)
+                    elif self._engine.kind == OUT_UPDATE:
+                        p.sub_(value.to(p.dtype))
+                    else:
+                        p.copy_(value)
         self._synchronized = True
         return True
+
+    def _propagate_nonfinite(self) -> None:
+        """Horovod's behaviour for a non-finite gradient on some rank: every rank's averaged
+        gradient is non-finite, so a GradScaler (or any check) reaches the same decision everywhere."""
+        with torch.no_grad():
+            for name, p in self._layout.params():
+                if p.grad is None:
+                    p.grad = torch.full_like(p, float("nan"))
+                else:
+                    p.grad.fill_(float("nan"))
+        self._synchronized = True
 
     def step(self, closure=None):
         loss = None
@@ -155,6 +256,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             if not self._started:
                 self._start()
             super(self.__class__, self).step()          # local step on local gradients
+            self._reset_round()
             self._local_iterations += 1
             if self._local_iterations % self._qcfg.sync_every == 0:
                 self._exchange_and_apply()              # average the models
@@ -174,9 +276,6 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._exchange_and_apply()
         self._synchronized = False
         return loss
-
-    def zero_grad(self, set_to_none: bool = True):
-        return super(self.__class__, self).zero_grad(set_to_none=set_to_none)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self):
@@ -202,35 +301,95 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                 self._comm.ps_request(("load", ours["ps_server"]))
 
 
-def DistributedOptimizer(optimizer, named_parameters=None, *, algorithm: str = "qsgd",
-                         quantizer: str = "qsgd", bits: int | None = None, bucket_size: int = 512,
+def DistributedOptimizer(optimizer, named_parameters=None, compression=None, backward_passes_per_step: int = 1,
+                         op=None, gradient_predivide_factor: float = 1.0, num_groups: int = 0, groups=None,
+                         sparse_as_dense: bool = False, process_set=None, *, algorithm: str = "qsgd",
+                         quantizer: str | None = None, bits: int | None = None, bucket_size: int = 512,
                          rounding: str | None = None,
                          downlink_quantizer: str | None = None, downlink_bits: int | None = None,
                          downlink_bucket_size: int | None = None, downlink_rounding: str | None = None,
                          error_feedback: bool = True, server_error_feedback: bool = True,
                          topology: str = "allgather", warmup_steps: int = 0, min_compress_numel: int = 1024,
-                         fusion_threshold_mb: float = 64, backward_passes_per_step: int = 1, seed: int = 0,
-                         nonfinite: str = "raise", bias_correction: bool = True, momentum_steps: int | None = None,
-                         sync_every: int = 1, level_schedule=(0, 100, 2000), level_every: int = 10000,
-                         comm=None):
+                         fusion_threshold_mb: float = 25, overlap: bool = True, seed: int = 0,
+                         nonfinite: str | None = None, bias_correction: bool = True,
+                         momentum_steps: int | None = None, sync_every: int = 1, level_schedule=(0, 100, 2000),
+                         level_every: int = 10000, comm=None):
     """Wrap ``optimizer`` so that ``step()`` averages across ranks with quantized communication.
 
-    algorithm: ``qsgd`` (quantized gradients, then ``optimizer`` steps), ``efficient_adam``
-      (worker Adam, two-way quantization and EF), ``qadam`` (server Adam on quantized gradients),
-      ``qadam_weights`` (server Adam, quantized weights down), ``ef_sgd`` (two-way EF momentum SGD),
-      ``local_sgd`` (local steps, model averaging every ``sync_every``).
-    quantizer/bits/bucket_size/rounding: the uplink (worker -> server) quantizer; ``downlink_*`` the
-      server -> worker one (default: full precision). ``rounding=None`` means nearest where error
-      feedback is on (EF needs a contractive compressor) and the quantizer's own default
-      (stochastic for the unbiased ones) where it is off.
-    topology: ``allgather`` (default), ``sharded`` (alltoall + allgather; per-rank traffic constant
-      in N) or ``ps`` (a dedicated mpi4py server rank, see :mod:`hvd_qadam.ps`).
+    The first ten arguments are ``hvd.DistributedOptimizer``'s, with its meaning:
+
+    optimizer: the torch optimizer to wrap (its class is subclassed, as Horovod does).
+    named_parameters: ``model.named_parameters()``; names key the per-parameter state. Default:
+      generated names (``_parameter_names`` holds them).
+    compression: Horovod's ``hvd.Compression.none`` (default) or ``.fp16`` (an fp16 uplink, when
+      ``quantizer`` is not given), or ours (:mod:`hvd_qadam.compression`).
+    backward_passes_per_step (1): backward passes accumulated locally before an exchange.
+    op: ``hvd.Average`` (default) or ``hvd.Sum`` (the average times the number of ranks;
+      ``qsgd`` only); ``hvd.Adasum`` is refused.
+    gradient_predivide_factor (1.0): accepted with ``op=Average``, where Horovod's result is the
+      average whatever the factor (only its rounding differs); ours is computed as a mean.
+    num_groups (0) / groups (None): ``num_groups=k`` fuses the parameters into about k groups;
+      explicit ``groups`` lists are refused (use ``fusion_threshold_mb``).
+    sparse_as_dense (False): sparse gradients (``nn.Embedding(sparse=True)``) are densified; without
+      it a sparse gradient raises a clear error (the quantized exchange is dense).
+    process_set: a Horovod process set: the optimizer averages over its ranks only.
+
+    hvd_qadam's own options (keywords):
+
+    algorithm ("qsgd"): ``qsgd`` (quantized gradients, then ``optimizer`` steps; any optimizer),
+      ``efficient_adam`` (worker Adam, two-way quantization and EF), ``qadam`` (server Adam on
+      quantized gradients), ``qadam_weights`` (server Adam, quantized weights down), ``ef_sgd``
+      (two-way EF momentum SGD; wraps SGD), ``local_sgd`` (local steps, model averaging every
+      ``sync_every``). The math of each is in :mod:`hvd_qadam.algorithms`.
+    quantizer ("qsgdinf") / bits (4) / bucket_size (512) / rounding (None): the uplink (worker ->
+      server) quantizer. ``rounding=None`` means nearest where error feedback is on (EF needs a
+      contractive compressor) and the quantizer's own default where it is off.
+    downlink_quantizer (None: full precision) / downlink_bits / downlink_bucket_size (the uplink's) /
+      downlink_rounding: server -> workers (updates; weights for ``qadam_weights``). Not used by
+      ``qsgd`` under ``allgather``, where every rank averages itself.
+    error_feedback (True) / server_error_feedback (True): worker EF on the uplink / server EF on a
+      quantized downlink (update-type algorithms).
+    topology ("allgather"): ``allgather``, ``sharded`` (alltoall + allgather; per-rank traffic
+      constant in N) or ``ps`` (a dedicated mpi4py server rank, see :mod:`hvd_qadam.ps`).
+    warmup_steps (0): uncompressed steps first.
+    min_compress_numel (1024): smaller tensors (biases, norms) travel as fp32.
+    fusion_threshold_mb (25): size of a fused group; groups are formed in reverse registration
+      order and each starts its exchange from a backward hook as soon as its gradients are ready.
+    overlap (True): start exchanges from backward hooks (False: everything happens in ``step()``).
+      Gradients changed between ``backward()`` and ``step()`` are not seen once their group has
+      started, exactly as with Horovod; use ``synchronize()`` for clipping or unscaling.
+    seed (0): seeds the counter-based rounding streams (seed, rank, step, group, direction).
+    nonfinite: NaN/Inf on any rank: ``"propagate"`` (default for ``qsgd``: like Horovod, every rank's
+      averaged gradient is non-finite, so GradScaler skips the step everywhere), ``"raise"``
+      (default otherwise: every rank raises NonFiniteGradientError) or ``"skip"`` (every rank skips
+      the step). In every case no residual, moment or weight changes.
+    bias_correction (True): Adam bias correction (efficient_adam, qadam, qadam_weights).
+    momentum_steps (None): ``ef_sgd`` early momentum: momentum for the first E steps only.
+    sync_every (1): ``local_sgd`` averaging period.
+    level_schedule ((0, 100, 2000)) / level_every (10000): ALQ/AMQ refits at these steps, then every
+      ``level_every`` after the last.
+    comm: a transport (the simulator's); default Horovod.
     """
     if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
             or backward_passes_per_step <= 0:
         raise ValueError("backward_passes_per_step must be > 0")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    op_sum = _check_op(op, gradient_predivide_factor, algorithm)
+    if groups is not None:
+        raise ValueError("explicit groups= are not supported: hvd_qadam fuses parameters into groups by size "
+                         "(fusion_threshold_mb, or num_groups=k)")
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 0:
+        raise ValueError(f"num_groups must be a non-negative integer, got {num_groups!r}")
+    if quantizer is None:
+        quantizer = _quantizer_from_compression(compression)
+    elif compression is not None and _quantizer_from_compression(compression) != "qsgdinf":
+        raise ValueError(f"both compression={compression!r} and quantizer={quantizer!r} given; pass one")
+    if num_groups:
+        total = sum(p.numel() for pg in optimizer.param_groups for p in pg["params"] if p.requires_grad)
+        fusion_threshold_mb = max(4 * total / num_groups, 4.0) / (1 << 20)
+    if nonfinite is None:
+        nonfinite = "propagate" if algorithm == "qsgd" else "raise"
     # Error feedback needs a contractive compressor: an unbiased quantizer whose variance factor
     # exceeds 1 (QSGD at 4 bits, bucket 512: ~3) makes the residual grow without bound. Nearest
     # rounding is never worse than rounding to 0, so it is the default wherever EF is on.
@@ -244,9 +403,65 @@ def DistributedOptimizer(optimizer, named_parameters=None, *, algorithm: str = "
                     fusion_threshold_bytes=max(4, int(fusion_threshold_mb * (1 << 20))), nonfinite=nonfinite,
                     bias_correction=bias_correction, momentum_steps=momentum_steps, sync_every=sync_every,
                     level_schedule=tuple(level_schedule), level_every=level_every)
+    _warn_stalling(config)
     if topology == "ps" and comm is None:
         from .ps import ps_worker_comm
         comm = ps_worker_comm()
+    if comm is None:
+        from .comm import HorovodComm
+        comm = HorovodComm(_process_set(process_set))
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_QuantizedDistributedOptimizer.__dict__))
-    return cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm)
+    return cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap,
+               sparse_as_dense, op_sum)
+
+
+def _check_op(op, predivide: float, algorithm: str) -> bool:
+    """True for a sum, False for an average; Adasum and anything else are refused."""
+    if op is None:
+        return False
+    try:
+        import horovod.torch as hvd
+        average, total, adasum = hvd.Average, hvd.Sum, hvd.Adasum
+    except ImportError:  # pragma: no cover - Horovod is installed with hvd_qadam
+        average, total, adasum = 0, 1, 2
+    if op == adasum:
+        raise ValueError("op=hvd.Adasum is not supported: Adasum combines full-precision gradients pairwise; "
+                         "use op=hvd.Average")
+    if op not in (average, total):
+        raise ValueError(f"op must be hvd.Average or hvd.Sum, got {op!r}")
+    if predivide != 1.0 and op != average:
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    if op == total and algorithm != "qsgd":
+        raise ValueError(f"op=hvd.Sum sums gradients; algorithm {algorithm!r} exchanges updates or weights, "
+                         f"which are averaged")
+    return op == total
+
+
+def _quantizer_from_compression(compression) -> str:
+    """Horovod's compression argument -> our uplink quantizer (the default one for ``none``)."""
+    if compression is None:
+        return "qsgdinf"
+    from .compression import quantizer_of
+    return quantizer_of(compression) or "qsgdinf"
+
+
+def _process_set(process_set):
+    if process_set is None:
+        return None
+    import horovod.torch as hvd
+    return None if process_set is hvd.global_process_set else process_set
+
+
+def _warn_stalling(config: Config) -> None:
+    """Refuse combinations measured to stall: an L2-scaled grid at <= 3 bits with nearest rounding
+    under error feedback rounds almost every element to zero (the scale is the bucket's norm)."""
+    up = config.uplink
+    from .quant import codebooks as cb
+    k = cb.kind(up.quantizer)
+    if (config.error_feedback and not k.passthrough and not k.adaptive and k.scale == cb.SCALE_L2
+            and up.bits <= 3 and not up.stochastic):
+        raise ValueError(f"quantizer={up.quantizer!r} at {up.bits} bits scales by the bucket's L2 norm, so with "
+                         f"nearest rounding under error feedback almost every element rounds to zero and training "
+                         f"stalls; use quantizer='qsgdinf' (max-abs scale), more bits, or an adaptive quantizer "
+                         f"('alq'/'amq')")

@@ -71,7 +71,7 @@ class PSWorkerComm:
         layout = engine.layout
         groups = []
         for gi, pg in enumerate(engine.hyper_groups()):
-            names = [s.name for g in layout.groups if g.param_group == gi for s in g.slots]
+            names = layout.names_by_group[gi]
             groups.append({"names": names, "hyper": {k: v for k, v in pg.items() if k != "params"}})
         meta = {"config": engine.cfg, "signature": layout.signature, "groups": groups,
                 "params": {n: t.detach().cpu().clone() for n, t in params.items()}}

@@ -83,7 +83,9 @@ _COUNT_METHODS = ((2, _SEARCH_COUNT2), (8, _SEARCH_COUNT8), (16, _SEARCH_COUNT16
 # Rows of the per-codebook float32 table (256 columns: up to 2^8 levels).
 _LEVELS, _WIDTHS, _COUNT_LOW, _COUNT_HIGH, _SEARCH = 0, 1, 2, 3, 4
 _NUM_TABLES = 5
-_DECODE, _DECODE_ADD, _CHECK_CODES = 0, 1, 2  # what _decode_span does with the codes
+# What _decode_span does with the codes: write, add, only check them, subtract (the error-feedback
+# residual p - decode(q) formed in place), or add and divide (the last payload of a mean).
+_DECODE, _DECODE_ADD, _CHECK_CODES, _DECODE_SUB, _DECODE_ADD_DIV = 0, 1, 2, 3, 4
 _MIN_BUCKET_TASKS = 8  # with fewer buckets, scales and quantization are parallelised separately
 _UNIFORM_MIN_LEVELS = 4  # up to this many levels, comparing with all of them is as fast
 # Below this many elements a kernel runs on the calling thread alone: waking the other threads
@@ -634,10 +636,11 @@ def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, sea
 
 
 @njit(**_JIT)
-def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode):
+def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode, divisor):
     """For elements e0..e1-1 (e0 a multiple of 8): out[e] = table[code] * scale (_DECODE), or
-    out[e] += ... (_DECODE_ADD), or nothing (_CHECK_CODES). Returns the largest code seen, so
-    the caller can reject codes past the codebook."""
+    out[e] += ... (_DECODE_ADD), out[e] -= ... (_DECODE_SUB), out[e] = (out[e] + ...) / divisor
+    (_DECODE_ADD_DIV), or nothing (_CHECK_CODES). Returns the largest code seen, so the caller
+    can reject codes past the codebook."""
     block_scale = np.empty(_BLOCK, np.float32)
     codes = np.empty(_BLOCK, np.uint8)
     seen = 0
@@ -660,6 +663,12 @@ def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode):
         elif mode == _DECODE:
             for e in range(length):
                 os[e] = table[cs[e]] * ss[e]
+        elif mode == _DECODE_SUB:
+            for e in range(length):
+                os[e] = os[e] - table[cs[e]] * ss[e]
+        elif mode == _DECODE_ADD_DIV:
+            for e in range(length):
+                os[e] = (os[e] + table[cs[e]] * ss[e]) / divisor
     return seen
 
 
@@ -680,10 +689,45 @@ def _encode_kernel(x, x_bits, task_buckets, task_elements, tables, method, num_l
 
 
 @njit(parallel=True, **_JIT)
-def _decode_kernel(scales, packed, table, bits, bucket_size, out, n, mode, max_code):
+def _decode_kernel(scales, packed, table, bits, bucket_size, out, n, mode, divisor, max_code):
     for t in prange(max_code.size):
         max_code[t] = _decode_span(scales, packed, table, bits, bucket_size, out, t * _TASK,
-                                   min((t + 1) * _TASK, n), mode)
+                                   min((t + 1) * _TASK, n), mode, divisor)
+
+
+@njit(**_JIT)
+def _compensate(v, e, p, start, stop):
+    """p = v + e over [start, stop); returns True when a result is inf or NaN."""
+    vs, es, ps = v[start:stop], e[start:stop], p[start:stop]
+    bad = np.uint32(0)
+    for i in range(stop - start):
+        ps[i] = vs[i] + es[i]
+    pb = ps.view(np.uint32)
+    for i in range(stop - start):
+        bad |= np.uint32((pb[i] & _ABS_MASK) >= _INF_BITS)
+    return bad != 0
+
+
+@njit(parallel=True, **_JIT)
+def _encode_ef_kernel(v, e, p, p_bits, task_buckets, task_elements, tables, method, num_levels, search_steps,
+                      uniform_m, cell_index, corrections, bits, bucket_size, scale_kind, stochastic, key, offset,
+                      decode_table, scales, packed, nonfinite):
+    """Error feedback fused with quantization, task by task while the data is in cache:
+    p = v + e over the task's buckets, their scales, then codes of its elements, and finally
+    p -= decode(codes), which leaves the new residual in p."""
+    single_bucket = scales.size == 1
+    n = p.size
+    for t in prange(task_buckets.shape[0]):
+        k0, k1 = task_buckets[t, 0], task_buckets[t, 1]
+        if k1 > k0:
+            nonfinite[t] = _compensate(v, e, p, k0 * bucket_size, min(k1 * bucket_size, n))
+            _bucket_scales(p, p_bits, k0, k1, bucket_size, scale_kind, single_bucket, scales)
+        e0, e1 = task_elements[t, 0], task_elements[t, 1]
+        if e1 > e0:
+            _encode_span(p, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
+                         cell_index, corrections, bits, stochastic, key, offset, packed)
+            _decode_span(scales, packed, decode_table, bits, bucket_size, p, e0, e1, _DECODE_SUB,
+                         np.float32(1))
 
 
 # ----------------------------------------------------------------------------- Python entry points
@@ -830,10 +874,10 @@ def _decode_inputs(scales, packed, levels, bits, bucket_size, n):
     return _readonly(scales), _readonly(packed), lv, _readonly(table), bits, bucket_size, n
 
 
-def _run_decode(scales, packed, table, bits, bucket_size, out, n, mode, num_levels):
+def _run_decode(scales, packed, table, bits, bucket_size, out, n, mode, num_levels, divisor=1.0):
     max_code = np.zeros(-(-n // _TASK), dtype=np.int64)
     with _threads_for(n):
-        _decode_kernel(scales, packed, table, bits, bucket_size, out, n, mode, max_code)
+        _decode_kernel(scales, packed, table, bits, bucket_size, out, n, mode, np.float32(divisor), max_code)
     if max_code.size and int(max_code.max()) >= num_levels:
         raise ValueError(f"decode: code {int(max_code.max())} is out of range for a codebook of "
                          f"{num_levels} levels (corrupt payload)")
@@ -849,9 +893,10 @@ def decode(scales, packed, levels, bits, bucket_size, n):
     return out
 
 
-def decode_add(acc, scales, packed, levels, bits, bucket_size, n):
+def decode_add(acc, scales, packed, levels, bits, bucket_size, n, divisor=None):
     """acc += decode(...) in place (float32 acc of n elements); returns acc. Bit for bit
-    acc + decode(...). Codes are checked before acc is touched, so a corrupt payload raises
+    acc + decode(...), or (acc + decode(...)) / divisor when ``divisor`` is given (the last
+    payload of a mean). Codes are checked before acc is touched, so a corrupt payload raises
     ValueError and leaves acc unchanged."""
     scales, packed, lv, table, bits, bucket_size, n = _decode_inputs(scales, packed, levels, bits,
                                                                       bucket_size, n)
@@ -862,8 +907,63 @@ def decode_add(acc, scales, packed, levels, bits, bucket_size, n):
         flat = acc.reshape(-1)
         if lv.size < 2 ** bits:  # some code values are invalid: look before writing
             _run_decode(scales, packed, table, bits, bucket_size, flat, n, _CHECK_CODES, lv.size)
-        _run_decode(scales, packed, table, bits, bucket_size, flat, n, _DECODE_ADD, lv.size)
+        if divisor is None:
+            _run_decode(scales, packed, table, bits, bucket_size, flat, n, _DECODE_ADD, lv.size)
+        else:
+            _run_decode(scales, packed, table, bits, bucket_size, flat, n, _DECODE_ADD_DIV, lv.size, divisor)
     return acc
+
+
+def decode_into(out, scales, packed, levels, bits, bucket_size, n):
+    """out[:] = decode(...) into a caller's float32 buffer; returns out. Raises ValueError for
+    codes past the codebook (out may then hold partial results: it is scratch)."""
+    scales, packed, lv, table, bits, bucket_size, n = _decode_inputs(scales, packed, levels, bits,
+                                                                      bucket_size, n)
+    flat = _writeable_f32(out, n, "decode_into: out")
+    if n:
+        _run_decode(scales, packed, table, bits, bucket_size, flat, n, _DECODE, lv.size)
+    return out
+
+
+def _writeable_f32(a, n, what):
+    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.size == n and a.flags.c_contiguous
+            and a.flags.writeable):
+        raise ValueError(f"{what} must be a writeable contiguous float32 array of {n} elements")
+    return a.reshape(-1)
+
+
+def encode_ef(v, e, out, levels, bits, bucket_size, scale_kind, stochastic, key, offset=0):
+    """Error-feedback quantization in one pass: p = v + e; (scales, packed) = encode(p);
+    out = p - decode(scales, packed). Returns (scales, packed, nonfinite) where nonfinite says
+    whether p held inf or NaN (then the codes are meaningless). Bit for bit what
+    ``p = v + e; encode(p); p - decode(...)`` gives. ``out`` must not overlap ``v`` or ``e``."""
+    lv, bits, bucket_size = _check_common(levels, bits, bucket_size)
+    if scale_kind not in (SCALE_L2, SCALE_MAXABS, SCALE_MEANABS):
+        raise ValueError(f"unknown scale kind {scale_kind}")
+    v = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
+    n = v.size
+    e = np.ascontiguousarray(e, dtype=np.float32).reshape(-1)
+    if e.size != n:
+        raise ValueError(f"encode_ef: residual has {e.size} elements, the vector {n}")
+    p = _writeable_f32(out, n, "encode_ef: out")
+    if np.may_share_memory(p, v) or np.may_share_memory(p, e):
+        raise ValueError("encode_ef: out must not overlap the input vector or the residual")
+    scales = np.empty(num_buckets(n, bucket_size), dtype=np.float32)
+    packed = np.empty(packed_nbytes(n, bits), dtype=np.uint8)
+    if n == 0:
+        return scales, packed, False
+    tables, method, steps, uniform_m, cell_index, corrections = _search_tables(lv)
+    table = np.full(256, np.nan, dtype=np.float32)
+    table[:lv.size] = lv
+    passes = _encode_passes(n, bucket_size, scales.size)
+    nonfinite = np.zeros(max(t[0].shape[0] for t in passes), dtype=np.bool_)
+    with _threads_for(n):
+        for task_buckets, task_elements in passes:
+            _encode_ef_kernel(_readonly(v), _readonly(e), p, p.view(np.uint32), task_buckets, task_elements, tables,
+                              method, lv.size, steps, uniform_m, cell_index, corrections, bits, bucket_size,
+                              int(scale_kind), bool(stochastic), np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF),
+                              np.uint64(int(offset)), _readonly(table), scales, packed, nonfinite)
+    return scales, packed, bool(nonfinite.any())
 
 
 def warmup():
@@ -877,4 +977,4 @@ def warmup():
     return time.perf_counter() - t0
 
 
-__all__ = ["encode", "decode", "decode_add", "warmup"]
+__all__ = ["encode", "encode_ef", "decode", "decode_add", "decode_into", "warmup"]

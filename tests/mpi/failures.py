@@ -32,18 +32,29 @@ opt = hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-
                                      bits=bits, topology=args.topology, algorithm="efficient_adam")
 x, y, _, _ = digits.load_digits_split()
 t0 = time.time()
+
+
+def inject_inf(grad):
+    grad = grad.clone()
+    grad[0, 0] = float("inf")
+    return grad
+
+
 try:
     for step in range(6):
         opt.zero_grad()
+        # Through the graph, not after backward(): exchanges start from backward hooks.
+        hook = (model[0].weight.register_hook(inject_inf)
+                if step == 3 and rank == 1 and args.mode == "nan" else None)
         torch.nn.functional.cross_entropy(model(x[rank::3][:32]), y[rank::3][:32]).backward()
-        if step == 3 and rank == 1 and args.mode == "nan":
-            model[0].weight.grad[0, 0] = float("inf")
+        if hook is not None:
+            hook.remove()
         if step == 3 and rank == 1 and args.mode == "dead":
             print(f"RANK {rank} DYING", flush=True)
             os._exit(17)
         opt.step()
 except (hvd_qadam.NonFiniteGradientError, hvd_qadam.ConsistencyError) as e:
-    resid = opt.engine.worker_memory.norm()
+    resid = opt.engine.bank.norm(".e")
     print(f"RANK {rank} ERROR {type(e).__name__}: {e} | step_count={opt.engine.step_count} "
           f"residual_norm={resid:.6g} after {time.time() - t0:.1f}s", flush=True)
     MPI.COMM_WORLD.Barrier()   # let every rank report before mpirun tears the job down

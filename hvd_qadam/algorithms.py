@@ -1,0 +1,225 @@
+"""The algorithms: what a worker sends, what the server makes of the mean, how it is applied.
+
+Every algorithm is one class here and one instance of the same pipeline
+(:mod:`hvd_qadam.engine`):
+
+    worker transform W -> uplink quantizer Q_w (+ worker EF) -> mean over workers
+      -> server transform S -> downlink (full / Q_s + server EF / quantized weights) -> apply
+
+Notation (per fused group, flat float32 vectors): g_i is worker i's gradient, x the weights
+(identical on every replica), e_i / e_s the worker / server error-feedback residuals,
+Q(.) a quantizer, N the number of workers, t the 1-based step of the Adam moments. Error feedback,
+where on, is ``p = v + e; send Q(p); e = p - Q(p)`` on both links; it is the engine's, not the
+algorithm's. Hyper-parameters (lr, betas, eps, weight decay, momentum, ...) are read live from
+the wrapped optimizer's param_groups, so lr schedulers work.
+
+Options of the wrapped optimizer that an algorithm does not implement are refused when the
+optimizer is built (:meth:`Algorithm.check_optimizer`), never ignored.
+"""
+from __future__ import annotations
+
+from . import functional as F
+
+OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS = "grad", "update", "weights"
+
+
+class AlgorithmOptionError(ValueError):
+    """The wrapped optimizer has an option this algorithm cannot honour."""
+
+
+class Algorithm:
+    name = ""
+    output = OUT_GRAD        # what the engine's result is: an averaged gradient, an update, weights
+    server_ef = True         # server error feedback on a quantized downlink (update-type outputs)
+    overlap = True           # the worker side may run from backward hooks (needs only gradients)
+
+    def __init__(self, config):
+        self.cfg = config
+
+    def check_optimizer(self, optimizer) -> None:
+        """Refuse, at construction, wrapped-optimizer options this algorithm would not honour."""
+
+    def worker(self, eng, g, grad, step):
+        """The uplink vector of group ``g`` from its flat gradient (before EF and quantization)."""
+        return grad
+
+    def server(self, eng, g, a: int, b: int, mean, step):
+        """The downlink vector of elements [a, b) of group ``g`` from the workers' mean."""
+        return mean
+
+    def finish(self, eng, g, result, step):
+        """What is applied, from the downlink result of the whole group (every rank)."""
+        return result
+
+
+def _refuse(alg: str, optimizer, option: str, why: str):
+    raise AlgorithmOptionError(f"algorithm {alg!r} does not support {type(optimizer).__name__}({option}): {why}")
+
+
+class _AdamFamily(Algorithm):
+    """Shared option checks and constants of the algorithms that run Adam themselves."""
+
+    def check_optimizer(self, optimizer) -> None:
+        for pg in optimizer.param_groups:
+            if "betas" not in pg or "eps" not in pg:
+                raise AlgorithmOptionError(
+                    f"algorithm {self.name!r} runs Adam and reads betas/eps from the wrapped optimizer, but "
+                    f"{type(optimizer).__name__} has none; wrap torch.optim.Adam or AdamW, or use "
+                    f"algorithm='qsgd' (any optimizer) or 'ef_sgd' (SGD)")
+            if pg.get("amsgrad"):
+                _refuse(self.name, optimizer, "amsgrad=True", "the max of past second moments is not implemented")
+
+    def constants(self, h: dict, step: int):
+        beta1, beta2 = h["betas"]
+        decoupled = bool(h.get("decoupled_weight_decay", False))
+        return F.adam_constants(step, h["lr"], beta1, beta2, h["eps"], h.get("weight_decay", 0.0), decoupled,
+                                self.cfg.bias_correction, bool(h.get("maximize", False)))
+
+    @staticmethod
+    def needs_x(h: dict) -> bool:
+        return bool(h.get("weight_decay", 0.0))
+
+
+class QSGD(Algorithm):
+    """Quantized gradient averaging; the wrapped optimizer then steps on the average.
+
+        send Q_w(g_i + e_i);  p.grad = (1/N) sum_i Q_w(g_i + e_i);  optimizer.step()
+
+    Any wrapped optimizer works (its options are its own)."""
+    name = "qsgd"
+    output = OUT_GRAD
+
+
+class EfficientAdam(_AdamFamily):
+    """Efficient-Adam: every worker runs Adam on its own gradient, the updates are averaged.
+
+        m_i = b1 m_i + (1 - b1) g_i ;  v_i = b2 v_i + (1 - b2) g_i^2
+        u_i = lr m_i_hat / (sqrt(v_i_hat) + eps)   (+ lr wd x for AdamW; Adam's L2 goes into g_i)
+        send Q_w(u_i + e_i);  u = (1/N) sum_i Q_w(u_i + e_i)
+        x = x - Q_s(u + e_s)                       (two-way quantization, two-way error feedback)
+
+    Moments are per worker (in the optimizer's hvd_qadam state, not ``optimizer.state``)."""
+    name = "efficient_adam"
+    output = OUT_UPDATE
+
+    def worker(self, eng, g, grad, step):
+        h, key = eng.hyper(g.param_group), f"g{g.index}"
+        t = eng.counters["worker_adam_step"].get(key, 0) + 1
+        n, dev = g.numel, grad.device
+        m, v = eng.bank.get_or_zeros(key + ".m", n, dev), eng.bank.get_or_zeros(key + ".v", n, dev)
+        m_new, v_new = step.spare(key + ".m", n, dev), step.spare(key + ".v", n, dev)
+        d = eng.scratch(key + ".w", n, dev)
+        F.adam_update(grad, m, v, eng.flat_params(g) if self.needs_x(h) else None, m_new, v_new, d,
+                      self.constants(h, t))
+        step.worker_adam_step[key] = t
+        return d
+
+
+class QAdam(_AdamFamily):
+    """Quantized Adam with error feedback: the server runs Adam on the averaged quantized gradient.
+
+        send Q_w(g_i + e_i);  g = (1/N) sum_i Q_w(g_i + e_i)
+        m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2 ;  u = lr m_hat / (sqrt(v_hat) + eps) (+ decay)
+        x = x - u  (full-precision downlink)   or   x = x - Q_s(u + e_s)  (quantized, server EF)
+
+    The moments live with the server of each shard (every rank under ``allgather``)."""
+    name = "qadam"
+    output = OUT_UPDATE
+
+    def server(self, eng, g, a, b, mean, step):
+        h, key = eng.hyper(g.param_group), f"g{g.index}@{a}"
+        t = eng.counters["server_adam_step"].get(key, 0) + 1
+        n, dev = b - a, mean.device
+        m, v = eng.bank.get_or_zeros(key + ".m", n, dev), eng.bank.get_or_zeros(key + ".v", n, dev)
+        m_new, v_new = step.spare(key + ".m", n, dev), step.spare(key + ".v", n, dev)
+        d = eng.scratch(key + ".s", n, dev)
+        x = self._server_weights(eng, g, a, b) if self.needs_x(h) or self.output == OUT_WEIGHTS else None
+        F.adam_update(mean, m, v, x, m_new, v_new, d, self.constants(h, t))
+        step.server_adam_step[key] = t
+        return self._finish(eng, g, a, b, d, x, step)
+
+    def _server_weights(self, eng, g, a, b):
+        return eng.flat_params(g)[a:b]
+
+    def _finish(self, eng, g, a, b, d, x, step):
+        return d
+
+
+class QAdamWeights(QAdam):
+    """Quantized Adam, weight variant: the server keeps full-precision latent weights x_s, runs
+    Adam on the averaged quantized gradient and sends the weights quantized (no server EF: the
+    latent weights carry the error).
+
+        x_s = x_s - u   (u as in ``qadam``);   x = Q_s(x_s)"""
+    name = "qadam_weights"
+    output = OUT_WEIGHTS
+    server_ef = False
+
+    def _server_weights(self, eng, g, a, b):
+        xs = eng.bank.get(f"g{g.index}@{a}.x")
+        return eng.flat_params(g)[a:b] if xs is None else xs
+
+    def _finish(self, eng, g, a, b, d, x, step):
+        key = f"g{g.index}@{a}.x"
+        xs_new = step.spare(key, b - a, d.device)
+        F.axpby(x, d, xs_new, 1.0, -1.0)
+        return xs_new
+
+
+class EFSGD(Algorithm):
+    """dist-EF-SGD with (early) momentum, the direction of torch.optim.SGD:
+
+        g_i <- g_i + wd x ;  b_i = mu b_i + (1 - dampening) g_i  (b_i = g_i at first)
+        u_i = lr (g_i + mu b_i) with nesterov, else lr b_i;  momentum only for the first
+        ``momentum_steps`` steps when set (early momentum), plain SGD after
+        send Q_w(u_i + e_i);  x = x - Q_s((1/N) sum_i Q_w(u_i + e_i) + e_s)"""
+    name = "ef_sgd"
+    output = OUT_UPDATE
+
+    def check_optimizer(self, optimizer) -> None:
+        for pg in optimizer.param_groups:
+            if "momentum" not in pg:
+                raise AlgorithmOptionError(f"algorithm 'ef_sgd' reads momentum from the wrapped optimizer, but "
+                                           f"{type(optimizer).__name__} has none; wrap torch.optim.SGD")
+
+    def worker(self, eng, g, grad, step):
+        h, key = eng.hyper(g.param_group), f"g{g.index}"
+        mom = h.get("momentum", 0.0)
+        if self.cfg.momentum_steps is not None and eng.step_count >= self.cfg.momentum_steps:
+            mom = 0.0
+        n, dev = g.numel, grad.device
+        buf = eng.bank.get(key + ".buf")
+        c = F.momentum_constants(h["lr"], mom, h.get("dampening", 0.0), h.get("nesterov", False),
+                                 h.get("weight_decay", 0.0), h.get("maximize", False), first=buf is None)
+        d = eng.scratch(key + ".w", n, dev)
+        buf_new = step.spare(key + ".buf", n, dev) if mom else None
+        F.momentum_update(grad, buf, eng.flat_params(g) if c["wd"] else None, buf_new, d, c)
+        return d
+
+
+class LocalSGD(Algorithm):
+    """Local SGD (periodic model averaging): workers take ``sync_every`` local steps with the
+    wrapped optimizer, then average their model deltas since the last average a:
+
+        send Q_w(x_i - a + e_i);  x = a = a + (1/N) sum_i Q_w(x_i - a + e_i)"""
+    name = "local_sgd"
+    output = OUT_WEIGHTS
+    overlap = False          # the exchange follows the local optimizer step, not backward
+
+    def worker(self, eng, g, grad, step):
+        d = eng.scratch(f"g{g.index}.w", g.numel, grad.device)
+        F.axpby(eng.flat_params(g), eng.bank.get(f"g{g.index}.anchor"), d, 1.0, -1.0)
+        return d
+
+    def finish(self, eng, g, result, step):
+        key = f"g{g.index}.anchor"
+        anchor = step.spare(key, g.numel, result.device)
+        F.axpby(eng.bank.get(key), result, anchor, 1.0, 1.0)
+        return anchor
+
+
+ALGORITHMS = {cls.name: cls for cls in (QSGD, EfficientAdam, QAdam, QAdamWeights, EFSGD, LocalSGD)}
+
+
+def make(config) -> Algorithm:
+    return ALGORITHMS[config.algorithm](config)
