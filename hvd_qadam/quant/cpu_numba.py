@@ -440,6 +440,11 @@ def _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, stochastic, ke
         j = min(max(j, 0), top_j)
         lo = np.float32(j - uniform_m) / fm
         hi = np.float32(j + 1 - uniform_m) / fm
+        # r within float rounding of a level (common for data already on the grid, e.g. a mean
+        # of decoded payloads) may be guessed one cell off: step once, without a branch.
+        j = j - np.int32((j > 0) & (lo > rs)) + np.int32((j < top_j) & (hi <= rs))
+        lo = np.float32(j - uniform_m) / fm
+        hi = np.float32(j + 1 - uniform_m) / fm
         bad |= ((j > 0) & (lo > rs)) | ((j < top_j) & (hi <= rs))
         codes[e] = _nan_code(r, _round(r, j, lo, hi - lo, stochastic, key, base + np.uint64(e)), top_j)
     return not bad
