@@ -2,7 +2,8 @@
 
 Arrays go in flat as float32 (fp16/bf16/fp64 are converted); the payload remembers the shape
 and dtype so dequantize() hands back the same kind of array: torch in, torch out (same device);
-NumPy in, NumPy out. CUDA tensors run on the CuPy backend when it is installed.
+NumPy in, NumPy out; fp16/bf16 results saturate at the dtype's largest finite value instead of
+overflowing to inf. CUDA tensors run on the CuPy backend when it is installed.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from .quant import codebooks as cb
 from .quant import rng
 from .quant.backend import cpu_backend, gpu_backend
-from .wire import Payload
+from .wire import MAX_NDIM, Payload
 
 try:  # torch is optional for the pure-NumPy API
     import torch
@@ -83,6 +84,8 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
     arr, array_kind, dtype, shape = _flat_fp32(x)
     if dtype not in ("float32", "float16", "bfloat16", "float64"):
         raise cb.QuantizerError(f"unsupported dtype {dtype}")
+    if len(shape) > MAX_NDIM:
+        raise cb.QuantizerError(f"quantize: {len(shape)} dimensions; the wire format carries at most {MAX_NDIM}")
     if check_finite and arr.size and not bool(_isfinite_all(arr)):
         raise ValueError(f"quantize: input has {int(arr.size - _count_finite(arr))} NaN/Inf value(s); "
                          "refusing to quantize non-finite data")
@@ -134,6 +137,12 @@ def decode_flat(payload: Payload, backend: str | None = None) -> np.ndarray:
                      payload.numel)
 
 
+# Saturation: decoding works in float32, and a value decoded from finite fp16/bf16 input can
+# exceed that dtype's largest finite value. The quantizer rounds |x| up to the next level (60000
+# at 4-bit QSGD with an l2 scale of 1.36e6 becomes 1.36e6 / 7 = 194,000), or a pass-through
+# carries more than the target holds. Casting that down would give inf; dequantize saturates at
+# +-max instead (the nearest finite value, and never above what the input dtype can hold). This
+# applies whenever the result is cast to float16 / bfloat16, the payload's dtype or ``like``'s.
 def dequantize(payload: Payload, like=None, backend: str | None = None):
     """Decode a payload into the same kind of array it was made from (or the kind of ``like``)."""
     flat = decode_flat(payload, backend)
@@ -146,7 +155,54 @@ def dequantize(payload: Payload, like=None, backend: str | None = None):
             t = torch.from_dlpack(flat)
         else:
             t = torch.from_numpy(np.ascontiguousarray(flat))
+        if dtype in (torch.float16, torch.bfloat16):
+            hi = torch.finfo(dtype).max
+            t = t.clamp(-hi, hi)          # saturate, never round to inf (see above)
         return t.to(device=device, dtype=dtype).reshape(payload.shape)
     if payload.orig_dtype == "bfloat16":
         return flat.reshape(payload.shape)  # NumPy has no bfloat16: stay in float32
+    if payload.orig_dtype == "float16":
+        hi = np.float32(FP16_MAX)
+        mod = np if type(flat).__module__.startswith("numpy") else __import__("cupy")
+        flat = mod.clip(flat, -hi, hi)
     return flat.astype(payload.orig_dtype, copy=False).reshape(payload.shape)
+
+
+def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_size: int,
+                rounding: str | None = None, *, key: int, offset: int = 0, codebook=None):
+    """Error-feedback quantization of a flat float32 torch vector in one pass:
+    ``p = v + resid``, payload = quantize(p), ``resid_out = p - dequantize(payload)``.
+
+    Returns (payload, nonfinite); when ``nonfinite`` (p held inf/NaN) the payload must not be
+    sent. Bit for bit the three steps done separately on the numba backend; elsewhere (NumPy
+    backend, CUDA) it runs them separately."""
+    k = cb.kind(quantizer)
+    bits = k.check_bits(bits)
+    stochastic = k.stochastic if rounding is None else rounding == "stochastic"
+    if k.adaptive:
+        if codebook is None:
+            raise cb.QuantizerError(f"quantizer {k.name!r} needs a codebook (its levels are learned)")
+        levels = cb.validate_codebook(codebook, bits)
+    else:
+        levels = cb.codebook(k.name, bits)
+    be = cpu_backend()
+    if k.passthrough or v.device.type != "cpu" or not hasattr(be, "encode_ef"):
+        torch.add(v, resid, out=resid_out)
+        if not bool(torch.isfinite(resid_out).all()):
+            return None, True
+        p = quantize(resid_out, quantizer, bits, bucket_size, rounding=rounding, codebook=codebook, key=key,
+                     offset=offset, check_finite=False)
+        decoded = decode_flat(p)
+        resid_out.sub_(torch.from_numpy(decoded) if isinstance(decoded, np.ndarray) else torch.from_dlpack(decoded))
+        return p, False
+    bucket_size = check_bucket_size(bucket_size)
+    scales, packed, nonfinite = be.encode_ef(v.numpy(), resid.numpy(), resid_out.numpy(), levels, bits, bucket_size,
+                                             k.scale, stochastic, key, offset)
+    if nonfinite:
+        return None, True
+    if scales.size and not bool(_isfinite_all(scales)):
+        raise ValueError(f"quantize: a bucket's {cb.SCALE_NAMES[k.scale]} scale overflows float32; scale the "
+                         f"tensor down or use a max-abs quantizer")
+    return Payload(k.name, bits, bucket_size, int(v.numel()), (int(v.numel()),), scales, packed,
+                   np.array(levels, dtype=np.float32) if k.adaptive else None, stochastic, "float32",
+                   ("torch", v.device, torch.float32)), False

@@ -25,7 +25,35 @@ from hvd_qadam.wire import split_frames
 HDR = struct.Struct("<4sBBBBIQBBBBHHII")
 F_MAGIC, F_VERSION, F_QID, F_BITS, F_FLAGS, F_BUCKET, F_NUMEL, F_SCALE_DT, F_DTYPE, F_NDIM, F_R1, F_CBLEN, \
     F_R2, F_BODY_CRC, F_HEAD_CRC = range(15)
+# magic, version, flags, payload count, rank, step, layout hash, body length, frame crc32
 FRAME_HDR = struct.Struct("<4sBBHIQIQI")
+FRAME_VERSION = 2
+
+
+def frame_crc(head32: bytes, body: bytes, error: bool = False) -> int:
+    """The frame checksum (frame format 2), computed independently of wire.py: crc32 over the
+    header's first 32 bytes, then the error text, or else every payload header's first 32 bytes
+    (not its crc field) in order."""
+    if error:
+        return zlib.crc32(head32 + body)
+    heads, pos = [], 0
+    while pos + 36 <= len(body):         # walk the payloads by their headers (stop at junk)
+        f = HDR.unpack(body[pos:pos + 36])
+        heads.append(body[pos:pos + 32])
+        if f[F_QID] == 0:
+            n = 4 * f[F_NUMEL]
+        elif f[F_QID] == 1:
+            n = 2 * f[F_NUMEL]
+        else:
+            n = 4 * -(-f[F_NUMEL] // f[F_BUCKET]) + 4 * f[F_CBLEN] + -(-f[F_NUMEL] * f[F_BITS] // 8)
+        pos += 36 + 8 * f[F_NDIM] + n
+    return zlib.crc32(head32 + b"".join(heads))
+
+
+def seal_frame(h: list, body: bytes, error: bool = False) -> bytes:
+    """A frame with header fields ``h`` (crc ignored) and ``body``, with a VALID frame checksum."""
+    head32 = FRAME_HDR.pack(*h[:-1], 0)[:32]
+    return head32 + struct.pack("<I", frame_crc(head32, body, error)) + body
 
 ALL = ["none", "fp16", "qsgd", "qsgdinf", "nuq", "terngrad", "sign", "alq", "amq", "alq_n", "amq_n"]
 
@@ -189,6 +217,86 @@ def test_regression_empty_quantized_payload_keeps_empty_scales_after_wire():
 
 
 # ------------------------------------------------------------------------------------------------
+# finite narrow-dtype input never decodes to inf
+
+def _limits_codebook(name, bits):
+    return codebooks.default_adaptive_codebook(bits) if codebooks.kind(name).adaptive else None
+
+
+FP16_LIMITS = [65504.0, -65504.0, 65504.0, 64000.0, -64000.0, 60000.0, 20000.0, 1.0, 6e-08, 0.0]
+
+
+def _widths(k):
+    """The default width, and the lowest, a middle and the highest where the width is free."""
+    if k.fixed_bits is not None:
+        return [None]
+    return [None] + sorted({k.min_bits, 4, k.max_bits})
+
+
+@pytest.mark.parametrize("name,bits", [(n, b) for n, k in sorted(codebooks.KINDS.items()) for b in _widths(k)])
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_fp16_limits_never_decode_to_inf(name, rounding, bits):
+    """Values at the fp16 limits: the decoded value may round up past 65504 (the next level
+    above |x|); cast back to fp16 it saturates at +-65504 instead of becoming inf. Buckets of
+    many large values (l2 scale >> 65504) and of one value each (scale = |x|); torch and NumPy."""
+    k = codebooks.kind(name)
+    g = np.random.default_rng(bits or 0)
+    x = np.concatenate([FP16_LIMITS, np.full(512, 60000.0), g.uniform(-65504, 65504, 500)]).astype(np.float16)
+    for bucket in (512, 1):
+        for seed in range(3):
+            t = torch.from_numpy(x.copy())
+            cbk = _limits_codebook(name, k.check_bits(bits))
+            p = quantize(t, name, bits, bucket, seed=seed, rounding=rounding, codebook=cbk)
+            for q in (p, Payload.from_bytes(p.to_bytes())):
+                y = dequantize(q, like=t)
+                assert y.dtype == torch.float16
+                assert bool(torch.isfinite(y).all()), (bucket, seed, int((~torch.isfinite(y)).sum()))
+                assert float(y.abs().max()) <= 65504.0
+            xn = quantize(x, name, bits, bucket, seed=seed, rounding=rounding, codebook=cbk)
+            yn = dequantize(xn)
+            assert yn.dtype == np.float16 and np.isfinite(yn).all() and np.abs(yn).max() <= 65504
+
+
+def test_regression_fp16_qsgd_at_64000_decodes_finite():
+    y = dequantize(quantize(torch.tensor([64000.0, 20000.0], dtype=torch.float16), "qsgd", bits=4,
+                            rounding="nearest"))
+    assert y.dtype == torch.float16 and y[0].item() == 65504.0 and y[1].item() == 19152.0
+    y = dequantize(quantize(torch.full((512,), 60000.0, dtype=torch.float16), "qsgd", bits=4,
+                            rounding="stochastic"))
+    assert bool(torch.isfinite(y).all())
+    assert set(y.unique().tolist()) <= {0.0, 65504.0}       # levels 0 and 1/7 of the l2 scale 1.36e6
+
+
+@pytest.mark.parametrize("name", sorted(codebooks.KINDS))
+@pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+def test_bf16_limits_never_decode_to_inf(name, rounding):
+    """bf16 reaches 3.39e38, close to fp32's 3.40e38: quantize refuses a scale that overflows
+    fp32; otherwise a decoded value between the two maxima saturates at bf16's max."""
+    k = codebooks.kind(name)
+    hi = torch.finfo(torch.bfloat16).max
+    # (3.004e38, 1.588e38) has the l2 norm 3.398e38: above bf16's max (3.3895e38) by more than
+    # half a bf16 step, below fp32's max; a value decoded at level 1 of that scale is the case.
+    x = torch.tensor([3.004e38, 1.588e38, -3.004e38, 1.588e38, hi, 0.0, -hi, 1.0] * 8, dtype=torch.bfloat16)
+    for bucket in (2, 1):
+        for seed in range(4):
+            cbk = _limits_codebook(name, k.default_bits)
+            try:
+                p = quantize(x, name, None, bucket, seed=seed, rounding=rounding, codebook=cbk)
+            except ValueError as e:
+                assert "overflow" in str(e)
+                continue
+            y = dequantize(Payload.from_bytes(p.to_bytes()), like=x)
+            assert y.dtype == torch.bfloat16 and bool(torch.isfinite(y).all())
+
+
+def test_saturation_applies_to_like_and_leaves_wide_dtypes_alone():
+    p = quantize(np.array([1e6, -3e5, 1.0], np.float32), "none")
+    assert dequantize(p, like=torch.zeros(3, dtype=torch.float16)).tolist() == [65504.0, -65504.0, 1.0]
+    assert dequantize(p, like=torch.zeros(3, dtype=torch.float32)).tolist() == [1e6, -3e5, 1.0]
+    assert dequantize(p).tolist() == [1e6, -3e5, 1.0]
+
+
+# ------------------------------------------------------------------------------------------------
 # malformed input
 
 SMALL = {
@@ -285,6 +393,16 @@ def _body_parts(p: Payload):
     ({F_NUMEL: 131}, r"shape \(4, 33\) does not hold 131 elements|truncated body|trailing"),
     ({F_NDIM: 3}, r"truncated body"),
     ({F_QID: codebooks.kind("sign").wire_id}, r"'sign' always uses 1 bit"),
+    ({F_FLAGS: wire.FLAG_STOCHASTIC | 4}, r"unknown flag bits 0x4"),
+    ({F_FLAGS: 0x80}, r"unknown flag bits 0x80"),
+    ({F_R1: 1}, r"reserved header fields must be 0 \(got 1, 0\)"),
+    ({F_R2: 7}, r"reserved header fields must be 0 \(got 0, 7\)"),
+    ({F_CBLEN: 8}, r"codebook length 8 without a codebook"),
+    ({F_BUCKET: 2 ** 31 + 1}, r"bucket size 2147483649 is larger than the format allows"),
+    ({F_BUCKET: 2 ** 32 - 1}, r"bucket size 4294967295 is larger"),
+    ({F_NUMEL: 2 ** 64 - 1}, r"truncated body"),
+    ({F_NDIM: 255}, r"255 dimensions \(at most 32\)"),
+    ({F_NDIM: 33}, r"33 dimensions"),
 ])
 def test_header_fields_validated_beyond_checksums(fields, msg):
     data = make("qsgd").to_bytes()
@@ -326,6 +444,81 @@ def test_body_fields_validated_beyond_checksums():
     cbk[-1] = np.nan
     with pytest.raises(PayloadError, match=r"finite"):
         Payload.from_bytes(reseal(data, body=body[:s1] + cbk.astype("<f4").tobytes() + body[s2:]))
+
+
+@pytest.mark.parametrize("shape,numel", [
+    ((2 ** 32, 2 ** 32), 0),                 # 2^64: wraps around int64 to 0
+    ((2, 2 ** 63 + 66), 132),                # 2^64 + 132: wraps to 132
+    ((2 ** 63, 2, 132), 132),
+    ((3, 6148914691236517206), 2),           # 3 * that = 2^64 + 2
+])
+def test_regression_shape_products_that_wrap_around_int64_are_rejected(shape, numel):
+    """Shape dimensions are multiplied with Python ints: a product that wraps around int64 never
+    passes for the element count (it used to pass the parser and fail later with ValueError)."""
+    p = make("qsgd")
+    data, body, s0, _, _ = _body_parts(p)
+    if numel == 0:
+        fields, rest = {F_NUMEL: 0, F_NDIM: len(shape)}, b""
+    else:
+        fields, rest = {F_NDIM: len(shape)}, body[s0:]
+    bad = reseal(data, fields, np.array(shape, "<u8").tobytes() + rest)
+    with pytest.raises(PayloadError, match=r"does not hold \d+ elements"):
+        Payload.from_bytes(bad)
+
+
+@pytest.mark.parametrize("shape", [(0, 2 ** 60), (2 ** 40, 0, 2 ** 20), (0, 2 ** 64 - 1)])
+def test_empty_shapes_too_large_for_an_array_are_rejected(shape):
+    e = quantize(np.zeros((0, 3), np.float32), "qsgd", 4, 16)
+    data = e.to_bytes()
+    with pytest.raises(PayloadError, match=r"too large for an array"):
+        Payload.from_bytes(reseal(data, {F_NDIM: len(shape)}, np.array(shape, "<u8").tobytes()))
+    ok = reseal(data, {F_NDIM: 2}, np.array((0, 2 ** 60 - 1), "<u8").tobytes())   # the largest accepted
+    assert dequantize(Payload.from_bytes(ok)).shape == (0, 2 ** 60 - 1)
+
+
+def test_dimension_limit_is_the_same_on_both_ends():
+    x = np.zeros((1,) * 32 + (3,), np.float32)
+    with pytest.raises(codebooks.QuantizerError, match=r"33 dimensions; the wire format carries at most 32"):
+        quantize(x, "qsgd", 4)
+    p = quantize(x.reshape(-1, 3)[0].reshape((1,) * 31 + (3,)), "qsgd", 4)
+    assert dequantize(Payload.from_bytes(p.to_bytes())).shape == (1,) * 31 + (3,)
+
+
+@pytest.mark.parametrize("name", ["none", "fp16"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_pass_through_values_are_rejected(name, bad):
+    p = make(name, np.arange(6, dtype=np.float32).reshape(2, 3))
+    data, body, s0, _, _ = _body_parts(p)
+    vals = p.codes.copy()
+    vals[4] = bad
+    with pytest.raises(PayloadError, match=rf"1 non-finite value\(s\) in a '{name}' payload"):
+        Payload.from_bytes(reseal(data, body=body[:s0] + vals.tobytes()))
+    # the largest finite values are fine, and decode to themselves
+    vals[:] = np.finfo(vals.dtype).max
+    q = Payload.from_bytes(reseal(data, body=body[:s0] + vals.tobytes()))
+    assert np.all(dequantize(q) == np.finfo(vals.dtype).max)
+
+
+@pytest.mark.parametrize("name", ["none", "fp16"])
+def test_pass_through_header_fields_are_canonical(name):
+    data = make(name).to_bytes()
+    with pytest.raises(PayloadError, match=rf"pass-through '{name}' with bucket size 32 \(must be 0\)"):
+        Payload.from_bytes(reseal(data, {F_BUCKET: 32}))
+    with pytest.raises(PayloadError, match=r"with the stochastic-rounding flag"):
+        Payload.from_bytes(reseal(data, {F_FLAGS: wire.FLAG_STOCHASTIC}))
+
+
+@pytest.mark.parametrize("bits,n", [(3, 1), (3, 5), (5, 7), (2, 3), (1, 9), (7, 3)])
+def test_nonzero_padding_bits_are_rejected(bits, n):
+    """Codes are packed LSB-first; the bits after the last code are zero on the wire."""
+    name = "alq" if bits == 1 else "qsgd"
+    p = quantize(np.linspace(-1, 1, n, dtype=np.float32), name, bits, 4, codebook=codebook_of(name, bits))
+    data, body, s0, s1, s2 = _body_parts(p)
+    assert Payload.from_bytes(data) is not None
+    codes = bytearray(body[s2:])
+    codes[-1] |= 0x80
+    with pytest.raises(PayloadError, match=r"padding bits after the last code are not zero"):
+        Payload.from_bytes(reseal(data, body=body[:s2] + bytes(codes)))
 
 
 def test_payload_error_is_value_error_and_messages_locate_the_payload():
@@ -377,8 +570,10 @@ def test_frame_round_trip():
     data = f.to_bytes()
     assert len(data) == 36 + sum(p.nbytes for p in ps)
     h = FRAME_HDR.unpack(data[:36])
-    assert h[0] == b"HQFR" and h[1] == 1 and h[3] == len(ps) and h[4] == 3 and h[5] == 2 ** 40 + 5
+    assert h[0] == b"HQFR" and h[1] == FRAME_VERSION and h[3] == len(ps) and h[4] == 3 and h[5] == 2 ** 40 + 5
     assert h[6] == 0xDEADBEEF and h[7] == len(data) - 36
+    assert h[8] == zlib.crc32(data[:32] + b"".join(p.to_bytes()[:32] for p in ps))
+    assert data[36:] == b"".join(p.to_bytes() for p in ps)
     g = Frame.from_bytes(data)
     assert (g.rank, g.step, g.layout, g.error) == (3, 2 ** 40 + 5, 0xDEADBEEF, None)
     assert len(g.payloads) == len(ps)
@@ -395,7 +590,11 @@ def test_frame_round_trip():
 def test_frame_error_report_round_trip():
     msg = "rank 2: gradient of 'fc1.weight' has 3 NaN/Inf value(s) ✗"
     f = Frame(rank=2, step=17, layout=99, error=msg)
-    g = Frame.from_bytes(f.to_bytes())
+    data = f.to_bytes()
+    h = FRAME_HDR.unpack(data[:36])
+    assert h[2] == wire.FRAME_ERROR and h[3] == 0 and data[36:] == msg.encode()
+    assert h[8] == zlib.crc32(data[:32] + msg.encode())
+    g = Frame.from_bytes(data)
     assert g.error == msg and g.payloads == [] and (g.rank, g.step, g.layout) == (2, 17, 99)
     assert Frame.from_bytes(Frame(1, 1, 1, error="").to_bytes()).error == ""
 
@@ -427,31 +626,98 @@ def test_frame_malformed():
         Frame.from_bytes(data + b"\0")
     with pytest.raises(PayloadError, match=r"bad frame magic"):
         Frame.from_bytes(b"HQAD" + data[4:])
-    for i in range(5, 36):           # every header byte after magic and version: header CRC
+    # every header byte after magic and version: flags, count, rank, step, layout, length, crc
+    for i in range(5, 36):
         bad = bytearray(data)
         bad[i] ^= 0x04
-        with pytest.raises(PayloadError, match=r"frame header checksum mismatch"):
+        msg = {5: r"unknown frame flag bits 0x4"}.get(i, r"frame checksum mismatch")
+        if 24 <= i < 32:
+            msg = r"frame says \d+ body bytes, got \d+"
+        with pytest.raises(PayloadError, match=msg):
             Frame.from_bytes(bytes(bad))
     h = list(FRAME_HDR.unpack(data[:36]))
-
-    def seal(h, body):
-        head = FRAME_HDR.pack(*h[:-1], 0)
-        return head[:-4] + struct.pack("<I", zlib.crc32(head[:-4])) + body
+    assert Frame.from_bytes(seal_frame(h, data[36:])).rank == 1      # seal_frame reproduces the crc
 
     h2 = h.copy()
     h2[1] = 7
-    with pytest.raises(PayloadError, match=r"unsupported frame version 7"):
-        Frame.from_bytes(seal(h2, data[36:]))
+    with pytest.raises(PayloadError, match=r"unsupported frame version 7 \(this build reads 2\)"):
+        Frame.from_bytes(seal_frame(h2, data[36:]))
+    h2[1] = 1                        # the previous format (header-only crc) is refused, not misread
+    with pytest.raises(PayloadError, match=r"unsupported frame version 1"):
+        Frame.from_bytes(seal_frame(h2, data[36:]))
     h2 = h.copy()
     h2[3] = 1                        # count says 1 but two payloads follow
-    with pytest.raises(PayloadError, match=rf"{ps[1].nbytes} trailing bytes after 1 payloads"):
-        Frame.from_bytes(seal(h2, data[36:]))
-    h2 = h.copy()
+    with pytest.raises(PayloadError, match=r"frame says 1 payloads, its body holds 2"):
+        Frame.from_bytes(seal_frame(h2, data[36:]))
     h2[3] = 3                        # count says 3 but two payloads follow
-    with pytest.raises(PayloadError, match=r"payload 2: payload at byte \d+: truncated header"):
-        Frame.from_bytes(seal(h2, data[36:]))
+    with pytest.raises(PayloadError, match=r"frame says 3 payloads, its body holds 2"):
+        Frame.from_bytes(seal_frame(h2, data[36:]))
+    bad = bytearray(data)
+    bad[6] ^= 1                      # the same count change without resealing: corruption
+    with pytest.raises(PayloadError, match=r"frame checksum mismatch"):
+        Frame.from_bytes(bytes(bad))
+    h2 = h.copy()
+    h2[2] = 0x80
+    with pytest.raises(PayloadError, match=r"unknown frame flag bits 0x80"):
+        Frame.from_bytes(seal_frame(h2, data[36:]))
     with pytest.raises(PayloadError, match=r"gathered frame 4: bad frame magic"):
         Frame.from_bytes(b"\0" * 40, source="gathered frame 4")
+    with pytest.raises(PayloadError, match=r"payload 2: payload at byte \d+: truncated header"):
+        Frame.from_bytes(seal_frame(h[:7] + [len(data) - 36 + 5, 0], data[36:] + b"HQAD\0"))
+
+
+def test_frame_checksum_covers_error_text_and_payload_sequence():
+    """Changes that leave every payload valid on its own are caught by the frame checksum."""
+    ps = [make("qsgd", seed=1), make("qsgd", seed=2), make("none", np.arange(3, dtype=np.float32))]
+    blobs = [p.to_bytes() for p in ps]
+    data = Frame(rank=1, step=5, layout=7, payloads=ps).to_bytes()
+    head = data[:36]
+    variants = {
+        "swapped": blobs[1] + blobs[0] + blobs[2],
+        "dropped": blobs[0] + blobs[1],
+        "duplicated": blobs[0] + blobs[0] + blobs[2],
+        "replaced": blobs[0] + make("qsgd", seed=3).to_bytes() + blobs[2],
+    }
+    for what, body in variants.items():
+        h = list(FRAME_HDR.unpack(head))
+        h[7] = len(body)             # a consistent length, so that only the checksum can tell
+        if what == "dropped":
+            h[3] = 2
+        forged = FRAME_HDR.pack(*h)[:32] + head[32:36] + body
+        with pytest.raises(PayloadError, match=r"frame checksum mismatch"):
+            Frame.from_bytes(forged)
+    # error text: every single-byte change, and a change that keeps valid UTF-8
+    err = Frame(rank=2, step=3, layout=4, error="rank 2: non-finite gradient in fc.weight").to_bytes()
+    for i in range(36, len(err)):
+        for mask in (0x01, 0x20, 0xFF):
+            bad = bytearray(err)
+            bad[i] ^= mask
+            with pytest.raises(PayloadError, match=r"frame checksum mismatch"):
+                Frame.from_bytes(bytes(bad))
+    with pytest.raises(PayloadError, match=r"frame checksum mismatch"):
+        Frame.from_bytes(err.replace(b"rank 2:", b"rank 3:"))
+    # an error flag turned on over payloads, or off over an error text
+    bad = bytearray(data)
+    bad[5] ^= wire.FRAME_ERROR
+    with pytest.raises(PayloadError, match=r"frame checksum mismatch"):
+        Frame.from_bytes(bytes(bad))
+    bad = bytearray(err)
+    bad[5] ^= wire.FRAME_ERROR
+    with pytest.raises(PayloadError, match=r"payload 0: payload at byte 0: bad magic"):
+        Frame.from_bytes(bytes(bad))
+
+
+def test_frame_error_fields_validated_beyond_checksums():
+    err = Frame(rank=2, step=3, layout=4, error="boom").to_bytes()
+    h = list(FRAME_HDR.unpack(err[:36]))
+    with pytest.raises(PayloadError, match=r"error text is not valid UTF-8"):
+        Frame.from_bytes(seal_frame(h[:7] + [3, 0], b"\xff\xfe!", error=True))
+    h2 = h.copy()
+    h2[3] = 1
+    with pytest.raises(PayloadError, match=r"error frame with a payload count of 1"):
+        Frame.from_bytes(seal_frame(h2, err[36:], error=True))
+    # lone surrogates cannot be encoded as UTF-8: the sender replaces them, the text stays valid
+    assert Frame.from_bytes(Frame(0, 0, 0, error="a\udc80b").to_bytes()).error == "a?b"
 
 
 def test_split_frames():

@@ -34,6 +34,12 @@ def check_decode_sizes(n_scales: int, n_packed: int, n: int, bits: int, bucket_s
                          f"{packed_nbytes(n, bits)}")
 
 
+def _per_element(scales: np.ndarray, bucket_size: int, n: int) -> np.ndarray:
+    """Each element's bucket scale. A bucket wider than the vector is repeated n times, not
+    bucket_size times (a valid payload may declare buckets up to 2^31 wide)."""
+    return np.repeat(scales, min(bucket_size, n))[:n]
+
+
 def bucket_scales(x: np.ndarray, bucket_size: int, scale_kind: int) -> np.ndarray:
     n = x.size
     nb = num_buckets(n, bucket_size)
@@ -60,7 +66,7 @@ def quantize_codes(x: np.ndarray, scales: np.ndarray, levels: np.ndarray, bucket
                    stochastic: bool, key: int, offset: int = 0) -> np.ndarray:
     """One uint8 code per element (unpacked)."""
     n = x.size
-    s = np.repeat(scales, bucket_size)[:n]
+    s = _per_element(scales, bucket_size, n)
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where(s > 0, x / s, np.float32(0)).astype(np.float32)
     r = np.clip(r, levels[0], levels[-1])
@@ -78,7 +84,7 @@ def quantize_codes(x: np.ndarray, scales: np.ndarray, levels: np.ndarray, bucket
 
 def dequantize_codes(codes: np.ndarray, scales: np.ndarray, levels: np.ndarray, bucket_size: int) -> np.ndarray:
     n = codes.size
-    s = np.repeat(scales, bucket_size)[:n]
+    s = _per_element(scales, bucket_size, n)
     return (levels[codes] * s).astype(np.float32)
 
 
