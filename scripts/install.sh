@@ -12,6 +12,8 @@ CACHE="${HVD_QADAM_CACHE:-$HOME/.cache/hvd_qadam}"
 HOROVOD_VERSION=0.28.1
 TORCH_VERSION=2.13.0
 log() { printf '[install] %s\n' "$*" >&2; }
+# This script is meant to run as root (README); pip's warning about that is noise here.
+export PIP_ROOT_USER_ACTION="${PIP_ROOT_USER_ACTION:-ignore}"
 
 # --- system packages -------------------------------------------------------------------------
 if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then
@@ -23,8 +25,11 @@ if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; th
 fi
 
 # --- python packages -------------------------------------------------------------------------
-have() { "$PY" -c "import $1" >/dev/null 2>&1; }
-if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" >/dev/null 2>&1; then
+# Python checks run from a neutral directory: `python -c` puts the current directory first on
+# sys.path, so from the checkout `import hvd_qadam` finds the source tree even when nothing is installed.
+py_here() { ( cd / && "$PY" "$@" ); }
+have() { py_here -c "import $1" >/dev/null 2>&1; }
+if ! py_here -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" >/dev/null 2>&1; then
   log "installing torch==$TORCH_VERSION (CPU build)"
   "$PY" -m pip install -q "torch==$TORCH_VERSION"
 fi
@@ -41,7 +46,7 @@ fi
 
 # --- Horovod 0.28.1 with PyTorch + MPI ------------------------------------------------------------
 horovod_ok() {
-  "$PY" - <<'PYEOF' >/dev/null 2>&1
+  py_here - <<'PYEOF' >/dev/null 2>&1
 import horovod, horovod.torch as hvd
 assert horovod.__version__ == "0.28.1" and hvd.mpi_built()
 PYEOF
@@ -79,11 +84,32 @@ if [ "${HVD_QADAM_WITH_CUPY:-0}" = "1" ] && ! have cupy; then
 fi
 
 # --- hvd_qadam itself ----------------------------------------------------------------------------
-if ! "$PY" -c "import hvd_qadam, os, sys; sys.exit(0 if os.path.realpath(os.path.dirname(hvd_qadam.__file__)).startswith(os.path.realpath('$here')) else 1)" >/dev/null 2>&1; then
-  log "installing hvd_qadam (editable)"
-  "$PY" -m pip install -q --no-build-isolation --no-deps -e "$here"
+# Installed means: pip knows the distribution and, imported from outside the checkout (as
+# `mpirun ... python scripts/train_digits.py` does), the package is this checkout's source tree.
+installed_here() {
+  py_here -E - "$here" <<'PYEOF'
+import importlib.metadata as md
+import importlib.util
+import os
+import sys
+
+here = os.path.realpath(sys.argv[1])
+try:
+    md.distribution("hvd_qadam")
+except md.PackageNotFoundError:
+    sys.exit("hvd_qadam is not installed")
+spec = importlib.util.find_spec("hvd_qadam")
+origin = os.path.realpath(spec.origin) if spec is not None and spec.origin else None
+if origin != os.path.join(here, "hvd_qadam", "__init__.py"):
+    sys.exit(f"the installed hvd_qadam is {origin}, not this checkout's")
+PYEOF
+}
+if ! why=$(installed_here 2>&1); then
+  log "${why##*$'\n'}: installing hvd_qadam (editable) from this checkout"
+  py_here -m pip install -q --no-build-isolation --no-deps -e "$here"
+  why=$(installed_here 2>&1) || { log "hvd_qadam install check failed: $why"; exit 1; }
 fi
 # --- compile the CPU kernels once (numba caches them on disk) ----------------------------------
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$CACHE/numba}"
-"$PY" -c "from hvd_qadam.quant.backend import warm_cache; print(f'[install] CPU kernels ready ({warm_cache():.1f} s)')" >&2
+py_here -c "from hvd_qadam.quant.backend import warm_cache; print(f'[install] CPU kernels ready ({warm_cache():.1f} s)')" >&2
 log "ready"

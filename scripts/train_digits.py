@@ -7,9 +7,16 @@ Trains the same model twice from the same seed: first with plain ``hvd.Distribut
 (uncompressed fp32 allreduce), then with ``hvd_qadam.DistributedOptimizer`` (default: 4-bit QSGD
 gradients with error feedback), printing per-epoch loss, test accuracy and the bytes each rank
 sends per step, and a final comparison.
+
+Only rank 0 writes. ``--progress`` (default: ``$HVD_QADAM_PROGRESS``, else auto) chooses what:
+``bar``, a progress bar with the epoch lines above it, all on stderr (for a terminal: under
+mpirun a rank cannot tell, so ``scripts/demo.sh`` decides); ``lines``, one plain line per epoch on
+stdout (logs, pipes); ``none``, only the summary. ``auto`` is ``bar`` when stdout and stderr are
+terminals, else ``lines``.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -37,7 +44,17 @@ p.add_argument("--lr", type=float, default=2e-3)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--no-baseline", action="store_true", help="skip the uncompressed run")
 p.add_argument("--json", default=None, help="write the results here (rank 0)")
+PROGRESS = ("auto", "bar", "lines", "none")
+p.add_argument("--progress", choices=PROGRESS, default=os.environ.get("HVD_QADAM_PROGRESS") or "auto",
+               help="rank 0's display (see above; default: $HVD_QADAM_PROGRESS or auto)")
 args = p.parse_args()
+if args.progress not in PROGRESS:
+    p.error(f"HVD_QADAM_PROGRESS must be auto, bar, lines or none, not {args.progress!r}")
+if args.progress == "auto":
+    args.progress = "bar" if sys.stdout.isatty() and sys.stderr.isatty() else "lines"
+# A bar and the lines around it share one stream, so that they reach the terminal in order (a rank's
+# stdout and stderr travel through mpirun separately).
+out = sys.stderr if args.progress == "bar" else sys.stdout
 
 hvd.init(comm=MPI.COMM_WORLD)
 torch.set_num_threads(1)
@@ -47,15 +64,26 @@ main = rank == 0
 
 def log(*a):
     if main:
-        print(*a, flush=True)
+        print(*a, file=out, flush=True)
+
+
+def terminal_columns():
+    """The bar's width: the terminal's, which scripts/demo.sh passes on as COLUMNS (a rank's stderr
+    is a pipe), at most 120; None (tqdm's default) when unknown."""
+    try:
+        cols = int(os.environ.get("COLUMNS") or 0)
+    except ValueError:
+        cols = 0
+    return max(40, min(cols, 120)) - 1 if cols > 0 else None
 
 
 def run(label, make_optimizer):
     steps_per_epoch = len(range(0, 1348 - args.batch + 1, args.batch))
     bar = None
-    if main:
+    if main and args.progress == "bar":
         from tqdm import tqdm
-        bar = tqdm(total=args.epochs * steps_per_epoch, desc=label, unit="step", leave=False, file=sys.stderr)
+        bar = tqdm(total=args.epochs * steps_per_epoch, desc=label, unit="step", leave=False, file=out,
+                   ncols=terminal_columns(), mininterval=0.25)
     rows = []
 
     holder = {}
@@ -71,9 +99,12 @@ def run(label, make_optimizer):
         sent = stats.sent_bytes if stats is not None else fp32_bytes
         row = dict(h, loss=loss, sent_bytes_per_step=sent, fp32_bytes_per_step=fp32_bytes)
         rows.append(row)
+        line = (f"  [{label}] epoch {h['epoch']:3d}  loss {loss:.4f}  test acc {h['test_accuracy']:.4f}  "
+                f"sent/step {sent:>8d} B  (fp32 {fp32_bytes} B, {fp32_bytes / sent:.1f}x)")
         if bar is not None:
-            bar.write(f"  [{label}] epoch {h['epoch']:3d}  loss {loss:.4f}  test acc {h['test_accuracy']:.4f}  "
-                      f"sent/step {sent:>8d} B  (fp32 {fp32_bytes} B, {fp32_bytes / sent:.1f}x)")
+            bar.write(line, file=out)
+        elif main and args.progress == "lines":
+            print(line, file=out, flush=True)
 
     t0 = time.time()
     model, _ = digits.train(rank, size, make_optimizer, epochs=args.epochs, global_batch=args.batch,
@@ -114,21 +145,21 @@ log(f"== compressed: hvd_qadam.DistributedOptimizer({args.algorithm}, {args.quan
 results[label] = run(label, compressed)
 
 if main:
-    print("\n== summary")
-    print(f"{'run':<28}{'final loss':>12}{'test acc':>10}{'best acc':>10}{'sent B/step':>13}{'vs fp32':>9}{'time s':>8}")
+    log("\n== summary")
+    log(f"{'run':<28}{'final loss':>12}{'test acc':>10}{'best acc':>10}{'sent B/step':>13}{'vs fp32':>9}{'time s':>8}")
     for name, (rows, secs, _) in results.items():
         last = rows[-1]
         best = max(r["test_accuracy"] for r in rows)
-        print(f"{name:<28}{last['loss']:>12.4f}{last['test_accuracy']:>10.4f}{best:>10.4f}"
-              f"{last['sent_bytes_per_step']:>13d}{fp32_bytes / last['sent_bytes_per_step']:>8.1f}x{secs:>8.1f}")
+        log(f"{name:<28}{last['loss']:>12.4f}{last['test_accuracy']:>10.4f}{best:>10.4f}"
+            f"{last['sent_bytes_per_step']:>13d}{fp32_bytes / last['sent_bytes_per_step']:>8.1f}x{secs:>8.1f}")
     stats = results[label][2]
     if stats is not None and stats.totals["level_refits"]:
         secs = results[label][1]
-        print(f"adaptive levels: {stats.totals['level_refits']} refits, {1e3 * stats.totals['levels_s']:.1f} ms in total "
-              f"= {100 * stats.totals['levels_s'] / secs:.2f}% of the run's {secs:.1f} s")
+        log(f"adaptive levels: {stats.totals['level_refits']} refits, {1e3 * stats.totals['levels_s']:.1f} ms in total "
+            f"= {100 * stats.totals['levels_s'] / secs:.2f}% of the run's {secs:.1f} s")
     if "uncompressed" in results:
         gap = results["uncompressed"][0][-1]["test_accuracy"] - results[label][0][-1]["test_accuracy"]
-        print(f"accuracy gap (uncompressed - compressed): {100 * gap:+.2f} points")
+        log(f"accuracy gap (uncompressed - compressed): {100 * gap:+.2f} points")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"ranks": size, "args": vars(args),

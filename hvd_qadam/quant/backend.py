@@ -13,6 +13,32 @@ import sys
 
 from . import reference
 
+
+def _plain_numba_messages() -> None:
+    """Keep numba from writing terminal escape codes.
+
+    numba highlights its error messages with colorama, and it builds one such message while
+    loading its CPU target (``numba/cpython/listobj.py`` makes a ``TypingError`` at import), i.e.
+    on the first kernel call of every process. Highlighting calls ``colorama.init()``, which
+    registers an atexit hook that writes ``ESC[0m`` to stdout whenever stdout looks like a
+    terminal -- and under ``mpirun`` every rank's stdout is a pseudo-terminal, so each rank ended
+    the job's output with a stray ``ESC[0m`` glued to the next rank's line. numba's own switch
+    (read when ``numba.core.errors`` is imported) turns highlighting off; if numba was imported
+    before us, its shared colour scheme instance is made to return messages unchanged."""
+    os.environ.setdefault("NUMBA_DISABLE_ERROR_MESSAGE_HIGHLIGHTING", "1")
+    errors = sys.modules.get("numba.core.errors")
+    if errors is None or not hasattr(errors, "ColorShell"):
+        return
+    try:
+        scheme = errors.termcolor()
+        if hasattr(scheme, "_markup"):
+            scheme._markup = lambda msg, *args, **kwargs: msg
+    except Exception:  # a numba without this internal: its messages keep their colours
+        pass
+
+
+_plain_numba_messages()
+
 _CPU_CHOICES = ("numpy", "numba", "auto")
 
 
