@@ -7,6 +7,7 @@
                                          algorithm="efficient_adam", quantizer="qsgd", bits=4)
 """
 from .api import dequantize, quantize  # noqa: F401
+from .comm import CollectiveTimeout, CommError  # noqa: F401
 from .compression import Compression  # noqa: F401
 from .engine import ConsistencyError, NonFiniteGradientError  # noqa: F401
 from .optimizer import DistributedOptimizer  # noqa: F401

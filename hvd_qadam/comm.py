@@ -5,22 +5,102 @@ the simulator. Collective calls return peers' data in rank order.
 """
 from __future__ import annotations
 
+import os
+import pickle
+import sys
 import threading
+import time
 
 import numpy as np
 import torch
+
+TIMEOUT_ENV = "HVD_QADAM_TIMEOUT"
+EXIT_GRACE_ENV = "HVD_QADAM_TIMEOUT_EXIT_GRACE"
+_ALIVE_TAG = 7412
 
 
 class CommError(RuntimeError):
     """A collective could not complete (a peer failed or left)."""
 
 
+class CollectiveTimeout(CommError):
+    """A collective did not complete within the deadline (a peer hangs or died)."""
+
+
+def collective_timeout(timeout: float | None = None) -> float:
+    """The deadline of every collective the library issues: ``timeout``, else the environment
+    variable HVD_QADAM_TIMEOUT, else 300 s."""
+    if timeout is not None:
+        return float(timeout)
+    return float(os.environ.get(TIMEOUT_ENV, "300"))
+
+
+def _missing_ranks(size: int, grace: float = 2.0):
+    """Ranks of MPI_COMM_WORLD that do not answer within ``grace`` seconds (None if unknown):
+    every live rank that timed out announces itself to every other."""
+    try:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        if comm.Get_size() != size:
+            return None
+        me = comm.Get_rank()
+        reqs = [comm.isend(me, dest=r, tag=_ALIVE_TAG) for r in range(size) if r != me]
+        heard = {me}
+        deadline = time.monotonic() + grace
+        status = MPI.Status()
+        while time.monotonic() < deadline and len(heard) < size:
+            if comm.iprobe(source=MPI.ANY_SOURCE, tag=_ALIVE_TAG, status=status):
+                heard.add(comm.recv(source=status.Get_source(), tag=_ALIVE_TAG))
+            else:
+                time.sleep(0.01)
+        del reqs
+        return sorted(set(range(size)) - heard)
+    except Exception:  # noqa: BLE001 - best effort diagnosis while failing anyway
+        return None
+
+
+_timed_out = []
+
+
+def _end_job(message: str) -> None:
+    print(f"hvd_qadam: {message}; ending the job", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    try:
+        from mpi4py import MPI
+        MPI.COMM_WORLD.Abort(1)
+    finally:
+        os._exit(1)
+
+
+def _at_exit() -> None:
+    if _timed_out:
+        _end_job(_timed_out[0])
+
+
+def _abort_later(message: str) -> None:
+    """After a collective timeout Horovod's background thread is stuck in the collective, so the
+    process could never exit cleanly (Horovod's own exit handler would wait for it): the job
+    ends at interpreter exit, or after a grace period (to log, to save a checkpoint) if the
+    caller carries on, with a non-zero status."""
+    grace = float(os.environ.get(EXIT_GRACE_ENV, "10"))
+    if not _timed_out:
+        import atexit
+        atexit.register(_at_exit)      # registered after Horovod's: runs before it
+        _timed_out.append(message)
+
+    def run():
+        time.sleep(grace)
+        _end_job(message)
+    threading.Thread(target=run, name="hvd_qadam-timeout-exit", daemon=True).start()
+
+
 class HorovodComm:
     """Collectives over Horovod (MPI controller), optionally on a process set."""
 
-    def __init__(self, process_set=None):
+    def __init__(self, process_set=None, timeout: float | None = None):
         import horovod.torch as hvd
         self.hvd = hvd
+        self.timeout = collective_timeout(timeout)
         kw = {} if process_set is None else {"process_set": process_set}
         self._kw = kw
         self.rank = hvd.rank() if process_set is None else process_set.rank()
@@ -32,34 +112,45 @@ class HorovodComm:
     def _tensor(data: bytes) -> torch.Tensor:
         return torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
 
-    def allgather_bytes(self, data: bytes, name: str) -> memoryview:
-        out = self.hvd.allgather(self._tensor(data), name=name, **self._kw)
-        return memoryview(out.numpy())
-
-    def alltoall_bytes(self, per_dest: list, name: str) -> list:
-        splits = torch.tensor([len(b) for b in per_dest], dtype=torch.int32)
-        out, recv_splits = self.hvd.alltoall(self._tensor(b"".join(per_dest)), splits=splits, name=name, **self._kw)
-        buf, pos, res = memoryview(out.numpy()), 0, []
-        for n in recv_splits.tolist():
-            res.append(buf[pos:pos + n])
-            pos += n
-        return res
-
     def allgather_object(self, obj, name: str = "hvd_qadam.object") -> list:
-        return self.hvd.allgather_object(obj, name=name)
+        data = pickle.dumps(obj)
+        sizes = self.wait(("raw", self.hvd.allgather_async(torch.tensor([len(data)], dtype=torch.int64),
+                                                          name=name + ".n", **self._kw), name))
+        gathered = self.wait(self.allgather_async(data, name))
+        out, pos = [], 0
+        for n in sizes.tolist():
+            out.append(pickle.loads(gathered[pos:pos + n]))
+            pos += n
+        return out
 
     # Asynchronous collectives run on Horovod's background thread while backward goes on.
     def allgather_async(self, data: bytes, name: str):
-        return ("allgather", self.hvd.allgather_async(self._tensor(data), name=name, **self._kw))
+        return ("allgather", self.hvd.allgather_async(self._tensor(data), name=name, **self._kw), name)
 
     def alltoall_async(self, per_dest: list, name: str):
         splits = torch.tensor([len(b) for b in per_dest], dtype=torch.int32)
         return ("alltoall", self.hvd.alltoall_async(self._tensor(b"".join(per_dest)), splits=splits, name=name,
-                                                    **self._kw))
+                                                    **self._kw), name)
 
     def wait(self, handle):
-        kind, h = handle
+        """The collective's result, or CollectiveTimeout after the deadline (the job then ends)."""
+        kind, h, name = handle
+        deadline = time.monotonic() + self.timeout
+        pause = 2e-5
+        while not self.hvd.poll(h):
+            if time.monotonic() > deadline:
+                missing = _missing_ranks(self.size) if self._kw == {} else None
+                who = ("unknown" if missing is None else
+                       ", ".join(map(str, missing)) if missing else "none (all answered the probe)")
+                msg = (f"collective {name!r} did not complete within {self.timeout:.0f} s ({TIMEOUT_ENV}) on rank "
+                       f"{self.rank}; ranks that did not answer: {who}")
+                _abort_later(msg)
+                raise CollectiveTimeout(msg)
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
         out = self.hvd.synchronize(h)
+        if kind == "raw":
+            return out
         if kind == "allgather":
             return memoryview(out.numpy())
         out, recv_splits = out

@@ -36,6 +36,7 @@ import torch
 from . import algorithms
 from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exported
 from .api import decode_flat, quantize
+from .comm import CommError
 from .config import NONE_LINK, Config, LinkSpec
 from .layout import Layout, shard_alignment, shard_bounds
 from .memory import StateBank
@@ -190,8 +191,7 @@ class Engine:
             raise ConsistencyError(f"a payload has {payload.numel} elements where {out.numel()} were expected")
         be = cpu_backend()
         if payload.kind.passthrough or not hasattr(be, "decode_into") or out.device.type != "cpu":
-            v = decode_flat(payload)
-            out.copy_(torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else torch.from_dlpack(v))
+            out.copy_(_decode_on(payload, out.device))
             return
         be.decode_into(out.numpy(), payload.scales, payload.codes, payload.levels, payload.bits,
                        payload.bucket_size, payload.numel)
@@ -205,19 +205,20 @@ class Engine:
         be = cpu_backend()
         fused = out.device.type == "cpu" and hasattr(be, "decode_add") and not any(p.kind.passthrough for p in payloads)
         if not fused:
-            acc = np.zeros(n, dtype=np.float32)
-            for p in payloads:
-                acc += decode_flat(p)
-            acc /= np.float32(len(payloads))
-            out.copy_(torch.from_numpy(acc))
+            # pass-through payloads, or a CUDA buffer (decoded on the device by the CuPy backend)
+            for i, p in enumerate(payloads):
+                v = _decode_on(p, out.device)
+                if i == 0:
+                    out.copy_(v)
+                else:
+                    out.add_(v)
+            out.div_(float(len(payloads)))
             return out
         acc = out.numpy()
         last = len(payloads) - 1
         for i, p in enumerate(payloads):
             if i == 0:
                 be.decode_into(acc, p.scales, p.codes, p.levels, p.bits, p.bucket_size, n)
-                if last == 0:
-                    acc /= np.float32(1)
             else:
                 be.decode_add(acc, p.scales, p.codes, p.levels, p.bits, p.bucket_size, n,
                               divisor=len(payloads) if i == last else None)
@@ -327,7 +328,7 @@ class Engine:
         """Server side of elements [a, b) of group ``g``: mean, server transform, downlink.
         Returns the downlink as a payload, or as a tensor where it is full precision and
         every rank computes it itself (``allgather`` with no downlink quantizer)."""
-        mean = self.mean_into(payloads, self.scratch(f"g{g.index}@{a}.mean", b - a, "cpu"))
+        mean = self.mean_into(payloads, self.scratch(f"g{g.index}@{a}.mean", b - a, g.device))
         u = self.alg.server(self, g, a, b, mean, st)
         _, down = self.links(g, st.compress)
         if down.passthrough:
@@ -355,6 +356,9 @@ class Engine:
                 if g.index not in st.launched:
                     self.launch(g, grads_for(g))
             results = self.transport.complete(st)
+        except CommError as e:
+            self.abort(drain=False)      # the collectives in flight will not complete
+            raise type(e)(f"step {st.step}: {e}") from None
         except BaseException:
             self.abort()
             raise
@@ -365,9 +369,10 @@ class Engine:
         self._commit(st)
         return out
 
-    def abort(self) -> None:
-        """Forget the step in flight (its spare buffers are simply reused next time)."""
-        if self.pending is not None:
+    def abort(self, drain: bool = True) -> None:
+        """Forget the step in flight (its spare buffers are simply reused next time), after
+        waiting for its collectives that are still in flight (``drain``)."""
+        if self.pending is not None and drain:
             self.transport.cancel(self.pending)
         self.pending = None
 
@@ -410,7 +415,7 @@ class Engine:
             down = [self.serve(g, 0, g.numel, [f.payloads[g.index] for f in frames], st) for g in self.layout.groups]
             values = []
             for g, q in zip(self.layout.groups, down):
-                v = self.scratch(f"g{g.index}.down", g.numel, "cpu")
+                v = self.scratch(f"g{g.index}.down", g.numel, g.device)
                 self.decode_into(q, v)
                 values.append(self.alg.finish(self, g, v, st))
         except BaseException:
@@ -502,3 +507,25 @@ class Engine:
             self.bank.clear(lambda k: k.endswith(".e"))
         if self.uplink_levels is not None and state.get("levels") is not None:
             self.uplink_levels.load_state_dict(state["levels"])
+
+
+def _decode_on(payload, device) -> torch.Tensor:
+    """Decode where the result is needed: payloads received from the wire are host bytes; for a
+    CUDA buffer their codes and scales go up (1/8 of fp32 at 4 bits) and the CuPy kernels decode
+    on the device, so full-size tensors never cross PCIe."""
+    if device.type == "cuda" and not payload.kind.passthrough and isinstance(payload.codes, np.ndarray):
+        import cupy
+        from .quant.backend import gpu_backend
+        with cupy.cuda.Device(device.index or 0):
+            levels = cupy.asarray(payload.levels)
+            arr = gpu_backend().decode(cupy.asarray(payload.scales), cupy.asarray(payload.codes), levels,
+                                       payload.bits, payload.bucket_size, payload.numel)
+        return _as_tensor(arr, device)
+    return _as_tensor(decode_flat(payload), device)
+
+
+def _as_tensor(arr, device) -> torch.Tensor:
+    """A decoded NumPy or CuPy array as a float32 torch tensor on ``device`` (DLPack: no copy
+    for CuPy on the same device)."""
+    t = torch.from_numpy(np.ascontiguousarray(arr)) if isinstance(arr, np.ndarray) else torch.from_dlpack(arr)
+    return t.to(device=device, dtype=torch.float32)

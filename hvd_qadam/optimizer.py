@@ -313,7 +313,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          fusion_threshold_mb: float = 25, overlap: bool = True, seed: int = 0,
                          nonfinite: str | None = None, bias_correction: bool = True,
                          momentum_steps: int | None = None, sync_every: int = 1, level_schedule=(0, 100, 2000),
-                         level_every: int = 10000, comm=None):
+                         level_every: int = 10000, timeout: float | None = None, comm=None):
     """Wrap ``optimizer`` so that ``step()`` averages across ranks with quantized communication.
 
     The first ten arguments are ``hvd.DistributedOptimizer``'s, with its meaning:
@@ -368,6 +368,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     sync_every (1): ``local_sgd`` averaging period.
     level_schedule ((0, 100, 2000)) / level_every (10000): ALQ/AMQ refits at these steps, then every
       ``level_every`` after the last.
+    timeout (None: HVD_QADAM_TIMEOUT, else 300 s): deadline of every collective. When it expires
+      every live rank raises CollectiveTimeout naming the collective and the ranks that did not
+      answer, and the job ends (non-zero) after HVD_QADAM_TIMEOUT_EXIT_GRACE seconds (10).
     comm: a transport (the simulator's); default Horovod.
     """
     if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
@@ -409,7 +412,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         comm = ps_worker_comm()
     if comm is None:
         from .comm import HorovodComm
-        comm = HorovodComm(_process_set(process_set))
+        comm = HorovodComm(_process_set(process_set), timeout=timeout)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_QuantizedDistributedOptimizer.__dict__))
     return cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap,

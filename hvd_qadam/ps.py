@@ -31,7 +31,8 @@ _worker_comm = None
 
 
 def _timeout() -> float:
-    return float(os.environ.get(TIMEOUT_ENV, "600"))
+    from .comm import collective_timeout
+    return float(os.environ[TIMEOUT_ENV]) if TIMEOUT_ENV in os.environ else collective_timeout()
 
 
 def _recv(comm, source, what: str):
@@ -181,11 +182,19 @@ class ParameterServer:
 
     def serve(self) -> None:
         pending_hello, pending_steps, done = {}, {}, set()
+        gone = None          # set once a worker left: every later step is answered with an error
         while len(done) < len(self.workers):
             msg, src = _recv(self.comm, source=_any_source(), what="any worker")
             kind = msg[0]
             if kind == "bye":
                 done.add(src)
+                if gone is None:
+                    gone = f"worker rank {src} exited; the parameter server cannot complete steps without it"
+                for w in list(pending_steps):
+                    self.comm.send(("error", gone), dest=w, tag=TAG)
+                pending_steps = {}
+            elif kind == "step" and gone is not None:
+                self.comm.send(("error", gone), dest=src, tag=TAG)
             elif kind == "hello":
                 pending_hello[src] = msg[1]
                 if len(pending_hello) == len(self.workers):

@@ -183,6 +183,9 @@ class PSTransport(Transport):
         if status == "nonfinite":
             st.errors.append(reply)
             return {}
+        if status == "error":
+            from .comm import CommError
+            raise CommError(f"parameter server: {reply}")
         if status != "ok":
             raise ConsistencyError(f"parameter server: {reply}")
         t1 = time.perf_counter()

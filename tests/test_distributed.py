@@ -114,3 +114,44 @@ def test_ps_without_mpi_launch_refuses_clearly():
                           env={**__import__('os').environ, "HOROVOD_CONTROLLER": "gloo"})
     assert proc.returncode != 0
     assert "topology='ps' needs at least 2 MPI processes" in proc.stderr and "Gloo" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- the fault suite: every case ends
+FAULT_ENV = {"HVD_QADAM_TIMEOUT": "8", "HVD_QADAM_TIMEOUT_EXIT_GRACE": "2"}
+
+
+@pytest.mark.parametrize("topology", ["allgather", "sharded"])
+def test_mpi_hung_peer_ends_the_job_within_the_deadline(topology):
+    import time
+    t0 = time.time()
+    proc = run_mpi(3, "failures.py", "hang", "--topology", topology, check=False, timeout=90, env=FAULT_ENV)
+    took = time.time() - t0
+    assert "RANK 1 HANGING" in proc.stdout
+    assert proc.returncode != 0 and "FINISHED" not in proc.stdout
+    errors = _ranks(proc.stdout, "ERROR")
+    assert sorted(errors) == [0, 2], proc.stdout + proc.stderr[-3000:]
+    for msg in errors.values():
+        assert "CollectiveTimeout" in msg and re.search(r"step \d", msg) and "collective 'hvd_qadam." in msg, msg
+        assert "did not answer: 1" in msg, msg
+    # deadline 8 s + probe 2 s + exit grace 2 s + start-up; far below the 90 s launch limit
+    assert took < 60, took
+
+
+@pytest.mark.parametrize("topology", ["allgather", "sharded"])
+def test_mpi_step_mismatch_is_a_consistency_error_not_a_hang(topology):
+    proc = run_mpi(3, "failures.py", "mismatch", "--topology", topology, check=False, timeout=90, env=FAULT_ENV)
+    errors = _ranks(proc.stdout, "ERROR")
+    assert proc.returncode != 0 and sorted(errors) == [0, 1, 2], proc.stdout + proc.stderr[-3000:]
+    for msg in errors.values():
+        assert "ConsistencyError" in msg and "step" in msg and "disagree" in msg, msg
+
+
+def test_mpi_ps_worker_clean_exit_ends_server_and_workers():
+    import time
+    t0 = time.time()
+    proc = run_mpi(3, "failures.py", "exit", "--topology", "ps", check=False, timeout=90, env=FAULT_ENV)
+    assert "RANK 1 EXITING" in proc.stdout
+    errors = _ranks(proc.stdout, "ERROR")
+    assert 0 in errors and "exited" in errors[0], proc.stdout + proc.stderr[-3000:]
+    assert proc.returncode != 0
+    assert time.time() - t0 < 60
