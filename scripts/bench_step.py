@@ -41,11 +41,13 @@ def make_model():
     return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(10)])
 
 
-def timed(fn, steps, warmup=3):
+def timed(fn, steps, warmup=3, sync=lambda: None):
     out = []
     for i in range(warmup + steps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         if i >= warmup:
             out.append(time.perf_counter() - t0)
     return statistics.median(out)
@@ -55,27 +57,30 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU path: CuPy kernels, no host copies)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    x = torch.randn(32, 1024)
-    model = make_model()
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    x = torch.randn(32, 1024, device=dev)
+    model = make_model().to(dev)
     n = sum(p.numel() for p in model.parameters())
 
     def backward():
         model.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
-    t_bwd = timed(backward, args.steps)
-    res = {"params": n, "threads": 1, "backward_s": t_bwd}
+    t_bwd = timed(backward, args.steps, sync=sync)
+    res = {"params": n, "threads": 1, "device": str(dev), "backward_s": t_bwd}
     for name, kw in (("torch Adam.step (foreach)", {}), ("torch Adam.step (fused)", {"fused": True})):
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, **kw)
         backward()
-        res[name] = timed(opt.step, args.steps)
+        res[name] = timed(opt.step, args.steps, sync=sync)
     adam = res["torch Adam.step (foreach)"]
     rows = [("torch Adam.step (foreach)", adam, adam), ("torch Adam.step (fused)", res["torch Adam.step (fused)"],
                                                          res["torch Adam.step (fused)"])]
     world = SimWorld(1)
     for name, kw in CONFIGS.items():
-        model = make_model()
+        model = make_model().to(dev)
         opt = hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-4),
                                              model.named_parameters(), comm=world.comm(0), **kw)
 
@@ -84,7 +89,7 @@ def main():
             model(x).square().mean().backward()
             opt.step()
 
-        t_full = timed(full, args.steps)
+        t_full = timed(full, args.steps, sync=sync)
         cost = t_full - t_bwd        # backward() above is forward + backward of the same model
         res[name] = {"backward_plus_step_s": t_full, "step_cost_s": cost, "vs_adam": cost / adam,
                      "sent_bytes": opt.communication_stats.sent_bytes}
