@@ -23,8 +23,8 @@ mixture components, so a refit takes a few milliseconds at 2-4 bits.
 Everything is a deterministic function of the summed statistics (and, for AMQ, the previous p,
 which every rank holds too), so ranks agree on the codebook without sending it. That holds for
 identical software on identical CPUs; NumPy's vectorised exp/erf may differ in the last bit
-between CPU generations, so a mixed cluster should broadcast rank 0's levels
-(``LevelAdapter.set_codebook``).
+between CPU generations, so a mixed cluster should broadcast rank 0's adapter state
+(``LevelAdapter.state_dict`` / ``load_state_dict``).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from scipy.linalg.lapack import dgtsv
 from scipy.special import ndtr
 
 from .quant import codebooks as cb
+from .quant.common import check_bucket_size, to_host
 
 ADAPTIVE_QUANTIZERS = ("alq", "amq", "alq_n", "amq_n")
 # Per-bucket sums, stored field-major: [count | sum r | sum r^2 | norm], each num_buckets long.
@@ -53,9 +54,7 @@ _QUIET = {"under": "ignore", "over": "ignore"}
 def _as_numpy(v) -> np.ndarray:
     if hasattr(v, "detach"):                  # torch tensor, any device
         v = v.detach().reshape(-1).float().cpu().numpy()
-    elif hasattr(v, "get") and type(v).__module__.startswith("cupy"):
-        v = v.get()
-    return np.asarray(v).reshape(-1)
+    return np.asarray(to_host(v)).reshape(-1)
 
 
 def bucket_statistics(vectors, bucket_size: int) -> np.ndarray:
@@ -620,7 +619,7 @@ class LevelAdapter:
         if adapter.due(step):
             s = adapter.local_stats(grads)                 # float64, same length on all ranks
             s = allreduce_sum(s)                           # e.g. hvd.allreduce(..., op=hvd.Sum)
-            adapter.update(s, world_size, step=step)       # identical codebook everywhere
+            adapter.update(s, step=step)                   # identical codebook everywhere
         payload = hvd_qadam.quantize(g, adapter.quantizer, bits, bucket_size, codebook=adapter.codebook)
     """
 
@@ -632,9 +631,7 @@ class LevelAdapter:
             raise cb.QuantizerError(f"LevelAdapter needs one of {ADAPTIVE_QUANTIZERS}, got {quantizer!r}")
         self.quantizer = kind.name
         self.bits = kind.check_bits(bits)
-        if isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer)) or bucket_size < 1:
-            raise ValueError(f"bucket_size must be a positive integer, got {bucket_size!r}")
-        self.bucket_size = int(bucket_size)
+        self.bucket_size = check_bucket_size(bucket_size)
         self.schedule = tuple(sorted({int(s) for s in schedule}))
         if any(s < 0 for s in self.schedule):
             raise ValueError(f"schedule steps must be >= 0, got {schedule!r}")
@@ -680,15 +677,14 @@ class LevelAdapter:
             return fit_pooled(summed_stats, self.min_sigma)
         return fit_mixture(summed_stats, self.num_top_buckets, self.min_sigma)
 
-    def update(self, summed_stats: np.ndarray, world_size: int = 1, step: int | None = None) -> np.ndarray:
+    def update(self, summed_stats: np.ndarray, *, step: int | None = None) -> np.ndarray:
         """Fit the density to the allreduced statistics and set the new codebook (float32).
 
         Statistics with no usable bucket (all-zero or non-finite gradients) keep the current
-        codebook. ``world_size`` is accepted for the caller's contract; the fit only uses ratios
-        of the sums, so an allreduce average gives the same codebook as a sum.
+        codebook. The fit only uses ratios of the sums, so an allreduce average gives the same
+        codebook as a sum. ``step`` is recorded as ``last_update_step`` (default: the step
+        :meth:`due` last said yes to).
         """
-        if int(world_size) < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size!r}")
         stats = np.asarray(summed_stats, dtype=np.float64).ravel()
         if stats.size % len(STAT_FIELDS):
             raise ValueError(f"statistics must have 4 * num_buckets entries, got {stats.size}")
@@ -712,16 +708,6 @@ class LevelAdapter:
     def codebook(self) -> np.ndarray:
         """The current float32 levels (read-only)."""
         return self._codebook
-
-    def set_codebook(self, levels, p: float | None = None) -> None:
-        """Adopt levels computed elsewhere (e.g. broadcast from rank 0)."""
-        codebook = to_codebook(levels, self.bits)
-        if codebook.size != self._codebook.size:
-            raise cb.QuantizerError(f"expected {self._codebook.size} levels, got {codebook.size}")
-        codebook.setflags(write=False)
-        self._codebook = codebook
-        if self.is_amq and p is not None:
-            self.p = float(p)
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -18,6 +18,9 @@ optimizer is built (:meth:`Algorithm.check_optimizer`), never ignored.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 from . import functional as F
 
 OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS = "grad", "update", "weights"
@@ -50,6 +53,9 @@ class Algorithm:
     def finish(self, eng, g, result, step):
         """What is applied, from the downlink result of the whole group (every rank)."""
         return result
+
+    def restore(self, eng) -> None:
+        """Called after ``eng`` loaded a checkpoint (its bank and counters), before the next step."""
 
 
 def _refuse(alg: str, optimizer, option: str, why: str):
@@ -218,7 +224,136 @@ class LocalSGD(Algorithm):
         return anchor
 
 
-ALGORITHMS = {cls.name: cls for cls in (QSGD, EfficientAdam, QAdam, QAdamWeights, EFSGD, LocalSGD)}
+class OnebitAdam(_AdamFamily):
+    r"""1-bit Adam (Tang et al. 2021, DeepSpeed's ``OnebitAdam``): full-precision Adam on the
+    averaged gradient for a warm-up of ``freeze_step`` steps; then the second moment v is frozen and
+    the workers exchange their *momentum*, compressed (1-bit ``sign`` with two-way error feedback
+    when ``quantizer="sign"``, ``downlink_quantizer="sign"``).
+
+        input: lr (gamma), betas (b1, b2), eps, weight decay (lambda), freeze step T_f, N workers,
+               Q_w / Q_s the uplink / downlink quantizers (identity during the warm-up)
+        initialize: m_0 = 0, v_0 = 0, e_i = 0 (worker residuals), e_s = 0 (server residual)
+        for t = 1, 2, ...:
+            g_i = grad f_i(x_{t-1})  (+ lambda x_{t-1}: Adam's L2 decay)            on worker i
+            if t <= T_f:                                     warm-up, uncompressed (fp32) exchange
+                g   = (1/N) sum_i g_i
+                m_t = b1 m_{t-1} + (1 - b1) g
+                v_t = b2 v_{t-1} + (1 - b2) g^2
+                u_t = m_t / (1 - b1^t) / (sqrt(v_t / (1 - b2^t)) + eps)
+            else:                                            compression stage, v_t = v_{T_f}
+                m_i = b1 m_{t-1} + (1 - b1) g_i                           W: on worker i
+                p_i = m_i + e_i;  send Q_w(p_i);  e_i = p_i - Q_w(p_i)
+                mbar = (1/N) sum_i Q_w(p_i)                               S: the mean
+                m_t = Q_s(mbar + e_s);  e_s = mbar + e_s - m_t         (m_t = mbar, full downlink)
+                m_t = 0 where v_{T_f} = 0
+                u_t = m_t / (sqrt(v_{T_f} / (1 - b2^{T_f})) + eps)       (0 where v_{T_f} = 0)
+            x_t = x_{t-1} - lr u_t  (- lr lambda x_{t-1}: AdamW's decoupled decay)    every rank
+
+    m and v are replicated: every rank holds the same m (the averaged, decoded momentum) and v.
+    With ``quantizer="none"`` and T_f beyond the run this is torch.optim.Adam on the mean gradient.
+
+    Bias correction. DeepSpeed's 1-bit Adam corrects neither moment, in either stage. Here the
+    warm-up is torch's Adam (``bias_correction=True``, the default, so it equals Adam on the mean
+    gradient); after the freeze m is not corrected (DeepSpeed's choice; 1 - b1^t > 0.99997 from
+    t = 100 with b1 = 0.9), and v keeps the correction of the step it was frozen at, 1 - b2^{T_f}: a
+    frozen raw v would make every step after the freeze 1/sqrt(1 - b2^{T_f}) larger (3.2x at
+    T_f = 100, b2 = 0.999) than the one before it. ``bias_correction=False`` is DeepSpeed's rule
+    exactly: no correction anywhere.
+
+    Zero second moment. A coordinate whose gradient was exactly 0 through the whole warm-up (an
+    embedding row of a token never seen) has v_{T_f} = 0; a 1-bit code cannot say 0, so its decoded
+    momentum is +-scale and lr m / eps would throw the weight away. Such coordinates keep m = 0 and
+    take no Adam step after the freeze (DeepSpeed asks the user for a "momentum mask" instead).
+
+    The freeze. The warm-up is the engine's uncompressed warm-up (``warmup_steps``, which the
+    configuration sets to ``freeze_step``, default 100 = :data:`hvd_qadam.config.DEFAULT_FREEZE_STEP`).
+    ``freeze_step="auto"`` decides it at run time: after warm-up step t > K the norm of the
+    bias-corrected second moment, n_t = ||v_t / (1 - b2^t)|| over every group, is compared with
+    n_{t-K}; when |n_t - n_{t-K}| <= tol n_t, v freezes and step t + 1 is the first compressed one
+    (K = ``AUTO_WINDOW``, tol = ``AUTO_TOLERANCE``). v_t comes from the full-precision averaged
+    gradient, identical on every rank (and on the ``ps`` server), and n_t is summed sequentially in
+    float64, so every rank reaches the same decision without a message. ``warmup_steps``, if given
+    with "auto", is the latest freeze step.
+
+    State: m, v (bank, ``g<i>.m`` / ``g<i>.v``), the warm-up Adam step per group and, for "auto", the
+    step the freeze starts at and the last K + 1 norms (counters and bank): all checkpointed."""
+    name = "onebit_adam"
+    output = OUT_UPDATE
+    AUTO_WINDOW = 20                   # K: compare ||v_hat|| with its value K warm-up steps ago
+    AUTO_TOLERANCE = 0.05              # freeze when it changed by at most this fraction
+    FREEZE_AT = "onebit.freeze_at"     # counter: the first compressed step ("auto", once decided)
+    NORMS = "onebit.vnorm"             # bank: ring buffer of the last K + 1 norms ("auto")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._norms = (None, {})       # (step in flight, {group: sum of v_hat^2}), "auto" only
+
+    @property
+    def auto(self) -> bool:
+        return self.cfg.freeze_step == "auto"
+
+    def worker(self, eng, g, grad, step):
+        if not step.compress:
+            return grad                                   # warm-up: the gradient itself, in fp32
+        h, key = eng.hyper(g.param_group), f"g{g.index}"
+        n, dev = g.numel, grad.device
+        c = self.constants(h, max(1, eng.counters["worker_adam_step"].get(key, 0)))
+        out = eng.scratch(key + ".w", n, dev)
+        F.momentum_ema(grad, eng.bank.get_or_zeros(key + ".m", n, dev),
+                       eng.flat_params(g) if c["l2"] else None, out, c)
+        return out
+
+    def finish(self, eng, g, result, step):
+        h, key = eng.hyper(g.param_group), f"g{g.index}"
+        n, dev = g.numel, result.device
+        m, v = eng.bank.get_or_zeros(key + ".m", n, dev), eng.bank.get_or_zeros(key + ".v", n, dev)
+        m_new, d = step.spare(key + ".m", n, dev), eng.scratch(key + ".d", n, dev)
+        x = eng.flat_params(g) if self.needs_x(h) else None
+        if step.compress:          # result: the averaged (decoded) momentum
+            F.frozen_adam_apply(result, v, x, m_new, d,
+                                self.constants(h, max(1, eng.counters["worker_adam_step"].get(key, 0))))
+            return d
+        t = eng.counters["worker_adam_step"].get(key, 0) + 1
+        v_new = step.spare(key + ".v", n, dev)
+        F.adam_update(result, m, v, x, m_new, v_new, d, self.constants(h, t))
+        step.worker_adam_step[key] = t
+        if self.auto:
+            self._watch(eng, g, h, t, v_new, step)
+        return d
+
+    def _watch(self, eng, g, h, t, v_new, step) -> None:
+        """freeze_step="auto": after the last group of a warm-up step, decide whether v is stable."""
+        if self._norms[0] is not step:
+            self._norms = (step, {})
+        sums = self._norms[1]
+        sums[g.index] = F.sumsq(v_new) / (1.0 - h["betas"][1] ** t) ** 2
+        if len(sums) < len(eng.layout.groups):
+            return
+        k = self.AUTO_WINDOW
+        hist = eng.bank.get_or_zeros(self.NORMS, k + 1, "cpu")
+        hist_new = step.spare(self.NORMS, k + 1, "cpu")
+        hist_new.copy_(hist)
+        hist_new[t % (k + 1)] = math.sqrt(sum(sums[i] for i in sorted(sums)))
+        if t <= k:
+            return
+        now, before = float(hist_new[t % (k + 1)]), float(hist_new[(t - k) % (k + 1)])
+        if now > 0 and abs(now - before) <= self.AUTO_TOLERANCE * now:
+            step.worker_adam_step[self.FREEZE_AT] = step.step + 1
+            self._set_warmup(eng, step.step + 1)
+
+    def _set_warmup(self, eng, steps: int) -> None:
+        if eng.cfg.warmup_steps != steps:
+            eng.cfg = dataclasses.replace(eng.cfg, warmup_steps=steps)
+
+    def restore(self, eng) -> None:
+        if self.auto:
+            at = eng.counters["worker_adam_step"].get(self.FREEZE_AT)
+            self._set_warmup(eng, self.cfg.warmup_steps if at is None else at)
+        self._norms = (None, {})
+
+
+ALGORITHMS = {cls.name: cls for cls in (QSGD, EfficientAdam, QAdam, QAdamWeights, EFSGD, LocalSGD,
+                                                 OnebitAdam)}
 
 
 def make(config) -> Algorithm:

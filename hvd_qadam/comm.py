@@ -161,6 +161,16 @@ class HorovodComm:
         return res
 
 
+class ExcludedComm:
+    """The comm of a rank outside the optimizer's process set: it takes part in nothing (its
+    optimizer steps locally, as Horovod's does)."""
+    excluded = True
+    rank, size = 0, 1
+
+    def __getattr__(self, name):
+        raise RuntimeError("this rank is not in the optimizer's process set; it does not communicate")
+
+
 class SimWorld:
     """Shared state of N simulated ranks that run as threads of one process."""
 

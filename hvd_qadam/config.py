@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from .api import ROUNDINGS, check_bucket_size
 from .quant import codebooks as cb
 
-ALGORITHMS = ("qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd", "local_sgd")
+ALGORITHMS = ("qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd", "local_sgd", "onebit_adam")
 TOPOLOGIES = ("allgather", "sharded", "ps")
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
+DEFAULT_FREEZE_STEP = 100           # onebit_adam: full-precision Adam steps before v is frozen
+FREEZE_AUTO_NEVER = 2 ** 62         # freeze_step="auto" without a cap: warm up until v is stable
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Config:
     sync_every: int = 1                     # local_sgd averaging period I
     level_schedule: tuple = (0, 100, 2000)  # adaptive quantizers: when levels are refit ...
     level_every: int = 10000                # ... and every this many steps after the last
+    freeze_step: int | str | None = None    # onebit_adam: warm-up steps (None: DEFAULT_FREEZE_STEP) or "auto"
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -75,6 +78,32 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self._check_freeze_step()
+
+    def _check_freeze_step(self):
+        """onebit_adam's warm-up is the engine's uncompressed warm-up: warmup_steps is derived from
+        freeze_step (for "auto", warmup_steps, if given, caps the freeze step; the algorithm lowers it
+        at run time when it decides to freeze)."""
+        f = self.freeze_step
+        if self.algorithm != "onebit_adam":
+            if f is not None:
+                raise ValueError(f"freeze_step is an option of algorithm 'onebit_adam', not {self.algorithm!r} "
+                                 f"(use warmup_steps for uncompressed steps first)")
+            return
+        if f is None:
+            f = DEFAULT_FREEZE_STEP
+        if f == "auto":
+            if self.warmup_steps == 0:
+                object.__setattr__(self, "warmup_steps", FREEZE_AUTO_NEVER)
+        elif isinstance(f, bool) or not isinstance(f, int) or f < 1:
+            raise ValueError(f"freeze_step must be a positive integer or 'auto', got {f!r} (onebit_adam needs "
+                             f"full-precision steps to estimate the second moment it freezes)")
+        elif self.warmup_steps not in (0, f):
+            raise ValueError(f"onebit_adam: warmup_steps={self.warmup_steps} conflicts with freeze_step={f}; its "
+                             f"uncompressed warm-up is freeze_step (pass that only)")
+        else:
+            object.__setattr__(self, "warmup_steps", f)
+        object.__setattr__(self, "freeze_step", f)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

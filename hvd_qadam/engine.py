@@ -215,6 +215,14 @@ class Engine:
             out.div_(float(len(payloads)))
             return out
         acc = out.numpy()
+        first = payloads[0]
+        if hasattr(be, "decode_mean") and all(p.quantizer == first.quantizer and p.bits == first.bits
+                                              and p.bucket_size == first.bucket_size
+                                              and np.array_equal(p.levels, first.levels) for p in payloads):
+            # one pass: every payload decoded and added per cache block, out written once
+            be.decode_mean(acc, [p.scales for p in payloads], [p.codes for p in payloads], payloads[0].levels,
+                           payloads[0].bits, payloads[0].bucket_size, n)
+            return out
         last = len(payloads) - 1
         for i, p in enumerate(payloads):
             if i == 0:
@@ -458,6 +466,13 @@ class Engine:
             for g in self.layout.groups:
                 if self.bank.get(f"g{g.index}.anchor") is None:
                     self.bank.set(f"g{g.index}.anchor", g.flatten(params).clone())
+
+    def reset_state(self, step: int) -> None:
+        """Start the algorithm state afresh at ``step`` (residuals, moments, server state; the
+        local SGD anchors are kept: they are the current weights, identical on every rank)."""
+        self.abort()
+        self.bank.clear(lambda k: not k.endswith(".anchor"))
+        self.counters = {"step": int(step), "worker_adam_step": {}, "server_adam_step": {}}
 
     def residual_views(self, server: bool = False) -> dict:
         """{name: residual tensor}: worker residuals by parameter name, server ones by shard key."""

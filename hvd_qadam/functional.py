@@ -66,6 +66,45 @@ if njit is not None:
                 d_out[i] = gi * lr
 
     @njit(parallel=True, **_JIT)
+    def _momentum_ema_kernel(g, m, x, out, sign, l2, b1, omb1):
+        n = g.size
+        for t in prange((n + _TASK - 1) // _TASK):
+            for i in range(t * _TASK, min(n, (t + 1) * _TASK)):
+                gi = g[i] * sign
+                if l2:
+                    gi = gi + x[i] * l2
+                out[i] = m[i] * b1 + gi * omb1
+
+    @njit(parallel=True, **_JIT)
+    def _frozen_adam_kernel(m, v, x, m_out, d_out, use_bc, bc2, lr, eps, lr_wd, decoupled):
+        n = m.size
+        for t in prange((n + _TASK - 1) // _TASK):
+            for i in range(t * _TASK, min(n, (t + 1) * _TASK)):
+                vi = v[i]
+                if vi == 0:
+                    mi = np.float32(0.0)
+                    d = np.float32(0.0)
+                else:
+                    mi = m[i]
+                    if use_bc:
+                        vi = vi / bc2
+                    d = (mi * lr) / (np.float32(math.sqrt(vi)) + eps)
+                if decoupled:
+                    d = d + x[i] * lr_wd
+                m_out[i] = mi
+                d_out[i] = d
+
+    @njit(**_JIT)
+    def _sumsq_kernel(a):
+        """Sum of squares in float64, one element after the other (no fastmath: no reassociation),
+        so equal inputs give equal bits on every x86-64 CPU."""
+        s = 0.0
+        for i in range(a.size):
+            ai = np.float64(a[i])
+            s += ai * ai
+        return s
+
+    @njit(parallel=True, **_JIT)
     def _axpby_kernel(a, b, out, alpha, beta):
         """out = a * alpha + b * beta (alpha/beta of 1 or -1 are exact)."""
         n = a.size
@@ -176,3 +215,59 @@ def axpby(a, b, out, alpha: float, beta: float) -> None:
         _axpby_kernel(_np(a), _np(b), _np(out), _f32(alpha), _f32(beta))
     else:
         torch.add(a * alpha, b * beta, out=out)
+
+
+def momentum_ema(g, m, x, out, c: dict) -> None:
+    """The first-moment update of :func:`adam_update` alone, into out (1-bit Adam's worker transform):
+
+        g <- sign * g (+ l2 * x for Adam's L2 weight decay);   out = b1 m + (1 - b1) g
+    """
+    if _host(g, m, x, out):
+        _momentum_ema_kernel(_np(g), _np(m), _np(x) if x is not None else _np(g), _np(out), c["sign"], c["l2"],
+                             c["b1"], c["omb1"])
+        return
+    gi = g * c["sign"]
+    if c["l2"]:
+        gi = gi + x * c["l2"]
+    torch.add(m * c["b1"], gi * c["omb1"], out=out)
+
+
+def frozen_adam_apply(m, v, x, m_out, d_out, c: dict) -> None:
+    """1-bit Adam's step after the freeze, from the averaged momentum m and the frozen v:
+
+        d = lr m / (sqrt(v / bc2) + eps)   (bc2 of the freeze step, 1 without bias correction)
+            (+ lr wd x, AdamW's decoupled decay);  m_out = m
+        where v == 0 (a coordinate whose gradient was exactly 0 through the whole warm-up):
+            d = 0 (+ decay), m_out = 0 -- a 1-bit code cannot say 0, and m / eps would explode.
+    """
+    if _host(m, v, x, m_out, d_out):
+        _frozen_adam_kernel(_np(m), _np(v), _np(x) if x is not None else _np(m), _np(m_out), _np(d_out),
+                            c["use_bc"], c["bc2"], c["lr"], c["eps"], c["lr_wd"], c["decoupled"])
+        return
+    live = v != 0
+    vh = v / c["bc2"] if c["use_bc"] else v
+    zero = torch.zeros_like(m)
+    torch.where(live, m, zero, out=m_out)
+    torch.where(live, (m_out * c["lr"]) / (torch.sqrt(vh) + c["eps"]), zero, out=d_out)
+    if c["decoupled"]:
+        d_out.add_(x * c["lr_wd"])
+
+
+def frozen_adam_reference(m, v, x, c: dict):
+    """NumPy statement of :func:`frozen_adam_apply` (returns m', d)."""
+    f = np.float32
+    live = v != 0
+    mi = np.where(live, m, f(0)).astype(f)
+    vh = v / c["bc2"] if c["use_bc"] else v
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(live, (mi * c["lr"]) / (np.sqrt(vh) + c["eps"]), f(0)).astype(f)
+    if c["decoupled"]:
+        d = d + x * c["lr_wd"]
+    return mi, d.astype(f)
+
+
+def sumsq(t: torch.Tensor) -> float:
+    """sum(t^2) in float64, reproducible bit for bit for equal inputs (sequential on the host)."""
+    if njit is not None and t.device.type == "cpu":
+        return float(_sumsq_kernel(_np(t)))
+    return float(t.double().pow(2).sum())

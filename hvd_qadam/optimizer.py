@@ -81,7 +81,8 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._ready = {g.index: 0 for g in self._layout.groups}
         self._filled = {g.index: set() for g in self._layout.groups}
         self._hook_handles = []
-        if overlap:
+        self._sparse = set()          # parameters whose gradients came sparse (handed back sparse)
+        if overlap and not getattr(comm, "excluded", False):
             for p in self._slot_of:
                 self._hook_handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
 
@@ -121,11 +122,15 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                                        f"(name, shape, dtype): {detail}")
         steps = [theirs["step"] for theirs in everyone]
         if len(set(steps)) > 1:
-            raise ConsistencyError(
-                f"ranks start at different steps {steps}: only some ranks restored an hvd_qadam checkpoint. "
-                f"Restore every rank from its own file (optimizer.state_dict() holds per-rank residuals), or "
-                f"none; after hvd.broadcast_optimizer_state() from a rank-0 checkpoint, drop the 'hvd_qadam' "
-                f"entry before loading (the compression state then starts afresh on every rank)")
+            # Horovod's resume pattern: rank 0 loads a checkpoint, hvd.broadcast_optimizer_state()
+            # shares the wrapped optimizer's state, and hvd_qadam's own state exists on rank 0 only.
+            # Every rank then starts the compression state afresh at rank 0's step, identically.
+            warnings.warn(f"ranks start at different hvd_qadam steps {steps} (only some ranks restored an "
+                          f"hvd_qadam checkpoint, e.g. rank 0 before hvd.broadcast_optimizer_state()): every "
+                          f"rank resets its error-feedback residuals and hvd_qadam moments and continues at "
+                          f"step {steps[0]}. Restore every rank from its own file to resume the exact "
+                          f"trajectory", RuntimeWarning, stacklevel=3)
+            self._engine.reset_state(steps[0])
         params = self._tensors(grads=False)
         self._engine.start(params)
         if self._qcfg.topology == "ps":
@@ -149,9 +154,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             dst.zero_()
             return
         if grad.is_sparse:
-            if not self._sparse_as_dense:
-                raise ValueError(f"parameter {s.name!r} has a sparse gradient (e.g. nn.Embedding(sparse=True)); "
-                                 f"quantized exchange is dense: pass sparse_as_dense=True")
+            # Exchanged dense (the payloads are dense codes) and handed back sparse, as Horovod
+            # hands back what it got; sparse_as_dense only changes how Horovod itself would send it.
+            self._sparse.add(s.param)
             grad = grad.to_dense()
         dst.view_as(s.param).copy_(grad)
 
@@ -203,6 +208,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             self._should_synchronize = True
 
     def _exchange_and_apply(self) -> bool:
+        if getattr(self._comm, "excluded", False):
+            self._synchronized = True
+            return True
         if not self._started:
             self._start()
         try:
@@ -225,7 +233,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                 for s in g.slots:
                     p, value = s.param, flat[s.offset:s.offset + s.numel].view_as(s.param)
                     if self._engine.kind == OUT_GRAD:
-                        if p.grad is None or p.grad.is_sparse or p.grad.shape != p.shape:
+                        if p in self._sparse:
+                            p.grad = value.to(p.dtype).to_sparse()
+                        elif p.grad is None or p.grad.is_sparse or p.grad.shape != p.shape:
                             p.grad = value.to(p.dtype).clone()
                         else:
                             p.grad.copy_(value)
@@ -252,6 +262,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if getattr(self._comm, "excluded", False):
+            super(self.__class__, self).step()      # not in the process set: a local step, as Horovod
+            return loss
         if self._qcfg.algorithm == "local_sgd":
             if not self._started:
                 self._start()
@@ -295,6 +308,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         super(self.__class__, self).load_state_dict(state_dict)
         if ours is not None:
             self._engine.load_state_dict(ours)
+            self._engine.alg.restore(self._engine)
             if self._qcfg.topology == "ps" and ours.get("ps_server") is not None:
                 if not self._started:
                     self._start()
@@ -313,7 +327,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          fusion_threshold_mb: float = 25, overlap: bool = True, seed: int = 0,
                          nonfinite: str | None = None, bias_correction: bool = True,
                          momentum_steps: int | None = None, sync_every: int = 1, level_schedule=(0, 100, 2000),
-                         level_every: int = 10000, timeout: float | None = None, comm=None):
+                         level_every: int = 10000, timeout: float | None = None, comm=None,
+                         freeze_step: int | str | None = None):
     """Wrap ``optimizer`` so that ``step()`` averages across ranks with quantized communication.
 
     The first ten arguments are ``hvd.DistributedOptimizer``'s, with its meaning:
@@ -340,7 +355,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       ``efficient_adam`` (worker Adam, two-way quantization and EF), ``qadam`` (server Adam on
       quantized gradients), ``qadam_weights`` (server Adam, quantized weights down), ``ef_sgd``
       (two-way EF momentum SGD; wraps SGD), ``local_sgd`` (local steps, model averaging every
-      ``sync_every``). The math of each is in :mod:`hvd_qadam.algorithms`.
+      ``sync_every``), ``onebit_adam`` (1-bit Adam: fp32 Adam for ``freeze_step`` steps, then v
+      frozen and the momentum exchanged compressed). The math of each is in :mod:`hvd_qadam.algorithms`.
     quantizer ("qsgdinf") / bits (4) / bucket_size (512) / rounding (None): the uplink (worker ->
       server) quantizer. ``rounding=None`` means nearest where error feedback is on (EF needs a
       contractive compressor) and the quantizer's own default where it is off.
@@ -363,9 +379,13 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       averaged gradient is non-finite, so GradScaler skips the step everywhere), ``"raise"``
       (default otherwise: every rank raises NonFiniteGradientError) or ``"skip"`` (every rank skips
       the step). In every case no residual, moment or weight changes.
-    bias_correction (True): Adam bias correction (efficient_adam, qadam, qadam_weights).
+    bias_correction (True): Adam bias correction (efficient_adam, qadam, qadam_weights, onebit_adam).
     momentum_steps (None): ``ef_sgd`` early momentum: momentum for the first E steps only.
     sync_every (1): ``local_sgd`` averaging period.
+    freeze_step (None: 100 for ``onebit_adam``): ``onebit_adam``'s full-precision warm-up, after which
+      v is frozen and compression starts (it sets ``warmup_steps``); ``"auto"``: freeze once the norm
+      of the bias-corrected v changed by <= 5% over the last 20 steps (``warmup_steps``, if given,
+      is then the latest freeze step). DeepSpeed suggests 15-25% of the run.
     level_schedule ((0, 100, 2000)) / level_every (10000): ALQ/AMQ refits at these steps, then every
       ``level_every`` after the last.
     timeout (None: HVD_QADAM_TIMEOUT, else 300 s): deadline of every collective. When it expires
@@ -405,14 +425,15 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                     warmup_steps=warmup_steps, min_compress_numel=min_compress_numel,
                     fusion_threshold_bytes=max(4, int(fusion_threshold_mb * (1 << 20))), nonfinite=nonfinite,
                     bias_correction=bias_correction, momentum_steps=momentum_steps, sync_every=sync_every,
-                    level_schedule=tuple(level_schedule), level_every=level_every)
+                    level_schedule=tuple(level_schedule), level_every=level_every, freeze_step=freeze_step)
     _warn_stalling(config)
     if topology == "ps" and comm is None:
         from .ps import ps_worker_comm
         comm = ps_worker_comm()
     if comm is None:
-        from .comm import HorovodComm
-        comm = HorovodComm(_process_set(process_set), timeout=timeout)
+        from .comm import ExcludedComm, HorovodComm
+        ps_ = _process_set(process_set)
+        comm = ExcludedComm() if ps_ is not None and not ps_.included() else HorovodComm(ps_, timeout=timeout)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_QuantizedDistributedOptimizer.__dict__))
     return cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap,

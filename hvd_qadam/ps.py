@@ -215,6 +215,7 @@ class ParameterServer:
                                        "params": {n: t.clone() for n, t in self.params.items()}}), dest=src, tag=TAG)
             elif kind == "load":
                 self.engine.load_state_dict(msg[1]["engine"])
+                self.engine.alg.restore(self.engine)
                 for n, t in msg[1]["params"].items():
                     self.params[n].data.copy_(t)
                 self.comm.send(("ok", None), dest=src, tag=TAG)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .quant import codebooks as cb
-from .quant.reference import num_buckets, packed_nbytes
+from .quant.common import num_buckets, packed_nbytes
 
 
 class PayloadError(ValueError):
@@ -248,16 +248,27 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
         per = 8 // bits
         fields = (np.arange(256)[:, None] >> (bits * np.arange(per))) & ((1 << bits) - 1)
         bad_byte = (fields >= n_levels).any(axis=1)
-        # A byte histogram is one fast pass; locate the culprit only when there is one.
-        if not np.bincount(packed, minlength=256)[bad_byte].any():
+        b = _first_flagged_byte(packed, bad_byte)
+        if b < 0:
             return None
-        b = int(np.flatnonzero(bad_byte[packed])[0])
         field = int(np.flatnonzero(fields[packed[b]] >= n_levels)[0])
         return b * per + field, int(fields[packed[b], field])
     from .quant.reference import unpack_codes
     codes = unpack_codes(packed, bits, n)
     hits = np.flatnonzero(codes >= n_levels)
     return None if hits.size == 0 else (int(hits[0]), int(codes[hits[0]]))
+
+
+def _first_flagged_byte(packed: np.ndarray, flagged: np.ndarray) -> int:
+    """Index of the first byte whose entry in ``flagged`` is set, or -1: the numba kernel where
+    it is available (one pass, stops at a hit), else a byte histogram and a search."""
+    from .quant.backend import cpu_backend
+    be = cpu_backend()
+    if hasattr(be, "first_flagged_byte"):
+        return be.first_flagged_byte(packed, flagged)
+    if not np.bincount(packed, minlength=256)[flagged].any():
+        return -1
+    return int(np.flatnonzero(flagged[packed])[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import hvd_qadam  # noqa: E402
 from hvd_qadam.quant import codebooks as cb  # noqa: E402
 from hvd_qadam.quant import rng  # noqa: E402
 from hvd_qadam.quant.backend import cpu_backend, gpu_backend  # noqa: E402
-from hvd_qadam.quant.reference import num_buckets, packed_nbytes  # noqa: E402
+from hvd_qadam.quant.common import num_buckets, packed_nbytes  # noqa: E402
 
 FULL_CASES = ([("qsgd", b) for b in range(2, 9)] + [("qsgdinf", b) for b in (2, 4, 8)]
               + [("nuq", b) for b in range(2, 9)] + [("terngrad", 2), ("sign", 1), ("fp16", 16)])
@@ -153,7 +153,7 @@ class TorchOps:
 # ----------------------------------------------------------------------------- first-call latency
 
 LATENCY_PROBE = ("import time; t0 = time.perf_counter(); "
-                 "from hvd_qadam.quant import cpu_numba; cpu_numba.warmup(); "
+                 "from hvd_qadam.warmup import compile_kernels; compile_kernels(); "
                  "print(time.perf_counter() - t0)")
 
 
@@ -367,7 +367,8 @@ def main(argv=None) -> int:
             import numba
             info["numba"], info["numba_threads"] = numba.__version__, numba.get_num_threads()
             info["first_call_s"] = numba_first_call_latency(cold=not args.no_cold_compile)
-            info["first_call_s"]["this_process"] = backend.warmup()
+            from hvd_qadam.warmup import compile_kernels
+            info["first_call_s"]["this_process"] = compile_kernels()
 
     x_host = np.random.default_rng(0).standard_normal(args.numel).astype(np.float32)
     x = xp.asarray(x_host)

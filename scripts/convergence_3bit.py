@@ -22,7 +22,6 @@ method, nuq included, reaches the same accuracy on this easy task.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -37,8 +36,10 @@ except ImportError:  # running from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import hvd_qadam
 from hvd_qadam import adaptive
-from hvd_qadam.examples import digits
 from hvd_qadam.quant import rng
+
+import digits  # noqa: E402 - this folder's module (sys.path[0] when run as a script)
+from study_output import figure, write_json  # noqa: E402
 
 METHODS = ("full", "qsgdinf", "nuq", "alq", "amq")
 
@@ -85,7 +86,7 @@ def run(method: str, seed: int, args) -> dict:
                     if adapter.due(step):
                         t0 = time.perf_counter()
                         summed = sum(adapter.local_stats([g]) for g in worker_grads)  # = allreduce(Sum)
-                        adapter.update(summed, args.workers, step=step)
+                        adapter.update(summed, step=step)
                         level_seconds += time.perf_counter() - t0
                         level_updates.append({"step": step, "levels": [float(v) for v in adapter.codebook],
                                               "p": adapter.p})
@@ -204,10 +205,7 @@ def main():
               + (f"  p = {last['p']:.3f}" if last["p"] is not None else ""))
 
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "summary": summary, "runs": results}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"config": vars(args), "summary": summary, "runs": results})
     if args.plot:
         plot(args, results)
 
@@ -220,32 +218,24 @@ def _updates(results):
 
 
 def plot(args, results):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (m, all_runs) in enumerate(results.items()):
-        runs = [r for r in all_runs if not r["diverged"]]
-        if not runs:
-            continue
-        label = m if len(runs) == len(all_runs) else f"{m} ({len(all_runs) - len(runs)} diverged, not shown)"
-        epochs = [h["epoch"] for h in runs[0]["history"]]
-        acc = np.array([[h["test_accuracy"] * 100 for h in r["history"]] for r in runs])
-        loss = np.array([[h["train_loss"] for h in r["history"]] for r in runs])
-        for ax, y in ((ax_acc, acc), (ax_loss, loss)):
-            ax.plot(epochs, y.mean(0), color=f"C{i}", label=label)
-            ax.fill_between(epochs, y.min(0), y.max(0), color=f"C{i}", alpha=0.15)
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy % (mean, min..max band)", ylim=(80, 100))
-    ax_loss.set(xlabel="epoch", ylabel="train loss", yscale="log")
-    ax_acc.legend()
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"digits, {args.bits}-bit gradients, {args.workers} simulated workers, bucket {args.bucket_size}")
-    fig.tight_layout()
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=120)
-    print(f"wrote {args.plot}")
+    with figure(args.plot, 1, 2, figsize=(11, 4)) as (fig, (ax_acc, ax_loss)):
+        for i, (m, all_runs) in enumerate(results.items()):
+            runs = [r for r in all_runs if not r["diverged"]]
+            if not runs:
+                continue
+            label = m if len(runs) == len(all_runs) else f"{m} ({len(all_runs) - len(runs)} diverged, not shown)"
+            epochs = [h["epoch"] for h in runs[0]["history"]]
+            acc = np.array([[h["test_accuracy"] * 100 for h in r["history"]] for r in runs])
+            loss = np.array([[h["train_loss"] for h in r["history"]] for r in runs])
+            for ax, y in ((ax_acc, acc), (ax_loss, loss)):
+                ax.plot(epochs, y.mean(0), color=f"C{i}", label=label)
+                ax.fill_between(epochs, y.min(0), y.max(0), color=f"C{i}", alpha=0.15)
+        ax_acc.set(xlabel="epoch", ylabel="test accuracy % (mean, min..max band)", ylim=(80, 100))
+        ax_loss.set(xlabel="epoch", ylabel="train loss", yscale="log")
+        ax_acc.legend()
+        for ax in (ax_acc, ax_loss):
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"digits, {args.bits}-bit gradients, {args.workers} simulated workers, bucket {args.bucket_size}")
 
 
 if __name__ == "__main__":

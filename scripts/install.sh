@@ -111,5 +111,5 @@ if ! why=$(installed_here 2>&1); then
 fi
 # --- compile the CPU kernels once (numba caches them on disk) ----------------------------------
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-$CACHE/numba}"
-py_here -c "from hvd_qadam.quant.backend import warm_cache; print(f'[install] CPU kernels ready ({warm_cache():.1f} s)')" >&2
+py_here -c "from hvd_qadam.warmup import compile_kernels; print(f'[install] CPU kernels ready ({compile_kernels():.1f} s)')" >&2
 log "ready"

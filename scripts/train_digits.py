@@ -26,7 +26,7 @@ import horovod.torch as hvd
 import torch
 
 import hvd_qadam
-from hvd_qadam.examples import digits
+import digits  # this folder's module (sys.path[0] when run as a script)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--algorithm", default="qsgd", choices=["qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd",

@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 QADAM_OPTIONS = [  # (flag, type, help); passed to hvd_qadam.DistributedOptimizer only when given
-    ("--algorithm", str, "qsgd, efficient_adam, qadam, qadam_weights, ef_sgd, local_sgd"),
+    ("--algorithm", str, "qsgd, efficient_adam, qadam, qadam_weights, ef_sgd, local_sgd, onebit_adam"),
     ("--topology", str, "allgather, sharded, ps"),
     ("--quantizer", str, "uplink quantizer: qsgd, qsgdinf, nuq, terngrad, sign, alq, amq, fp16, none"),
     ("--bits", int, "uplink bits"),
@@ -49,6 +49,7 @@ QADAM_OPTIONS = [  # (flag, type, help); passed to hvd_qadam.DistributedOptimize
     ("--momentum-steps", int, "ef_sgd: momentum for the first E steps only"),
     ("--sync-every", int, "local_sgd averaging period"),
     ("--level-every", int, "alq/amq refit period"),
+    ("--freeze-step", lambda s: s if s == "auto" else int(s), "onebit_adam: fp32 warm-up steps, or 'auto'"),
 ]
 
 
@@ -249,6 +250,10 @@ def main():
             "measured": True}
         result["communication_stats"] = {k: v for k, v in vars(st).items()
                                          if isinstance(v, (int, float, bool, str, dict))}
+        eng = getattr(opt, "engine", None)
+        if eng is not None:     # step counters, e.g. onebit_adam's Adam steps before the freeze
+            result["engine_counters"] = {"step": eng.counters["step"],
+                                         "worker_adam_step": dict(eng.counters["worker_adam_step"])}
     else:
         elem = 2 if args.compression == "fp16" else 4
         ring = 2 * (size - 1) / size * n_params * elem

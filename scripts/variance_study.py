@@ -22,7 +22,6 @@ density model, separating "adapting the levels" from "the truncated-normal fit".
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -38,8 +37,10 @@ except ImportError:  # running from a checkout without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import hvd_qadam
 from hvd_qadam import adaptive
-from hvd_qadam.examples import digits
 from hvd_qadam.quant import codebooks as cb
+
+import digits  # noqa: E402 - this folder's module (sys.path[0] when run as a script)
+from study_output import figure, write_json  # noqa: E402
 
 FIXED = ("qsgdinf", "nuq", "terngrad", "exp0.5")
 ADAPTED = ("alq", "amq", "alq_n", "amq_n")
@@ -176,7 +177,7 @@ def main():
                 adapter = adaptive.LevelAdapter(q, bits, bucket, num_top_buckets=args.num_top_buckets)
                 t0 = time.perf_counter()
                 stats = sum(adapter.local_stats([g]) for g in fit_set)
-                codebook = adapter.update(stats, world_size=len(fit_set))
+                codebook = adapter.update(stats)
                 fit_seconds.append(time.perf_counter() - t0)
                 levels[f"{q}/{bits}/{bucket}"] = {"levels": [float(v) for v in codebook], "p": adapter.p,
                                                   "psi": adapter.last_psi}
@@ -217,50 +218,39 @@ def main():
           f"(statistics of {len(fit_set)} gradients + fit)")
 
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "num_fit_gradients": len(fit_set), "num_eval_gradients": len(eval_set),
-                       "normalised_variance": results, "levels": levels}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"config": vars(args), "num_fit_gradients": len(fit_set),
+                               "num_eval_gradients": len(eval_set), "normalised_variance": results, "levels": levels})
     if args.plot:
         plot(args, results, levels)
 
 
 def plot(args, results, levels):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(args.bits) + 1, figsize=(4.2 * (len(args.bits) + 1), 3.8))
-    styles = {"qsgdinf": "C0o--", "nuq": "C1s--", "terngrad": "C2^--", "exp0.5": "C7d--",
-              "alq": "C3o-", "amq": "C4s-", "alq_n": "C5o:", "amq_n": "C6s:", ORACLE: "k*-."}
-    for ax, bits in zip(axes, args.bits):
-        for q, style in styles.items():
-            ys = [results[f"{bits}/{B}"].get(q) for B in args.buckets]
-            if ys[0] is not None:
-                ax.plot(args.buckets, ys, style, label=q, ms=4)
-        ax.set(xscale="log", yscale="log", title=f"{bits} bits", xlabel="bucket size")
-        ax.set_xticks(args.buckets, [str(b) for b in args.buckets])
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("E||Q(g)-g||² / ||g||²")
-    axes[0].legend(fontsize=7)
-    # The levels at the paper's setting (3 bits, the largest bucket), on a symmetric-log axis.
-    bits = 3 if 3 in args.bits else args.bits[0]
-    bucket = args.buckets[-1]
-    ax = axes[-1]
-    rows = [("nuq", cb.codebook("nuq", bits)), ("exp0.5", cb.default_adaptive_codebook(bits)),
-            ("amq", levels[f"amq/{bits}/{bucket}"]["levels"]), ("alq", levels[f"alq/{bits}/{bucket}"]["levels"]),
-            (ORACLE, levels[f"{ORACLE}/{bits}/{bucket}"]["levels"])]
-    for i, (name, lv) in enumerate(rows):
-        ax.plot(lv, np.full(len(lv), i), "|", color=re.match(r"C\d|k", styles[name]).group(0), ms=14, mew=2)
-    ax.set(xscale="symlog", title=f"levels, {bits} bits, bucket {bucket}", xlim=(-1.05, 1.05))
-    ax.set_xscale("symlog", linthresh=1e-3)
-    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=120)
-    print(f"wrote {args.plot}")
+    with figure(args.plot, 1, len(args.bits) + 1, figsize=(4.2 * (len(args.bits) + 1), 3.8)) as (fig, axes):
+        styles = {"qsgdinf": "C0o--", "nuq": "C1s--", "terngrad": "C2^--", "exp0.5": "C7d--",
+                  "alq": "C3o-", "amq": "C4s-", "alq_n": "C5o:", "amq_n": "C6s:", ORACLE: "k*-."}
+        for ax, bits in zip(axes, args.bits):
+            for q, style in styles.items():
+                ys = [results[f"{bits}/{B}"].get(q) for B in args.buckets]
+                if ys[0] is not None:
+                    ax.plot(args.buckets, ys, style, label=q, ms=4)
+            ax.set(xscale="log", yscale="log", title=f"{bits} bits", xlabel="bucket size")
+            ax.set_xticks(args.buckets, [str(b) for b in args.buckets])
+            ax.grid(alpha=0.3, which="both")
+        axes[0].set_ylabel("E||Q(g)-g||² / ||g||²")
+        axes[0].legend(fontsize=7)
+        # The levels at the paper's setting (3 bits, the largest bucket), on a symmetric-log axis.
+        bits = 3 if 3 in args.bits else args.bits[0]
+        bucket = args.buckets[-1]
+        ax = axes[-1]
+        rows = [("nuq", cb.codebook("nuq", bits)), ("exp0.5", cb.default_adaptive_codebook(bits)),
+                ("amq", levels[f"amq/{bits}/{bucket}"]["levels"]), ("alq", levels[f"alq/{bits}/{bucket}"]["levels"]),
+                (ORACLE, levels[f"{ORACLE}/{bits}/{bucket}"]["levels"])]
+        for i, (name, lv) in enumerate(rows):
+            ax.plot(lv, np.full(len(lv), i), "|", color=re.match(r"C\d|k", styles[name]).group(0), ms=14, mew=2)
+        ax.set(xscale="symlog", title=f"levels, {bits} bits, bucket {bucket}", xlim=(-1.05, 1.05))
+        ax.set_xscale("symlog", linthresh=1e-3)
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+        ax.grid(alpha=0.3)
 
 
 if __name__ == "__main__":

@@ -305,8 +305,8 @@ def test_same_stats_give_identical_codebook_bytes(quantizer):
     stats = ad.bucket_statistics([_gradient_like(30000, 5), _gradient_like(5000, 6)], 512)
     a = ad.LevelAdapter(quantizer, 3)
     b = ad.LevelAdapter(quantizer, 3)
-    ca = a.update(stats, world_size=2)
-    cb_ = b.update(stats.copy(), world_size=2)
+    ca = a.update(stats)
+    cb_ = b.update(stats.copy())
     assert ca.tobytes() == cb_.tobytes()
     assert ca.dtype == np.float32 and ca.size == 8
     cb.validate_codebook(ca, 3)
@@ -331,14 +331,14 @@ def test_state_dict_round_trip():
     for quantizer in ("alq", "amq"):
         a = ad.LevelAdapter(quantizer, 3)
         assert a.due(0)
-        a.update(stats1, 1)
+        a.update(stats1)
         state = a.state_dict()
         b = ad.LevelAdapter(quantizer, 3)
         b.load_state_dict(state)
         assert b.codebook.tobytes() == a.codebook.tobytes()
         assert (b.p, b.last_update_step, b.update_count) == (a.p, 0, 1)
         # Both continue identically (AMQ restarts from the previous p).
-        assert a.update(stats2, 1, step=100).tobytes() == b.update(stats2, 1, step=100).tobytes()
+        assert a.update(stats2, step=100).tobytes() == b.update(stats2, step=100).tobytes()
         assert a.state_dict()["last_update_step"] == 100 and b.update_count == 2
     with pytest.raises(ValueError):
         ad.LevelAdapter("alq", 4).load_state_dict(ad.LevelAdapter("alq", 3).state_dict())
@@ -363,14 +363,14 @@ def test_degenerate_inputs_give_a_valid_codebook_without_warnings(quantizer, bit
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             stats = adapter.local_stats(vectors)
-            codebook = adapter.update(stats + stats, world_size=2)
+            codebook = adapter.update(stats + stats)
         assert np.all(np.isfinite(codebook)), name
         cb.validate_codebook(codebook, bits)
         assert codebook.size == 2 ** bits, name
     # All-zero statistics keep the current codebook.
     adapter = ad.LevelAdapter(quantizer, bits)
     before = adapter.codebook.copy()
-    adapter.update(adapter.local_stats([np.zeros(100, np.float32)]), 1)
+    adapter.update(adapter.local_stats([np.zeros(100, np.float32)]))
     np.testing.assert_array_equal(adapter.codebook, before)
     assert adapter.update_count == 0
 

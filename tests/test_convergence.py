@@ -4,10 +4,11 @@ Digits (449 test images: one image = 0.22 points): every algorithm at its compre
 must come close to its uncompressed counterpart; 1-bit without error feedback must be worse.
 """
 import pytest
-import torch
 
 import hvd_qadam
-from hvd_qadam.examples import digits, toy_convex
+
+import digits  # scripts/digits.py and scripts/toy_convex.py (tests/conftest.py puts scripts/ on sys.path)
+import toy_convex
 
 EPOCHS = 15
 
@@ -15,9 +16,7 @@ EPOCHS = 15
 def train(base="adam", **kw):
     def worker(rank, comm):
         def mk(m):
-            b = (torch.optim.Adam(m.parameters(), lr=2e-3) if base == "adam"
-                 else torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9))
-            return hvd_qadam.DistributedOptimizer(b, m.named_parameters(), comm=comm, **kw)
+            return hvd_qadam.DistributedOptimizer(digits.base_optimizer(m, base), m.named_parameters(), comm=comm, **kw)
         return digits.train(rank, comm.size, mk, epochs=EPOCHS)[1]
     hist = hvd_qadam.simulate(3, worker)[0]
     return hist[-1]["test_accuracy"], hist[-1]["loss"]

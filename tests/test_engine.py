@@ -6,9 +6,10 @@ import torch
 
 import hvd_qadam
 from hvd_qadam.engine import ConsistencyError, NonFiniteGradientError
-from hvd_qadam.examples import digits
 from hvd_qadam.quant import rng
-from simtrain import assert_same_params, make_base, sim_train
+
+import digits  # scripts/digits.py (tests/conftest.py puts scripts/ on sys.path)
+from digits import base_optimizer
 
 ALGOS = [("qsgd", "adam", {}), ("efficient_adam", "adam", {"downlink_quantizer": "qsgd", "downlink_bits": 4}),
          ("qadam", "adam", {"downlink_quantizer": "qsgdinf", "downlink_bits": 8}),
@@ -18,7 +19,7 @@ ALGOS = [("qsgd", "adam", {}), ("efficient_adam", "adam", {"downlink_quantizer":
 
 
 @pytest.mark.parametrize("algorithm,base,kw", ALGOS, ids=[a[0] for a in ALGOS])
-def test_sharded_equals_allgather_bit_for_bit(algorithm, base, kw):
+def test_sharded_equals_allgather_bit_for_bit(algorithm, base, kw, sim_train, assert_same_params):
     # small buckets so that every rank owns several buckets of every fused buffer
     kw = dict(kw, bucket_size=64, min_compress_numel=256)
     a = sim_train(3, 4, base, algorithm=algorithm, topology="allgather", **kw)  # local_sgd syncs at 2, 4
@@ -30,19 +31,62 @@ def test_sharded_equals_allgather_bit_for_bit(algorithm, base, kw):
     assert any(not torch.equal(init[n], a[0][n]) for n in init), "training did not move the weights"
 
 
-def test_world_of_one_matches_single_process_math():
-    """One rank: the average is the rank's own decoded payload, i.e. plain quantize/dequantize + Adam."""
-    (out,) = sim_train(1, 1, quantizer="qsgd", bits=4, error_feedback=False, min_compress_numel=10 ** 9)
-    (ref,) = sim_train(1, 1, quantizer="none", bits=None, error_feedback=False)
-    # everything went uncompressed (threshold above every tensor), so both are the same fp32 run
-    assert_same_params(out, ref, "min_compress_numel")
+def test_world_of_one_matches_single_process_math(assert_same_params):
+    """A compressed world of one: the average is the rank's own decoded payload, so the run equals
+    error feedback and quantization done by hand (p = g + e; q = quantize(p), rounded
+    stochastically on the stream of (seed, rank 0, step, buffer 0, uplink); e = p - dequantize(q))
+    followed by torch Adam on dequantize(q). The weights (1024 elements and more) travel in one
+    fused buffer, last layer first; the biases as fp32."""
+    x, y, _, _ = digits.load_digits_split()
+    batches = [torch.arange(32 * t, 32 * t + 32) for t in range(3)]
+    seed, bits, bucket = 5, 4, 128
+
+    def backward(model, i):
+        torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+
+    def worker(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=comm,
+                                             quantizer="qsgd", bits=bits, bucket_size=bucket, rounding="stochastic",
+                                             seed=seed, min_compress_numel=1024)
+        for i in batches:
+            opt.zero_grad()
+            backward(model, i)
+            opt.step()
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    (engine,) = hvd_qadam.simulate(1, worker)
+
+    def by_hand(compress: bool):
+        model = digits.make_model()
+        adam = base_optimizer(model)
+        params = dict(model.named_parameters())
+        fused = ["4.weight", "2.weight", "0.weight"]
+        e = torch.zeros(sum(params[n].numel() for n in fused))
+        for t, i in enumerate(batches):
+            adam.zero_grad()
+            backward(model, i)
+            if compress:
+                p = torch.cat([params[n].grad.reshape(-1) for n in fused]) + e
+                q = hvd_qadam.quantize(p, "qsgd", bits, bucket, rounding="stochastic",
+                                       key=rng.stream_key(seed, 0, t, 0, rng.UPLINK))
+                decoded = hvd_qadam.dequantize(q)
+                e = p - decoded
+                for n, g in zip(fused, decoded.split([params[n].numel() for n in fused])):
+                    params[n].grad.copy_(g.view_as(params[n]))
+            adam.step()
+        return {n: p.detach().clone() for n, p in params.items()}
+
+    assert_same_params(engine, by_hand(compress=True), "world of one vs quantize/dequantize by hand + torch Adam")
+    plain = by_hand(compress=False)
+    assert all(not torch.equal(engine[n], plain[n]) for n in ("4.weight", "2.weight", "0.weight")), \
+        "the weights must have travelled quantized"
 
 
 def _one_step_engine(world, nan_rank=None, nonfinite="raise", steps_before=2):
     """Train ``steps_before`` good steps, then one step where ``nan_rank`` has a NaN gradient."""
     def worker(rank, comm):
         model = digits.make_model()
-        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm,
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=comm,
                                              nonfinite=nonfinite, min_compress_numel=256)
         x, y, _, _ = digits.load_digits_split()
         for _ in range(steps_before):
@@ -75,7 +119,7 @@ def _poison(grad):
     return grad
 
 
-def test_nan_gradient_raises_on_every_rank_and_changes_nothing():
+def test_nan_gradient_raises_on_every_rank_and_changes_nothing(assert_same_params):
     results = _one_step_engine(3, nan_rank=1)
     for rank, (err, before, after, resid, resid_after, adam, adam_after, eng) in enumerate(results):
         assert err is not None, f"rank {rank} did not raise"
@@ -90,7 +134,7 @@ def test_nan_gradient_raises_on_every_rank_and_changes_nothing():
         assert eng.step_count == 2
 
 
-def test_nan_gradient_skip_policy_skips_consistently():
+def test_nan_gradient_skip_policy_skips_consistently(assert_same_params):
     results = _one_step_engine(2, nan_rank=0, nonfinite="skip")
     for err, before, after, *_rest, eng in results:
         assert err is None
@@ -102,7 +146,7 @@ def test_worker_residual_is_exactly_p_minus_decoded_payload():
     """EF invariant on real engine state: e_1 = g_0 - D(Q(g_0)) with the engine's own stream key."""
     def worker(rank, comm):
         model = digits.make_model()
-        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm, bits=3,
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=comm, bits=3,
                                              bucket_size=128, min_compress_numel=256, seed=7)
         x, y, _, _ = digits.load_digits_split()
         torch.nn.functional.cross_entropy(model(x[rank::2][:40]), y[rank::2][:40]).backward()
@@ -118,45 +162,19 @@ def test_worker_residual_is_exactly_p_minus_decoded_payload():
         assert 0 < enorm < pnorm   # nearest rounding is contractive
 
 
-def test_checkpoint_resume_continues_identical_trajectory(tmp_path):
+def test_checkpoint_resume_continues_identical_trajectory(tmp_path, sim_resume, assert_same_params):
     kw = dict(algorithm="efficient_adam", downlink_quantizer="qsgd", downlink_bits=4, topology="sharded",
               bucket_size=64, min_compress_numel=256)
-
-    def worker(rank, comm, split):
-        x, y, _, _ = digits.load_digits_split()
-        model = digits.make_model()
-        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm, **kw)
-
-        def run(steps, start):
-            for s in range(start, start + steps):
-                i = torch.arange(s * 30 + rank * 10, s * 30 + rank * 10 + 10)
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
-                opt.step()
-        if split is None:
-            run(7, 0)
-        else:
-            run(4, 0)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / f"ck{rank}.pt")
-            model2 = digits.make_model(seed=123)            # different weights: must be overwritten
-            opt2 = hvd_qadam.DistributedOptimizer(make_base(model2), model2.named_parameters(), comm=comm, **kw)
-            ck = torch.load(tmp_path / f"ck{rank}.pt")
-            model2.load_state_dict(ck["model"])
-            opt2.load_state_dict(ck["opt"])
-            model, opt = model2, opt2
-            run(3, 4)
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    straight = hvd_qadam.simulate(3, lambda r, c: worker(r, c, None))
-    resumed = hvd_qadam.simulate(3, lambda r, c: worker(r, c, 4))
+    straight = sim_resume(3, tmp_path, 7, None, **kw)
+    resumed = sim_resume(3, tmp_path, 7, 4, **kw)
     for r in range(3):
-        assert_same_params(straight[r], resumed[r], f"resumed rank {r}")
+        assert_same_params(straight[r][0], resumed[r][0], f"resumed rank {r}")
 
 
 def test_checkpoint_on_other_world_size_resets_residuals_with_warning():
     def save(rank, comm):
         model = digits.make_model()
-        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm)
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=comm)
         x, y, _, _ = digits.load_digits_split()
         torch.nn.functional.cross_entropy(model(x[:20]), y[:20]).backward()
         opt.step()
@@ -170,7 +188,7 @@ def test_checkpoint_on_other_world_size_resets_residuals_with_warning():
     world = SimWorld(2)
     for rank in range(2):
         model = digits.make_model()
-        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=world.comm(rank))
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=world.comm(rank))
         with pytest.warns(RuntimeWarning, match="world size 3.*reset"):
             opt.load_state_dict(states[rank])
         assert len(opt.engine.residual_views()) == 0
@@ -179,7 +197,7 @@ def test_checkpoint_on_other_world_size_resets_residuals_with_warning():
 def test_mismatched_parameters_across_ranks_is_a_clear_error():
     def worker(rank, comm):
         model = digits.make_model(hidden=128 if rank == 0 else 64)
-        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm)
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=comm)
         x, y, _, _ = digits.load_digits_split()
         torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
         opt.step()
@@ -190,7 +208,7 @@ def test_mismatched_parameters_across_ranks_is_a_clear_error():
 def test_mismatched_configuration_across_ranks_is_a_clear_error():
     def worker(rank, comm):
         model = digits.make_model()
-        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm, bits=4 + rank)
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=comm, bits=4 + rank)
         x, y, _, _ = digits.load_digits_split()
         torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
         opt.step()
@@ -201,7 +219,7 @@ def test_mismatched_configuration_across_ranks_is_a_clear_error():
 def test_bytes_counter_counts_real_frame_bytes():
     def worker(rank, comm):
         model = digits.make_model()
-        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm, bits=4,
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=comm, bits=4,
                                              bucket_size=512, min_compress_numel=1024)
         x, y, _, _ = digits.load_digits_split()
         torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
@@ -223,7 +241,7 @@ def test_bytes_counter_counts_real_frame_bytes():
 def test_warmup_steps_send_fp32_then_compress():
     def worker(rank, comm):
         model = digits.make_model()
-        opt = hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=comm, warmup_steps=2)
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=comm, warmup_steps=2)
         x, y, _, _ = digits.load_digits_split()
         sent = []
         for _ in range(3):
@@ -247,7 +265,8 @@ def test_bad_configuration_fails_at_construction(kwargs, match):
     from hvd_qadam.comm import SimWorld
     model = digits.make_model()
     with pytest.raises((ValueError, TypeError), match=match):
-        hvd_qadam.DistributedOptimizer(make_base(model), model.named_parameters(), comm=SimWorld(1).comm(0), **kwargs)
+        hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=SimWorld(1).comm(0),
+                                       **kwargs)
 
 
 def test_named_parameters_must_be_unique_and_complete():
@@ -255,9 +274,9 @@ def test_named_parameters_must_be_unique_and_complete():
     model = digits.make_model()
     named = list(model.named_parameters())
     with pytest.raises(ValueError, match="unique"):
-        hvd_qadam.DistributedOptimizer(make_base(model), [("w", p) for _, p in named], comm=SimWorld(1).comm(0))
+        hvd_qadam.DistributedOptimizer(base_optimizer(model), [("w", p) for _, p in named], comm=SimWorld(1).comm(0))
     with pytest.raises(ValueError, match="does not cover"):
-        hvd_qadam.DistributedOptimizer(make_base(model), named[:2], comm=SimWorld(1).comm(0))
+        hvd_qadam.DistributedOptimizer(base_optimizer(model), named[:2], comm=SimWorld(1).comm(0))
 
 
 def test_compression_objects_for_plain_horovod():
@@ -276,14 +295,15 @@ def test_compression_objects_for_plain_horovod():
 
 
 @pytest.mark.parametrize("quantizer", ["alq", "amq"])
-def test_adaptive_levels_agree_across_ranks_and_topologies(quantizer):
+def test_adaptive_levels_agree_across_ranks_and_topologies(quantizer, assert_same_params):
     """Levels are refit from allgathered statistics at the scheduled steps: every rank and both
     topologies end bit-identical, and the learned codebook differs from the starting grid."""
     kw = dict(quantizer=quantizer, bits=3, bucket_size=128, min_compress_numel=256, level_schedule=(0, 2, 4))
 
     def worker(rank, comm, topology):
         def mk(m):
-            return hvd_qadam.DistributedOptimizer(make_base(m), m.named_parameters(), comm=comm, topology=topology, **kw)
+            return hvd_qadam.DistributedOptimizer(base_optimizer(m), m.named_parameters(), comm=comm, topology=topology,
+                                                  **kw)
         holder = {}
         model, _ = digits.train(rank, comm.size, mk, epochs=100, max_steps=6,
                                 on_step=lambda s, o: holder.setdefault("opt", o))

@@ -10,8 +10,10 @@ against the reference. The CuPy tests need a CUDA device and skip without one.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +21,7 @@ import torch
 
 import hvd_qadam
 from hvd_qadam.quant import codebooks as cb
-from hvd_qadam.quant import gpu_cupy
+from hvd_qadam.quant import common, gpu_cupy
 from hvd_qadam.quant import reference as ref
 from hvd_qadam.quant.codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
 
@@ -275,8 +277,104 @@ def test_bad_arguments_are_refused():
     assert scales.size == 0 and packed.size == 0
 
 
+# A fresh process: compile_kernels(), then a workload that goes through every path of the library
+# that runs a numba kernel (the API on NumPy and torch input, received payloads, every algorithm
+# and topology of the engine, adaptive levels). It prints, per numba dispatcher of cpu_numba and
+# functional, how many compiled signatures it had after the warm-up and after the workload. The
+# dispatchers called from Python are named *_kernel (the others are compiled into them).
+WARMUP_PROBE = r"""
+import json
+
+import numba
+import numpy as np
+import torch
+
+import hvd_qadam
+from hvd_qadam import functional
+from hvd_qadam.quant import codebooks as cb
+from hvd_qadam.quant import cpu_numba
+from hvd_qadam.warmup import compile_kernels
+
+
+def dispatchers():
+    return {f"{m.__name__.rsplit('.', 1)[1]}.{name}": d for m in (cpu_numba, functional)
+            for name, d in vars(m).items() if isinstance(d, numba.core.dispatcher.Dispatcher)}
+
+
+def counts():
+    return {name: len(d.signatures) for name, d in dispatchers().items()}
+
+
+compile_kernels()
+after_warmup = counts()
+
+x = np.random.default_rng(0).standard_normal(3003).astype(np.float32)
+for name, k in cb.KINDS.items():
+    bits = 3 if k.adaptive else None
+    codebook = cb.default_adaptive_codebook(3) if k.adaptive else None
+    for data in (x, torch.from_numpy(x).reshape(3, 1001).to(torch.bfloat16), x.astype(np.float16)):
+        p = hvd_qadam.quantize(data, name, bits, 256, seed=1, codebook=codebook)
+        hvd_qadam.dequantize(hvd_qadam.Payload.from_bytes(p.to_bytes()))
+        hvd_qadam.dequantize(p)
+
+CASES = [
+    ("adam", {}),
+    ("adam", {"algorithm": "efficient_adam", "topology": "sharded", "downlink_quantizer": "qsgd"}),
+    ("adamw", {"algorithm": "efficient_adam", "downlink_quantizer": "sign", "quantizer": "sign"}),
+    ("adam_l2", {"algorithm": "qadam", "downlink_quantizer": "nuq", "downlink_bits": 3}),
+    ("adam", {"algorithm": "qadam_weights", "topology": "sharded", "downlink_quantizer": "qsgdinf",
+              "downlink_bits": 8}),
+    ("sgd", {"algorithm": "ef_sgd", "quantizer": "sign", "downlink_quantizer": "sign", "momentum_steps": 2}),
+    ("sgd", {"algorithm": "local_sgd", "sync_every": 1}),
+    ("sgd", {"quantizer": "alq", "bits": 3, "level_schedule": (0, 2)}),
+    ("adam", {"quantizer": "amq", "bits": 3, "level_schedule": (0,), "error_feedback": False}),
+    ("adamw", {"algorithm": "onebit_adam", "quantizer": "sign", "downlink_quantizer": "sign", "freeze_step": "auto",
+               "warmup_steps": 1}),
+    ("adam_l2", {"algorithm": "onebit_adam", "freeze_step": 2}),
+]
+
+
+def base(kind, params):
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    return torch.optim.Adam(params, lr=1e-3, weight_decay=1e-4 if kind == "adam_l2" else 0.0)
+
+
+for kind, kwargs in CASES:
+    def worker(rank, comm):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+        opt = hvd_qadam.DistributedOptimizer(base(kind, model.parameters()), model.named_parameters(), comm=comm,
+                                             bucket_size=64, min_compress_numel=100, **kwargs)
+        data = torch.randn(16, 32, generator=torch.Generator().manual_seed(rank))
+        for _ in range(3):
+            opt.zero_grad()
+            model(data).square().mean().backward()
+            opt.step()
+    hvd_qadam.simulate(2, worker)
+
+entry = sorted(name for name in dispatchers() if name.endswith("_kernel"))   # the ones called from Python
+print("PROBE " + json.dumps({"after_warmup": after_warmup, "after_workload": counts(), "entry": entry}))
+"""
+
+
 def test_warmup_compiles_everything():
-    assert cpu_numba.warmup() >= 0
+    """After hvd_qadam.warmup.compile_kernels() every kernel the library calls from Python has its
+    compiled signatures, and a training workload compiles nothing more (ranks never compile)."""
+    proc = subprocess.run([sys.executable, "-c", WARMUP_PROBE], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.split("PROBE ", 1)[1])
+    after_warmup, after_workload = result["after_warmup"], result["after_workload"]
+    expected_entries = {"cpu_numba._encode_kernel", "cpu_numba._decode_kernel", "cpu_numba._encode_ef_kernel",
+                        "functional._adam_kernel", "functional._momentum_kernel", "functional._axpby_kernel",
+                        "functional._momentum_ema_kernel", "functional._frozen_adam_kernel", "functional._sumsq_kernel"}
+    assert expected_entries <= set(result["entry"]), result["entry"]
+    for name in result["entry"]:
+        assert after_warmup[name] > 0, f"{name} was not compiled by the warm-up"
+    compiled_later = {name: (after_warmup[name], n) for name, n in after_workload.items() if n != after_warmup[name]}
+    assert not compiled_later, f"the workload compiled new signatures (warm-up, workload): {compiled_later}"
 
 
 # ----------------------------------------------------------------------------- CUDA source, no GPU
@@ -289,6 +387,21 @@ def nvcc(source: str, tmp_path, *flags):
     path.write_text(source)
     return subprocess.run(["nvcc", "-std=c++17", *flags, str(path)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
+
+
+def test_kernel_source_takes_shared_constants_from_python():
+    """The CUDA source has one definition of each constant it shares with Python: a #define
+    written from the Python value, which the body only names."""
+    from hvd_qadam.quant import rng
+    src = gpu_cupy.KERNEL_SOURCE
+    for name, value in (("HQ_GOLDEN", rng.GOLDEN), ("HQ_MIX1", rng.MIX1), ("HQ_MIX2", rng.MIX2)):
+        literal = f"0x{value:016X}ULL"
+        assert f"#define {name} {literal}\n" in src and src.count(f"{value:016X}") == 1, name
+    for name, value in (("HQ_MIX_SHIFT1", rng.MIX_SHIFTS[0]), ("HQ_UNIFORM_SHIFT", rng.UNIFORM_SHIFT),
+                        ("HQ_PIECE", common.EINSUM_BUFFER), ("HQ_PAIRWISE_LEAF", common.PAIRWISE_LEAF),
+                        ("HQ_SCALE_MEANABS", SCALE_MEANABS), ("HQ_DECODE", 3 * common.TABLE_WIDTH)):
+        assert f"#define {name} {value}\n" in src, name
+    assert float.fromhex(src.split("#define HQ_UNIFORM_SCALE ")[1].split("f\n")[0]) == rng.UNIFORM_SCALE
 
 
 @needs_nvcc
@@ -361,7 +474,7 @@ class HostEmulation:
 
     def _run(self, x, levels, bits, bucket_size, scale_kind, stochastic, key, offset, acc):
         n = x.size
-        nb = ref.num_buckets(n, bucket_size)
+        nb = common.num_buckets(n, bucket_size)
         tables, steps = gpu_cupy.host_tables(levels)
         plan = gpu_cupy.scale_pieces(n, bucket_size, nb, scale_kind)
         starts, lengths = plan if plan is not None else (np.zeros(0, np.int64), np.zeros(0, np.int64))
@@ -371,7 +484,7 @@ class HostEmulation:
         (self.workdir / "in.bin").write_bytes(b"".join(a.tobytes() for a in (head, x, tables, acc, starts, lengths)))
         subprocess.run([str(self.executable), "in.bin", "out.bin"], cwd=self.workdir, check=True, timeout=60)
         raw = (self.workdir / "out.bin").read_bytes()
-        sizes = [(np.float32, nb), (np.uint8, ref.packed_nbytes(n, bits)), (np.float32, n), (np.float32, n)]
+        sizes = [(np.float32, nb), (np.uint8, common.packed_nbytes(n, bits)), (np.float32, n), (np.float32, n)]
         out, pos = [], 0
         for dtype, count in sizes:
             out.append(np.frombuffer(raw, dtype, count, pos))

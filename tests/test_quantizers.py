@@ -4,7 +4,8 @@ How the statistical tests decide (all seeds are fixed, so every run sees the sam
 
 * For a coordinate with normalised value r between levels l_j <= r <= l_{j+1} of bucket scale s,
   one stochastic decode is s*l_{j+1} with probability p = (r - l_j)/(l_{j+1} - l_j), else s*l_j.
-  Its mean is s*r = x and its variance is exactly var = s^2 (l_{j+1} - r)(r - l_j) (SPEC 1.4);
+  Its mean is s*r = x and its variance is exactly var = s^2 (l_{j+1} - r)(r - l_j)
+  (hvd_qadam/quant/reference.py states the rounding);
   one draw never lies farther than c = s (l_{j+1} - l_j) from its mean.
 * Per coordinate, the mean of N independent decodes is checked with Bernstein's inequality,
       P(|mean - x| >= t) <= 2 exp(-N t^2 / (2 var + 2 c t / 3)),
@@ -39,7 +40,7 @@ import torch
 
 import hvd_qadam
 from hvd_qadam import QuantizerError, dequantize, quantize
-from hvd_qadam.quant import codebooks, reference, rng
+from hvd_qadam.quant import codebooks, common, rng
 from hvd_qadam.quant.reference import pack_codes, unpack_codes
 
 N_SEEDS = 2000
@@ -538,7 +539,7 @@ def test_pack_unpack_round_trip_and_size(bits, n):
     codes = g.integers(0, 2 ** bits, n).astype(np.uint8)
     packed = pack_codes(codes, bits)
     assert packed.dtype == np.uint8
-    assert packed.size == math.ceil(n * bits / 8) == reference.packed_nbytes(n, bits)
+    assert packed.size == math.ceil(n * bits / 8) == common.packed_nbytes(n, bits)
     assert np.array_equal(unpack_codes(packed, bits, n), codes)
     # LSB-first dense bit stream: code i occupies bits [i*b, (i+1)*b); padding bits are zero
     stream = sum(int(c) << (i * bits) for i, c in enumerate(codes))

@@ -1,8 +1,9 @@
 """Wire format: exact sizes, lossless round trips, and rejection of every malformed input.
 
-The header layout is pinned here with its own struct definition (SPEC 2: magic, version, quantizer
-id, bits, bucket size, element count, scale dtype, codebook length, body checksum), so a change of
-the format shows up as a failing test rather than as silently incompatible ranks.
+The header layout is pinned here with its own struct definition (the fields hvd_qadam/wire.py
+writes: magic, version, quantizer id, bits, bucket size, element count, scale dtype, codebook
+length, body checksum), so a change of the format shows up as a failing test rather than as
+silently incompatible ranks.
 """
 from __future__ import annotations
 

@@ -90,33 +90,3 @@ def share_cores(local_ranks: int) -> None:
         return
     import numba
     numba.set_num_threads(min(share, numba.config.NUMBA_NUM_THREADS))
-
-
-def warm_cache() -> float:
-    """Compile (or load from numba's on-disk cache) the CPU kernels the way the library calls
-    them: every quantizer, read-only codebooks, payloads parsed from bytes, decode_add. Run once
-    at install so that N ranks starting together do not each compile for tens of seconds."""
-    import time
-
-    import numpy as np
-
-    from ..api import decode_flat, quantize
-    from ..quant.codebooks import KINDS, default_adaptive_codebook
-    from ..wire import Payload
-    t0 = time.perf_counter()
-    be = cpu_backend()
-    x = np.linspace(-1, 1, 1000, dtype=np.float32)
-    for name, k in KINDS.items():
-        if k.passthrough:
-            continue
-        for rounding in ("stochastic", "nearest"):
-            cb = default_adaptive_codebook(3) if k.adaptive else None
-            p = quantize(x, name, 3 if k.adaptive else None, 64, rounding=rounding, codebook=cb)
-            q = Payload.from_bytes(p.to_bytes())
-            decode_flat(p)
-            decode_flat(q)
-            if hasattr(be, "decode_add"):
-                acc = np.zeros(x.size, np.float32)
-                be.decode_add(acc, q.scales, q.codes, q.levels, q.bits, q.bucket_size, q.numel)
-                be.decode_add(acc, p.scales, p.codes, p.levels, p.bits, p.bucket_size, p.numel)
-    return time.perf_counter() - t0

@@ -1,8 +1,10 @@
 """numba CPU kernels for the quantizer family, bit-identical to :mod:`hvd_qadam.quant.reference`.
 
 Same functions as the reference (``encode``, ``decode``) plus ``decode_add`` (acc += decode(...)
-in place, used when averaging several workers' payloads) and ``warmup`` (compiles, or loads from
-the on-disk cache, every kernel).
+in place, used when averaging several workers' payloads; with ``divisor`` the last payload of a
+mean), ``decode_into`` (decode into a caller's buffer) and ``encode_ef`` (error feedback and
+quantization in one pass). :func:`hvd_qadam.warmup.compile_kernels` compiles (or loads from the
+on-disk cache) every kernel the way the library calls them.
 
 How the output stays identical to the NumPy reference:
   * Element arithmetic is float32 in the reference's order: r = x / s, clip, p = (r - l_j) / w_j
@@ -18,12 +20,13 @@ How the output stays identical to the NumPy reference:
   * Inputs with inf or NaN (which the API refuses by default) get the reference's codes too; only
     a NaN scale's payload bits may differ.
   * Bucket scales accumulate in float64 and round once to float32. The summation order mirrors
-    the one NumPy uses inside the reference, so even the float64 sums agree: the L2 sum follows
-    np.einsum's 2-lane, 4x-unrolled loop (rows longer than 8192 of a single-bucket vector are
-    summed in 8192-element buffers, as NumPy's iterator does), and the mean |x| follows NumPy's
-    pairwise summation over the zero-padded bucket. maxabs is order-free. Should another NumPy
-    build sum in another order, only the last float64 bits can differ, which changes the float32
-    scale only when the sum lies within those bits of a float32 rounding boundary.
+    the one NumPy uses inside the reference, so even the float64 sums agree (the orders are
+    spelled out in :mod:`.common`, shared with the CUDA kernels): the L2 sum follows np.einsum's
+    2-lane, 4x-unrolled loop (a single-bucket vector in 8192-element buffers, as NumPy's
+    iterator does), and the mean |x| follows NumPy's pairwise summation over the zero-padded
+    bucket. maxabs is order-free. Should another NumPy build sum in another order, only the last
+    float64 bits can differ, which changes the float32 scale only when the sum lies within those
+    bits of a float32 rounding boundary.
   * Uniforms come from the counter-based SplitMix64 of :mod:`.rng` (uint64 arithmetic).
 
 Work is split into tasks of whole buckets that start on a multiple of 8 elements (8 codes of b
@@ -44,29 +47,29 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
-from .reference import check_decode_sizes, num_buckets, packed_nbytes
-from .rng import GOLDEN, MIX1, MIX2, UNIFORM_SHIFT
+from .codebooks import SCALE_L2, SCALE_MAXABS
+from .common import (EINSUM_BUFFER, F32_ABS_MASK, F32_INF_BITS, PAIRWISE_LEAF, TABLE_WIDTH, check_decode_sizes,
+                     check_kernel_args, check_offset, check_scale_kind, level_tables, num_buckets, packed_nbytes,
+                     stream_key_u64)
+from .rng import GOLDEN, MIX1, MIX2, MIX_SHIFTS, UNIFORM_SCALE, UNIFORM_SHIFT
 
 _U64_GOLDEN = np.uint64(GOLDEN)
 _U64_MIX1 = np.uint64(MIX1)
 _U64_MIX2 = np.uint64(MIX2)
 _U64_ONE = np.uint64(1)
-_U64_30 = np.uint64(30)
-_U64_27 = np.uint64(27)
-_U64_31 = np.uint64(31)
+_U64_SHIFT1, _U64_SHIFT2, _U64_SHIFT3 = (np.uint64(s) for s in MIX_SHIFTS)
 _U64_UNIFORM_SHIFT = np.uint64(UNIFORM_SHIFT)
-_F32_UNIFORM_SCALE = np.float32(2.0 ** -24)
+_F32_UNIFORM_SCALE = np.float32(UNIFORM_SCALE)
 _F32_HALF = np.float32(0.5)
 _F32_ZERO = np.float32(0.0)
 _F32_ONE = np.float32(1.0)
-_ABS_MASK = np.uint32(0x7FFFFFFF)
-_INF_BITS = np.uint32(0x7F800000)
+_ABS_MASK = np.uint32(F32_ABS_MASK)
+_INF_BITS = np.uint32(F32_INF_BITS)
 
 _BLOCK = 512            # elements per stage-by-stage block (scratch stays in L1)
 _TASK = 1 << 15         # target elements per parallel task
-_EINSUM_BUFFER = 8192   # NumPy's iterator buffer: einsum sums a single long row in pieces of this
-_PAIRWISE_BLOCK = 128   # NumPy's pairwise summation leaf size
+_EINSUM_BUFFER = EINSUM_BUFFER    # einsum sums a single long row in pieces of this
+_PAIRWISE_BLOCK = PAIRWISE_LEAF   # NumPy's pairwise summation leaf size
 # How j is found: compare r with every level held in registers (K <= 2, 8 or 16 slots),
 # recompute a uniform grid arithmetically, start from a table indexed by r's float pattern, or
 # binary-search the levels.
@@ -80,7 +83,7 @@ _CELL_SIGN_SHIFT = 14
 _MAX_CORRECTIONS = 4  # a codebook needing more steps per cell is binary-searched instead
 _NO_CELL_INDEX = np.zeros(1, np.uint8)
 _COUNT_METHODS = ((2, _SEARCH_COUNT2), (8, _SEARCH_COUNT8), (16, _SEARCH_COUNT16))
-# Rows of the per-codebook float32 table (256 columns: up to 2^8 levels).
+# Rows of the per-codebook float32 table (TABLE_WIDTH columns: up to 2^8 levels).
 _LEVELS, _WIDTHS, _COUNT_LOW, _COUNT_HIGH, _SEARCH = 0, 1, 2, 3, 4
 _NUM_TABLES = 5
 # What _decode_span does with the codes: write, add, only check them, subtract (the error-feedback
@@ -320,9 +323,9 @@ def _bucket_scales(x, x_bits, k0, k1, bucket_size, scale_kind, single_bucket, sc
 def _uniform(key, index):
     """rng.uniforms for one element: SplitMix64 of key + (index + 1) * GOLDEN, top 24 bits."""
     z = key + (index + _U64_ONE) * _U64_GOLDEN
-    z = (z ^ (z >> _U64_30)) * _U64_MIX1
-    z = (z ^ (z >> _U64_27)) * _U64_MIX2
-    z = z ^ (z >> _U64_31)
+    z = (z ^ (z >> _U64_SHIFT1)) * _U64_MIX1
+    z = (z ^ (z >> _U64_SHIFT2)) * _U64_MIX2
+    z = z ^ (z >> _U64_SHIFT3)
     return np.float32(z >> _U64_UNIFORM_SHIFT) * _F32_UNIFORM_SCALE
 
 
@@ -745,19 +748,6 @@ def _readonly(a):
     return view
 
 
-def _check_common(levels, bits, bucket_size):
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
-    if isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer)) or bucket_size < 1:
-        raise ValueError(f"bucket_size must be a positive integer, got {bucket_size!r}")
-    lv = np.ascontiguousarray(levels, dtype=np.float32).ravel()
-    if not 2 <= lv.size <= 2 ** bits:
-        raise ValueError(f"codebook has {lv.size} levels; {bits} bit(s) allow 2..{2 ** bits}")
-    if not (np.all(np.isfinite(lv)) and np.all(lv[1:] > lv[:-1])):
-        raise ValueError("codebook levels must be finite and strictly increasing")
-    return lv, int(bits), int(bucket_size)
-
-
 def _cell_index_table(lv):
     """(cell_index, corrections) for _SEARCH_LOOKUP. Cell c = (sign, |r| pattern >> 16) holds an
     interval of floats; cell_index[c] is j for its lowest value (a lower bound for every r in
@@ -781,16 +771,15 @@ def _cell_index_table(lv):
 def _search_tables_cached(level_bytes):
     lv = np.frombuffer(level_bytes, dtype=np.float32)
     k = lv.size
-    tables = np.zeros((_NUM_TABLES, 256), dtype=np.float32)
-    tables[_LEVELS, :k] = lv
-    tables[_WIDTHS, :k - 1] = lv[1:] - lv[:-1]           # float32 subtraction, as the reference
-    tables[_COUNT_LOW, :] = np.inf                        # above any r: never counted
-    tables[_COUNT_LOW, :k - 1] = lv[:-1]
+    shared = level_tables(lv)
+    tables = np.zeros((_NUM_TABLES, TABLE_WIDTH), dtype=np.float32)
+    tables[_LEVELS] = shared.levels
+    tables[_WIDTHS] = shared.widths
+    tables[_COUNT_LOW] = shared.search                    # +inf is above any r: never counted
     tables[_COUNT_HIGH, :] = lv[-1]
     tables[_COUNT_HIGH, :k - 1] = lv[:-1]
-    tables[_SEARCH, :] = np.inf
-    tables[_SEARCH, :k - 1] = lv[:-1]
-    steps = max(0, int(k - 2).bit_length())               # binary search over j = 0..K-2
+    tables[_SEARCH] = shared.search
+    steps = shared.search_steps
     uniform_m = (k - 1) // 2
     grid = np.arange(k, dtype=np.float32) - np.float32(uniform_m)
     is_uniform = k % 2 == 1 and k > 2 and np.array_equal(grid / np.float32(uniform_m), lv)
@@ -847,11 +836,8 @@ def _encode_passes(n, bucket_size, nb):
 def encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset=0):
     """fp32 vector -> (scales float32[num_buckets], packed uint8[ceil(n*bits/8)]), exactly as
     reference.encode. Non-float32 input is converted to float32 first (as the API does)."""
-    lv, bits, bucket_size = _check_common(levels, bits, bucket_size)
-    if scale_kind not in (SCALE_L2, SCALE_MAXABS, SCALE_MEANABS):
-        raise ValueError(f"unknown scale kind {scale_kind}")
-    if int(offset) < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
+    lv, bits, bucket_size = check_kernel_args(levels, bits, bucket_size)
+    scale_kind, offset = check_scale_kind(scale_kind), check_offset(offset)
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     n = x.size
     scales = np.empty(num_buckets(n, bucket_size), dtype=np.float32)
@@ -863,19 +849,18 @@ def encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset=0):
     with _threads_for(n):
         for task_buckets, task_elements in _encode_passes(n, bucket_size, scales.size):
             _encode_kernel(x_ro, x_bits, task_buckets, task_elements, tables, method, lv.size, steps, uniform_m,
-                           cell_index, corrections, bits, bucket_size, int(scale_kind), bool(stochastic),
-                           np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF), np.uint64(int(offset)), scales, packed)
+                           cell_index, corrections, bits, bucket_size, scale_kind, bool(stochastic),
+                           stream_key_u64(key), np.uint64(offset), scales, packed)
     return scales, packed
 
 
 def _decode_inputs(scales, packed, levels, bits, bucket_size, n):
-    lv, bits, bucket_size = _check_common(levels, bits, bucket_size)
+    lv, bits, bucket_size = check_kernel_args(levels, bits, bucket_size)
     n = int(n)
     scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
     packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
     check_decode_sizes(scales.size, packed.size, n, bits, bucket_size)
-    table = np.full(256, np.nan, dtype=np.float32)  # codes past the codebook are reported below
-    table[:lv.size] = lv
+    table = level_tables(lv).decode   # NaN past the codebook; such codes are reported below
     return _readonly(scales), _readonly(packed), lv, _readonly(table), bits, bucket_size, n
 
 
@@ -942,9 +927,8 @@ def encode_ef(v, e, out, levels, bits, bucket_size, scale_kind, stochastic, key,
     out = p - decode(scales, packed). Returns (scales, packed, nonfinite) where nonfinite says
     whether p held inf or NaN (then the codes are meaningless). Bit for bit what
     ``p = v + e; encode(p); p - decode(...)`` gives. ``out`` must not overlap ``v`` or ``e``."""
-    lv, bits, bucket_size = _check_common(levels, bits, bucket_size)
-    if scale_kind not in (SCALE_L2, SCALE_MAXABS, SCALE_MEANABS):
-        raise ValueError(f"unknown scale kind {scale_kind}")
+    lv, bits, bucket_size = check_kernel_args(levels, bits, bucket_size)
+    scale_kind, offset = check_scale_kind(scale_kind), check_offset(offset)
     v = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
     n = v.size
     e = np.ascontiguousarray(e, dtype=np.float32).reshape(-1)
@@ -958,28 +942,97 @@ def encode_ef(v, e, out, levels, bits, bucket_size, scale_kind, stochastic, key,
     if n == 0:
         return scales, packed, False
     tables, method, steps, uniform_m, cell_index, corrections = _search_tables(lv)
-    table = np.full(256, np.nan, dtype=np.float32)
-    table[:lv.size] = lv
+    table = level_tables(lv).decode
     passes = _encode_passes(n, bucket_size, scales.size)
     nonfinite = np.zeros(max(t[0].shape[0] for t in passes), dtype=np.bool_)
     with _threads_for(n):
         for task_buckets, task_elements in passes:
             _encode_ef_kernel(_readonly(v), _readonly(e), p, p.view(np.uint32), task_buckets, task_elements, tables,
                               method, lv.size, steps, uniform_m, cell_index, corrections, bits, bucket_size,
-                              int(scale_kind), bool(stochastic), np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF),
-                              np.uint64(int(offset)), _readonly(table), scales, packed, nonfinite)
+                              scale_kind, bool(stochastic), stream_key_u64(key), np.uint64(offset),
+                              _readonly(table), scales, packed, nonfinite)
     return scales, packed, bool(nonfinite.any())
 
 
-def warmup():
-    """Compile (or load from the on-disk cache) every kernel; returns the seconds it took."""
-    import time
-    t0 = time.perf_counter()
-    x = np.linspace(-1, 1, 40, dtype=np.float32)
-    lv = np.array([-1, 0, 1], np.float32)
-    scales, packed = encode(x, lv, 2, 4, SCALE_L2, True, 1, 0)
-    decode_add(decode(scales, packed, lv, 2, 4, x.size), scales, packed, lv, 2, 4, x.size)
-    return time.perf_counter() - t0
+@njit(**_JIT)
+def _mean_span(scales, packed, table, bits, bucket_size, out, e0, e1, divisor):
+    """out[e] = ((d_0[e] + d_1[e]) + ...) / divisor for elements e0..e1-1 (e0 a multiple of 8),
+    d_r the decode of row r of ``scales``/``packed``: every payload is decoded and added in rank
+    order while the block is in L1, so ``out`` is written once instead of read and written once
+    per payload. Returns the largest code seen."""
+    block_scale = np.empty(_BLOCK, np.float32)
+    codes = np.empty(_BLOCK, np.uint8)
+    acc = np.empty(_BLOCK, np.float32)
+    seen = 0
+    for b0 in range(e0, e1, _BLOCK):
+        length = min(_BLOCK, e1 - b0)
+        ss = block_scale[:length]
+        cs = codes[:length]
+        ac = acc[:length]
+        byte0 = (b0 // 8) * bits
+        nbytes = (length * bits + 7) // 8
+        for r in range(scales.shape[0]):
+            _fill_scales(scales[r], bucket_size, b0, ss)
+            _unpack(packed[r, byte0:byte0 + nbytes], bits, cs)
+            block_max = np.uint8(0)
+            for e in range(length):
+                block_max = cs[e] if cs[e] > block_max else block_max
+            seen = max(seen, int(block_max))
+            if r == 0:
+                for e in range(length):
+                    ac[e] = table[cs[e]] * ss[e]
+            else:
+                for e in range(length):
+                    ac[e] = ac[e] + table[cs[e]] * ss[e]
+        os = out[b0:b0 + length]
+        for e in range(length):
+            os[e] = ac[e] / divisor
+    return seen
 
 
-__all__ = ["encode", "encode_ef", "decode", "decode_add", "decode_into", "warmup"]
+@njit(parallel=True, **_JIT)
+def _mean_kernel(scales, packed, table, bits, bucket_size, out, n, divisor, max_code):
+    for t in prange(max_code.size):
+        max_code[t] = _mean_span(scales, packed, table, bits, bucket_size, out, t * _TASK,
+                                 min((t + 1) * _TASK, n), divisor)
+
+
+def decode_mean(out, scales_list, packed_list, levels, bits, bucket_size, n):
+    """out = (d_0 + d_1 + ... + d_{N-1}) / N in one pass, bit for bit what decode_into of the
+    first payload, decode_add of the next ones and the division with the last give (the sum in
+    rank order). Raises ValueError for codes past the codebook (out is then scratch)."""
+    if not scales_list or len(scales_list) != len(packed_list):
+        raise ValueError("decode_mean: one (scales, packed) pair per payload, at least one")
+    rows = [_decode_inputs(s, p, levels, bits, bucket_size, n) for s, p in zip(scales_list, packed_list)]
+    _, _, lv, table, bits, bucket_size, n = rows[0]
+    flat = _writeable_f32(out, n, "decode_mean: out")
+    if n:
+        nbytes = packed_nbytes(n, bits)
+        scales = np.stack([r[0] for r in rows])
+        packed = np.stack([r[1][:nbytes] for r in rows])
+        max_code = np.zeros(-(-n // _TASK), dtype=np.int64)
+        with _threads_for(n):
+            _mean_kernel(_readonly(scales), _readonly(packed), table, bits, bucket_size, flat, n,
+                         np.float32(len(rows)), max_code)
+        if int(max_code.max()) >= lv.size:
+            raise ValueError(f"decode: code {int(max_code.max())} is out of range for a codebook of "
+                             f"{lv.size} levels (corrupt payload)")
+    return out
+
+
+@njit(**_JIT)
+def _first_flagged(data, flagged):
+    for i in range(data.size):
+        if flagged[data[i]]:
+            return i
+    return -1
+
+
+def first_flagged_byte(data, flagged):
+    """Index of the first byte b of ``data`` with ``flagged[b]`` (a 256-entry bool table), or -1:
+    one pass that stops at the first hit (the wire parser's check for codes past the codebook)."""
+    return int(_first_flagged(_readonly(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)),
+                              _readonly(np.ascontiguousarray(flagged, dtype=np.bool_))))
+
+
+__all__ = ["encode", "encode_ef", "decode", "decode_add", "decode_into", "decode_mean", "first_flagged_byte"]

@@ -15,20 +15,22 @@ How the output matches the CPU bit for bit:
     table itself, so it equals np.searchsorted; the uniforms are the counter-based SplitMix64
     of :mod:`.rng`, a pure function of (key, element index).
   * Bucket scales are float64 sums in NumPy's own order, rounded once to float32, as on the
-    CPU (see cpu_numba): one thread per bucket sums it sequentially; long buckets (> 8192)
-    are split where NumPy's order allows it without changing a bit (8192-element pieces of a
-    single-bucket L2 sum, chunks of a max, subtrees of the pairwise mean |x|). A long L2 bucket
-    among several is summed by one thread: exact, but slow for buckets of millions.
-    Should a NumPy build use another summation order, only the last float64 bits of a scale's
-    sum can differ, which changes the float32 scale only when the sum lies within those bits
-    of a float32 rounding boundary (practically never).
+    CPU (the shared orders are spelled out in :mod:`.common`): one thread per bucket sums it
+    sequentially; long buckets (> 8192) are split where NumPy's order allows it without
+    changing a bit (8192-element pieces of a single-bucket L2 sum, chunks of a max, subtrees of
+    the pairwise mean |x|). A long L2 bucket among several is summed by one thread: exact, but
+    slow for buckets of millions. Should a NumPy build use another summation order, only the
+    last float64 bits of a scale's sum can differ, which changes the float32 scale only when the
+    sum lies within those bits of a float32 rounding boundary (practically never).
 Codes past the codebook (only a corrupt payload has them; the wire format rejects those)
 decode to NaN rather than reading out of bounds; unlike the CPU backend, the GPU does not stop
 to check.
 
 ``KERNEL_SOURCE`` is plain CUDA C++ with ``extern "C"`` kernels that are thin loops over
 ``__host__ __device__`` functions, so a test can compile it with ``nvcc`` and even run those
-functions on the host.
+functions on the host. Every constant it shares with the Python side (the SplitMix64 constants
+of :mod:`.rng`, the scale kinds of :mod:`.codebooks`, NumPy's summation sizes and the level-table
+layout of :mod:`.common`) is written into it from the Python definition (``_shared_defines``).
 """
 from __future__ import annotations
 
@@ -41,10 +43,38 @@ try:
 except ImportError:  # a CPU machine: KERNEL_SOURCE and the NumPy helpers still work
     cp = None
 
+from . import rng
 from .codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
-from .reference import check_decode_sizes, num_buckets, packed_nbytes
+from .common import (EINSUM_BUFFER, F32_ABS_MASK, F32_INF_BITS, PAIRWISE_LEAF, TABLE_WIDTH, check_decode_sizes,
+                     check_kernel_args, check_offset, check_scale_kind, level_tables, num_buckets, packed_nbytes,
+                     stream_key_u64)
 
-KERNEL_SOURCE = r"""
+_THREADS = 256          # threads per block
+_PIECE = EINSUM_BUFFER  # HQ_PIECE: long buckets are split into pieces of NumPy's iterator buffer
+# The order of the rows in the flat table block (see host_tables), at multiples of TABLE_WIDTH.
+_TABLE_ROWS = ("levels", "widths", "search", "decode")
+_OPTIONS = ("--std=c++17", "--fmad=false")  # the source uses _rn intrinsics anyway
+
+
+def _shared_defines() -> str:
+    """The ``#define``s of every constant the CUDA source shares with the Python side."""
+    u64 = "0x{:016X}ULL".format
+    shift1, shift2, shift3 = rng.MIX_SHIFTS
+    defines = {
+        "HQ_GOLDEN": u64(rng.GOLDEN), "HQ_MIX1": u64(rng.MIX1), "HQ_MIX2": u64(rng.MIX2),
+        "HQ_MIX_SHIFT1": shift1, "HQ_MIX_SHIFT2": shift2, "HQ_MIX_SHIFT3": shift3,
+        "HQ_UNIFORM_SHIFT": rng.UNIFORM_SHIFT,
+        "HQ_UNIFORM_SCALE": float(rng.UNIFORM_SCALE).hex() + "f",   # exact: a hexadecimal literal
+        "HQ_PAIRWISE_LEAF": PAIRWISE_LEAF, "HQ_PIECE": _PIECE,
+        "HQ_SCALE_L2": SCALE_L2, "HQ_SCALE_MAXABS": SCALE_MAXABS, "HQ_SCALE_MEANABS": SCALE_MEANABS,
+        "HQ_ABS_MASK": f"0x{F32_ABS_MASK:08X}u", "HQ_INF_BITS": f"0x{F32_INF_BITS:08X}u",
+        "HQ_TABLE_WIDTH": TABLE_WIDTH,
+        **{f"HQ_{row.upper()}": i * TABLE_WIDTH for i, row in enumerate(_TABLE_ROWS)},
+    }
+    return "".join(f"#define {name} {value}\n" for name, value in defines.items())
+
+
+_PRELUDE = r"""
 // hvd_qadam quantizer kernels: see hvd_qadam/quant/gpu_cupy.py and reference.py.
 #if !defined(__CUDACC_RTC__)
 #include <cmath>
@@ -57,11 +87,12 @@ typedef unsigned int hq_u32;
 typedef unsigned char hq_u8;
 
 #define HQ_FN __host__ __device__ __forceinline__
-#define HQ_PAIRWISE_LEAF 128   // NumPy's pairwise-summation leaf
-#define HQ_PIECE 8192          // NumPy's iterator buffer; also the split size of long buckets
-#define HQ_SCALE_L2 0
-#define HQ_SCALE_MAXABS 1
-#define HQ_SCALE_MEANABS 2
+// Constants defined in Python (rng.py, codebooks.py, common.py):
+"""
+
+_BODY = r"""
+// HQ_PAIRWISE_LEAF: NumPy's pairwise-summation leaf; HQ_PIECE: NumPy's iterator buffer, also the
+// split size of long buckets.
 
 // IEEE round-to-nearest operations that the compiler may not fuse or approximate.
 #if defined(__CUDA_ARCH__)
@@ -99,11 +130,11 @@ HQ_FN hq_i64 hq_min(hq_i64 a, hq_i64 b) { return a < b ? a : b; }
 // ---------------------------------------------------------------------------- counter-based RNG
 // rng.uniforms: SplitMix64 of key + (index + 1) * GOLDEN, top 24 bits * 2^-24.
 HQ_FN float hq_uniform(hq_u64 key, hq_u64 index) {
-    hq_u64 z = key + (index + 1ULL) * 0x9E3779B97F4A7C15ULL;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    z = z ^ (z >> 31);
-    return F32_MUL((float)(hq_u32)(z >> 40), 5.9604644775390625e-08f);
+    hq_u64 z = key + (index + 1ULL) * HQ_GOLDEN;
+    z = (z ^ (z >> HQ_MIX_SHIFT1)) * HQ_MIX1;
+    z = (z ^ (z >> HQ_MIX_SHIFT2)) * HQ_MIX2;
+    z = z ^ (z >> HQ_MIX_SHIFT3);
+    return F32_MUL((float)(hq_u32)(z >> HQ_UNIFORM_SHIFT), HQ_UNIFORM_SCALE);
 }
 
 // ---------------------------------------------------------------------------- bucket scales
@@ -134,14 +165,14 @@ HQ_FN hq_u32 hq_max_abs_bits(const float* v, hq_i64 n) {
     const hq_u32* bits = (const hq_u32*)v;
     hq_u32 m = 0;
     for (hq_i64 i = 0; i < n; ++i) {
-        hq_u32 b = bits[i] & 0x7FFFFFFFu;
+        hq_u32 b = bits[i] & HQ_ABS_MASK;
         m = b > m ? b : m;
     }
     return m;
 }
 
 HQ_FN float hq_max_abs_scale(hq_u32 m) {
-    return m > 0x7F800000u ? hq_float_from_bits(0x7FC00000u) : hq_float_from_bits(m);
+    return m > HQ_INF_BITS ? hq_float_from_bits(0x7FC00000u) : hq_float_from_bits(m);  // NaN
 }
 
 // One leaf (n <= 128) of NumPy's pairwise sum of |v[lo:lo+n]|; positions >= valid are zeros
@@ -258,12 +289,9 @@ HQ_FN float hq_bucket_scale(const float* x, hq_i64 n, hq_i64 bucket_size, hq_i64
 }
 
 // ---------------------------------------------------------------------------- quantize + pack
-// tables: [0, 256) levels, [256, 512) widths l_{j+1} - l_j, [512, 768) l_0..l_{K-2} padded
-// with +inf for the binary search, [768, 1024) the levels padded with NaN for decoding.
-#define HQ_LEVELS 0
-#define HQ_WIDTHS 256
-#define HQ_SEARCH 512
-#define HQ_DECODE 768
+// tables: rows of HQ_TABLE_WIDTH entries (common.LevelTables) at HQ_LEVELS: the levels,
+// HQ_WIDTHS: widths l_{j+1} - l_j, HQ_SEARCH: l_0..l_{K-2} padded with +inf for the binary
+// search, HQ_DECODE: the levels padded with NaN for decoding.
 
 HQ_FN int hq_code(float xv, float s, const float* tables, int num_levels, int search_steps, int stochastic,
                   hq_u64 key, hq_u64 index) {
@@ -359,10 +387,7 @@ extern "C" __global__ void hq_decode(const float* scales, const hq_u8* packed, c
 }
 """
 
-_THREADS = 256          # threads per block
-_PIECE = 8192           # HQ_PIECE
-_TABLE_WIDTH = 256      # columns of each table row (K <= 2^8)
-_OPTIONS = ("--std=c++17", "--fmad=false")  # the source uses _rn intrinsics anyway
+KERNEL_SOURCE = _PRELUDE + _shared_defines() + _BODY
 
 
 def _require_cupy():
@@ -385,17 +410,10 @@ def _grid(count: int) -> tuple:
 
 
 def host_tables(levels) -> tuple[np.ndarray, int]:
-    """(float32[4 * 256] table block, binary search steps) for a sorted codebook; see HQ_LEVELS."""
-    lv = np.ascontiguousarray(levels, dtype=np.float32).ravel()
-    k = lv.size
-    tables = np.zeros(4 * _TABLE_WIDTH, dtype=np.float32)
-    tables[0:k] = lv
-    tables[_TABLE_WIDTH:_TABLE_WIDTH + k - 1] = lv[1:] - lv[:-1]   # float32 subtraction, as the reference
-    tables[2 * _TABLE_WIDTH:3 * _TABLE_WIDTH] = np.inf
-    tables[2 * _TABLE_WIDTH:2 * _TABLE_WIDTH + k - 1] = lv[:-1]
-    tables[3 * _TABLE_WIDTH:] = np.nan
-    tables[3 * _TABLE_WIDTH:3 * _TABLE_WIDTH + k] = lv
-    return tables, max(0, int(k - 2).bit_length())
+    """(float32[4 * TABLE_WIDTH] table block, binary search steps) for a sorted codebook: the
+    rows of common.level_tables one after the other, in _TABLE_ROWS order (see HQ_LEVELS)."""
+    shared = level_tables(levels)
+    return np.concatenate([getattr(shared, row) for row in _TABLE_ROWS]), shared.search_steps
 
 
 @functools.lru_cache(maxsize=64)
@@ -441,26 +459,13 @@ def scale_pieces(n: int, bucket_size: int, nb: int, scale_kind: int):
 
 def _check_common(levels, bits, bucket_size):
     _require_cupy()
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
-    if isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer)) or bucket_size < 1:
-        raise ValueError(f"bucket_size must be a positive integer, got {bucket_size!r}")
-    lv = np.ascontiguousarray(cp.asnumpy(levels) if isinstance(levels, cp.ndarray) else levels,
-                              dtype=np.float32).ravel()
-    if not 2 <= lv.size <= 2 ** bits:
-        raise ValueError(f"codebook has {lv.size} levels; {bits} bit(s) allow 2..{2 ** bits}")
-    if not (np.all(np.isfinite(lv)) and np.all(lv[1:] > lv[:-1])):
-        raise ValueError("codebook levels must be finite and strictly increasing")
-    return lv, int(bits), int(bucket_size)
+    return check_kernel_args(levels, bits, bucket_size)
 
 
 def encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset=0):
     """CuPy fp32 vector -> (scales cupy.float32[num_buckets], packed cupy.uint8[ceil(n*bits/8)])."""
     lv, bits, bucket_size = _check_common(levels, bits, bucket_size)
-    if scale_kind not in (SCALE_L2, SCALE_MAXABS, SCALE_MEANABS):
-        raise ValueError(f"unknown scale kind {scale_kind}")
-    if int(offset) < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
+    scale_kind, offset = check_scale_kind(scale_kind), check_offset(offset)
     x = cp.ascontiguousarray(x, dtype=cp.float32).reshape(-1)
     n = int(x.size)
     nb = num_buckets(n, bucket_size)
@@ -488,8 +493,7 @@ def encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset=0):
         _kernel("hq_encode")(
             _grid(-(-n // 8)), (_THREADS,),
             (x, np.int64(n), scales, np.int64(bucket_size), tables, np.int32(lv.size), np.int32(steps),
-             np.int32(bits), np.int32(bool(stochastic)), np.uint64(int(key) & 0xFFFFFFFFFFFFFFFF),
-             np.uint64(int(offset)), packed))
+             np.int32(bits), np.int32(bool(stochastic)), stream_key_u64(key), np.uint64(offset), packed))
     return scales, packed
 
 

@@ -8,30 +8,16 @@ Semantics (all element arithmetic in float32, scales reduced in float64 and roun
   stochastic: code = j + (u < p), u = uniforms(key, offset + i);   nearest: code = j + (p >= 0.5)
   decode: l_code * s_k
 Codes are packed LSB-first into a dense bit stream: code i occupies bits [i*b, (i+1)*b).
+This module is the oracle and nothing else: sizes, argument checks and the tables the fast
+kernels share live in :mod:`.common`.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
+from .common import num_buckets, packed_nbytes
 from .rng import uniforms
-
-
-def num_buckets(n: int, bucket_size: int) -> int:
-    return -(-n // bucket_size)
-
-
-def packed_nbytes(n: int, bits: int) -> int:
-    return -(-n * bits // 8)
-
-
-def check_decode_sizes(n_scales: int, n_packed: int, n: int, bits: int, bucket_size: int) -> None:
-    """The scales and packed codes handed to a decode kernel must cover ``n`` elements."""
-    if n_scales != num_buckets(n, bucket_size):
-        raise ValueError(f"decode: {n_scales} scales for {n} elements in buckets of {bucket_size}")
-    if n_packed < packed_nbytes(n, bits):
-        raise ValueError(f"decode: {n_packed} code bytes; {n} elements at {bits} bits need "
-                         f"{packed_nbytes(n, bits)}")
 
 
 def _per_element(scales: np.ndarray, bucket_size: int, n: int) -> np.ndarray:

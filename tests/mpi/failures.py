@@ -16,7 +16,9 @@ import horovod.torch as hvd
 import torch
 
 import hvd_qadam
-from hvd_qadam.examples import digits
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+import digits  # noqa: E402 - scripts/digits.py
 
 parser = argparse.ArgumentParser()
 parser.add_argument("mode", choices=["nan", "params", "config", "dead", "hang", "exit", "mismatch"])

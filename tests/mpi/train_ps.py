@@ -2,13 +2,17 @@
 import argparse
 import hashlib
 import json
+import os
+import sys
 
 from mpi4py import MPI  # noqa: F401 - imported first so mpi4py owns MPI
 
 import torch
 
 import hvd_qadam
-from hvd_qadam.examples import digits
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+import digits  # noqa: E402 - scripts/digits.py
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -26,9 +30,7 @@ kwargs = dict(json.loads(args.kwargs), topology="ps")
 
 
 def make_optimizer(model):
-    base = (torch.optim.Adam(model.parameters(), lr=2e-3) if args.base == "adam"
-            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
-    return hvd_qadam.DistributedOptimizer(base, model.named_parameters(), **kwargs)
+    return hvd_qadam.DistributedOptimizer(digits.base_optimizer(model, args.base), model.named_parameters(), **kwargs)
 
 
 holder = {}

@@ -3,6 +3,7 @@ rank 0's final parameters (plus a hash of every rank's) for the test to compare 
 import argparse
 import hashlib
 import json
+import os
 import sys
 
 from mpi4py import MPI  # first: mpi4py owns MPI (thread level multiple), Horovod joins it
@@ -11,7 +12,9 @@ import horovod.torch as hvd
 import torch
 
 import hvd_qadam
-from hvd_qadam.examples import digits
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
+import digits  # noqa: E402 - scripts/digits.py
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
@@ -26,9 +29,7 @@ kwargs = json.loads(args.kwargs)
 
 
 def make_optimizer(model):
-    base = (torch.optim.Adam(model.parameters(), lr=2e-3) if args.base == "adam"
-            else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9))
-    return hvd_qadam.DistributedOptimizer(base, model.named_parameters(), **kwargs)
+    return hvd_qadam.DistributedOptimizer(digits.base_optimizer(model, args.base), model.named_parameters(), **kwargs)
 
 
 model, _ = digits.train(hvd.rank(), hvd.size(), make_optimizer, epochs=100, max_steps=args.steps)

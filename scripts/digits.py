@@ -1,8 +1,12 @@
-"""scikit-learn's handwritten digits (8x8, 1797 images): the demo and test task.
+"""scikit-learn's handwritten digits (8x8, 1797 images): the task of the demo, the tests and the
+studies (not part of the installed package: it needs scikit-learn).
 
 Data is standardised with training statistics and split once with a fixed seed. Every worker
 reads a disjoint, deterministic shard of each global batch, so a run with N ranks and its
 single-process simulation see exactly the same samples.
+
+Scripts in this folder import it directly (``import digits``); the tests put this folder on
+``sys.path`` (tests/conftest.py, and each program in tests/mpi/).
 """
 from __future__ import annotations
 
@@ -40,6 +44,16 @@ def make_model(hidden: int = 128, seed: int = 0) -> nn.Module:
             else:
                 p.zero_()
     return model
+
+
+def base_optimizer(model: nn.Module, base: str = "adam") -> torch.optim.Optimizer:
+    """The optimizer the tests wrap on this task: Adam (lr 2e-3) or SGD with momentum (lr 0.05,
+    momentum 0.9)."""
+    if base == "adam":
+        return torch.optim.Adam(model.parameters(), lr=2e-3)
+    if base == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    raise ValueError(f"base must be 'adam' or 'sgd', got {base!r}")
 
 
 def batches(n_samples: int, global_batch: int, epoch: int, seed: int = 0):

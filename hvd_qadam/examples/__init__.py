@@ -1,1 +1,0 @@
-"""Small real tasks used by the demo, the tests and the studies."""

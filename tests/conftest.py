@@ -1,0 +1,116 @@
+"""Shared by the tests: scripts/ on sys.path (``import digits``, ``toy_convex``, ``lm``), launches of
+test programs on real MPI ranks, and digits training of N simulated ranks.
+
+Tests take the helpers as fixtures: ``def test_x(sim_train, assert_same_params): ...``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = os.path.join(os.path.dirname(HERE), "scripts")
+if SCRIPTS not in sys.path:
+    sys.path.insert(0, SCRIPTS)
+
+import digits  # noqa: E402 - scripts/digits.py
+
+import hvd_qadam  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- real MPI ranks
+
+def mpirun_available() -> bool:
+    return shutil.which("mpirun") is not None
+
+
+def run_mpi(np_: int, script: str, *args: str, timeout: float = 180, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python tests/mpi/<script> args`` on ``np_`` ranks (Open MPI, oversubscribed, as root
+    if need be); with ``check`` a failing rank fails the launch."""
+    if not mpirun_available():
+        pytest.skip("mpirun not installed (run scripts/install.sh)")
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_), "-bind-to", "none",
+           "-mca", "btl", "self,tcp", "-mca", "btl_tcp_if_include", "lo",
+           "-mca", "oob_tcp_if_include", "lo",
+           sys.executable, os.path.join(HERE, "mpi", script), *args]
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HOROVOD_LOG_LEVEL="warning")
+    full_env.update(env or {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mpirun -np {np_} {script} failed with code {proc.returncode}\n"
+                             f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+# ----------------------------------------------------------------------------- simulated ranks
+
+def sim_train(world_size: int, steps: int, base: str = "adam", **kwargs) -> list:
+    """Final {name: tensor} of every simulated rank after ``steps`` steps of digits training with
+    ``hvd_qadam.DistributedOptimizer(digits.base_optimizer(model, base), **kwargs)``."""
+    def worker(rank, comm):
+        def make(m):
+            return hvd_qadam.DistributedOptimizer(digits.base_optimizer(m, base), m.named_parameters(), comm=comm,
+                                                  **kwargs)
+        model, _ = digits.train(rank, comm.size, make, epochs=1000, max_steps=steps)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return hvd_qadam.simulate(world_size, worker)
+
+
+def sim_resume(world_size: int, tmp_path, steps: int, split: int | None, **kwargs) -> list:
+    """Digits training of ``steps`` steps on simulated ranks with
+    ``hvd_qadam.DistributedOptimizer(Adam, **kwargs)``, each rank on its own 10 samples per step.
+    With ``split``, every rank saves model and optimizer state after ``split`` steps, rebuilds both
+    from other weights, loads its checkpoint and goes on. Returns (params, optimizer) per rank."""
+    def worker(rank, comm):
+        x, y, _, _ = digits.load_digits_split()
+
+        def build(seed):
+            model = digits.make_model(seed=seed)
+            return model, hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(),
+                                                         comm=comm, **kwargs)
+
+        def run(model, opt, start, stop):
+            for s in range(start, stop):
+                i = torch.arange(s * 30 + rank * 10, s * 30 + rank * 10 + 10) % len(x)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+                opt.step()
+        model, opt = build(0)
+        if split is None:
+            run(model, opt, 0, steps)
+        else:
+            run(model, opt, 0, split)
+            path = tmp_path / f"ck{rank}.pt"
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+            model, opt = build(123)                   # other weights: the checkpoint must overwrite them
+            ck = torch.load(path)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["opt"])
+            run(model, opt, split, steps)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
+    return hvd_qadam.simulate(world_size, worker)
+
+
+def assert_same_params(a: dict, b: dict, what: str = "") -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), f"{what}: {n} differs (max |diff| {float((a[n] - b[n]).abs().max())})"
+
+
+def _fixture(helper):
+    """A fixture named like ``helper`` that hands the test the helper itself."""
+    def fixture():
+        return helper
+    return pytest.fixture(name=helper.__name__)(fixture)
+
+
+run_mpi_fixture = _fixture(run_mpi)
+sim_train_fixture = _fixture(sim_train)
+sim_resume_fixture = _fixture(sim_resume)
+assert_same_params_fixture = _fixture(assert_same_params)
