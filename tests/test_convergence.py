@@ -37,7 +37,7 @@ def sgd_fp32():
     ("efficient_adam 4-bit two-way", dict(algorithm="efficient_adam", downlink_quantizer="qsgd", downlink_bits=4), 1.5),
     ("efficient_adam 1-bit sign two-way EF", dict(algorithm="efficient_adam", quantizer="sign",
                                                   downlink_quantizer="sign"), 3.0),
-    ("qadam 4-bit up, 4-bit down", dict(algorithm="qadam", downlink_quantizer="qsgd", downlink_bits=4), 1.5),
+    ("qadam 4-bit up, 4-bit down", dict(algorithm="qadam", downlink_quantizer="qsgdinf", downlink_bits=4), 1.5),
     ("qadam_weights 8-bit weights", dict(algorithm="qadam_weights", downlink_quantizer="qsgdinf",
                                          downlink_bits=8), 1.5),
 ])
