@@ -12,6 +12,7 @@ import numpy as np
 from .quant import codebooks as cb
 from .quant import rng
 from .quant.backend import cpu_backend, gpu_backend
+from .quant.common import array_module, check_bucket_size, is_cupy, to_host  # noqa: F401 - check_bucket_size re-exported
 from .wire import MAX_NDIM, Payload
 
 try:  # torch is optional for the pure-NumPy API
@@ -46,17 +47,9 @@ def _flat_fp32(x):
 
 
 def _backend_for(arr, backend):
-    if type(arr).__module__.startswith("cupy"):
+    if is_cupy(arr):
         return gpu_backend()
     return cpu_backend(backend)
-
-
-def check_bucket_size(bucket_size) -> int:
-    if isinstance(bucket_size, bool) or not isinstance(bucket_size, (int, np.integer)) or bucket_size < 1:
-        raise cb.QuantizerError(f"bucket_size must be a positive integer, got {bucket_size!r}")
-    if bucket_size > 2 ** 31:
-        raise cb.QuantizerError(f"bucket_size {bucket_size} is larger than the wire format allows (2^31)")
-    return int(bucket_size)
 
 
 FP16_MAX = 65504.0
@@ -94,8 +87,7 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
             raise ValueError(f"quantize: values up to {float(abs(arr).max()):.4g} overflow fp16 (max {FP16_MAX}); "
                              "use a scaled quantizer or 'none'")
         codes = arr.astype(np.float16 if k.name == "fp16" else np.float32, copy=True)
-        if not type(codes).__module__.startswith("numpy"):
-            codes = codes.get()
+        codes = to_host(codes)
         return Payload(k.name, bits, 0, int(arr.size), shape, None, codes, None, False, dtype, array_kind)
     bucket_size = check_bucket_size(bucket_size)
     if k.adaptive:
@@ -118,13 +110,11 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
 
 
 def _isfinite_all(arr):
-    mod = np if type(arr).__module__.startswith("numpy") else __import__("cupy")
-    return mod.isfinite(arr).all()
+    return array_module(arr).isfinite(arr).all()
 
 
 def _count_finite(arr):
-    mod = np if type(arr).__module__.startswith("numpy") else __import__("cupy")
-    return int(mod.isfinite(arr).sum())
+    return int(array_module(arr).isfinite(arr).sum())
 
 
 def decode_flat(payload: Payload, backend: str | None = None) -> np.ndarray:
@@ -151,7 +141,7 @@ def dequantize(payload: Payload, like=None, backend: str | None = None):
         kind = ("torch", like.device, like.dtype) if _is_torch(like) else ("numpy",)
     if kind is not None and kind[0] == "torch":
         _, device, dtype = kind
-        if type(flat).__module__.startswith("cupy"):
+        if is_cupy(flat):
             t = torch.from_dlpack(flat)
         else:
             t = torch.from_numpy(np.ascontiguousarray(flat))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .quant import codebooks as cb
-from .quant.common import num_buckets, packed_nbytes
+from .quant.common import MAX_BUCKET_SIZE, num_buckets, packed_nbytes, to_host
 
 
 class PayloadError(ValueError):
@@ -42,7 +42,6 @@ HEADER_SIZE = _HEADER.size
 FLAG_STOCHASTIC = 1
 FLAG_CODEBOOK = 2
 _KNOWN_FLAGS = FLAG_STOCHASTIC | FLAG_CODEBOOK
-MAX_BUCKET = 2 ** 31          # as api.check_bucket_size
 # The product of a shape's non-zero dimensions must stay below this, so that an array of that
 # shape (even an empty one, e.g. (0, 2**62)) can be built with any 8-byte dtype by NumPy and torch.
 MAX_ELEMENTS = 2 ** 60
@@ -52,11 +51,6 @@ MAX_NDIM = 32
 SCALE_FLOAT32 = 0
 DTYPE_CODES = {"float32": 0, "float16": 1, "bfloat16": 2, "float64": 3}
 DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
-
-
-def _host(a):
-    """A NumPy view of ``a``; GPU (CuPy) arrays are copied to the host first."""
-    return a.get() if type(a).__module__.startswith("cupy") else a
 
 
 @dataclass
@@ -103,7 +97,7 @@ class Payload:
             parts.append(_le_bytes(self.scales, "<f4"))
         if self.codebook is not None:
             parts.append(_le_bytes(self.codebook, "<f4"))
-        codes = np.ascontiguousarray(_host(self.codes))
+        codes = np.ascontiguousarray(to_host(self.codes))
         parts.append(_le_bytes(codes, codes.dtype.newbyteorder("<")))
         body_crc = 0
         for part in parts:
@@ -172,8 +166,8 @@ class Payload:
                 raise PayloadError(f"{where}: pass-through {kind.name!r} with the stochastic-rounding flag")
         elif bucket == 0:
             raise PayloadError(f"{where}: bucket size 0")
-        elif bucket > MAX_BUCKET:
-            raise PayloadError(f"{where}: bucket size {bucket} is larger than the format allows ({MAX_BUCKET})")
+        elif bucket > MAX_BUCKET_SIZE:
+            raise PayloadError(f"{where}: bucket size {bucket} is larger than the format allows ({MAX_BUCKET_SIZE})")
         if ndim > MAX_NDIM:
             raise PayloadError(f"{where}: {ndim} dimensions (at most {MAX_NDIM})")
         # Body length follows from the header alone (Python ints: no overflow, however large numel is).
@@ -235,7 +229,7 @@ class Payload:
 def _le_bytes(a, dtype) -> memoryview:
     """The values of ``a`` as contiguous little-endian ``dtype`` bytes: a view, without a copy,
     when ``a`` already is such an array on the host."""
-    arr = np.ascontiguousarray(_host(a), dtype=dtype)
+    arr = np.ascontiguousarray(to_host(a), dtype=dtype)
     return memoryview(arr.reshape(-1)).cast("B")
 
 

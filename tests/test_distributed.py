@@ -6,11 +6,11 @@ import re
 import pytest
 import torch
 
-from mpirun import run_mpi
+from conftest import run_mpi
 
 # Short deadlines so that every fault case ends within seconds (the defaults are minutes).
 FAULT_ENV = {"HVD_QADAM_TIMEOUT": "8", "HVD_QADAM_TIMEOUT_EXIT_GRACE": "2"}
-from simtrain import assert_same_params, sim_train
+from conftest import assert_same_params, sim_train
 
 CASES = [
     (2, "adam", {}),                                                     # 4-bit QSGD + EF, allgather

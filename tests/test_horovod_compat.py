@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from mpirun import HERE, mpirun_available, run_mpi
+from conftest import HERE, mpirun_available, run_mpi
 
 REPO = os.path.dirname(HERE)
 EXACT = 1e-6           # relative L2 distance of the final parameters, quantizer="none" vs Horovod
