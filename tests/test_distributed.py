@@ -10,6 +10,9 @@ from conftest import run_mpi
 
 # Short deadlines so that every fault case ends within seconds (the defaults are minutes).
 FAULT_ENV = {"HVD_QADAM_TIMEOUT": "8", "HVD_QADAM_TIMEOUT_EXIT_GRACE": "2"}
+# The ps server's deadline also covers the workers' start-up (their first message), which takes
+# longer than 8 s on a loaded machine.
+PS_FAULT_ENV = {"HVD_QADAM_TIMEOUT": "25", "HVD_QADAM_TIMEOUT_EXIT_GRACE": "2"}
 from conftest import assert_same_params, sim_train
 
 CASES = [
@@ -66,10 +69,12 @@ def test_mpi_mismatched_configuration_fails_fast():
     assert all("configuration differs" in m and "bits" in m for m in errors.values())
 
 
-def test_mpi_dead_rank_ends_the_job_in_bounded_time():
+@pytest.mark.parametrize("topology", ["allgather", "sharded", "ps"])
+def test_mpi_dead_rank_ends_the_job_in_bounded_time(topology):
     import time
     t0 = time.time()
-    proc = run_mpi(3, "failures.py", "dead", check=False, timeout=120, env=FAULT_ENV)
+    proc = run_mpi(3, "failures.py", "dead", "--topology", topology, check=False, timeout=120,
+                   env=PS_FAULT_ENV if topology == "ps" else FAULT_ENV)
     took = time.time() - t0
     assert "RANK 1 DYING" in proc.stdout and "FINISHED" not in proc.stdout
     assert proc.returncode == 17, (proc.returncode, proc.stderr[-2000:])      # the dying rank's own code
@@ -122,21 +127,28 @@ def test_ps_without_mpi_launch_refuses_clearly():
 # ---------------------------------------------------------------- the fault suite: every case ends
 
 
-@pytest.mark.parametrize("topology", ["allgather", "sharded"])
+@pytest.mark.parametrize("topology", ["allgather", "sharded", "ps"])
 def test_mpi_hung_peer_ends_the_job_within_the_deadline(topology):
     import time
     t0 = time.time()
-    proc = run_mpi(3, "failures.py", "hang", "--topology", topology, check=False, timeout=90, env=FAULT_ENV)
+    proc = run_mpi(3, "failures.py", "hang", "--topology", topology, check=False, timeout=120,
+                   env=PS_FAULT_ENV if topology == "ps" else FAULT_ENV)
     took = time.time() - t0
     assert "RANK 1 HANGING" in proc.stdout
     assert proc.returncode != 0 and "FINISHED" not in proc.stdout
     errors = _ranks(proc.stdout, "ERROR")
-    assert sorted(errors) == [0, 2], proc.stdout + proc.stderr[-3000:]
-    for msg in errors.values():
-        assert "CollectiveTimeout" in msg and re.search(r"step \d", msg) and "collective 'hvd_qadam." in msg, msg
-        assert "did not answer: 1" in msg, msg
-    # deadline 8 s + probe 2 s + exit grace 2 s + start-up; far below the 90 s launch limit
-    assert took < 60, took
+    if topology == "ps":
+        # 2 workers + the server (rank 2): the live worker gives up waiting for the server's
+        # answer, the server for the hung worker's step; both name what they waited for
+        assert sorted(errors) == [0], proc.stdout + proc.stderr[-3000:]
+        assert "CommError" in errors[0] and "parameter server" in errors[0], errors[0]
+    else:
+        assert sorted(errors) == [0, 2], proc.stdout + proc.stderr[-3000:]
+        for msg in errors.values():
+            assert "CollectiveTimeout" in msg and re.search(r"step \d", msg) and "collective 'hvd_qadam." in msg, msg
+            assert "did not answer: 1" in msg, msg
+    # deadline (8 s; 25 s for ps) + probe 2 s + exit grace 2 s + start-up; below the launch limit
+    assert took < (90 if topology == "ps" else 60), took
 
 
 @pytest.mark.parametrize("topology", ["allgather", "sharded"])
@@ -151,7 +163,7 @@ def test_mpi_step_mismatch_is_a_consistency_error_not_a_hang(topology):
 def test_mpi_ps_worker_clean_exit_ends_server_and_workers():
     import time
     t0 = time.time()
-    proc = run_mpi(3, "failures.py", "exit", "--topology", "ps", check=False, timeout=90, env=FAULT_ENV)
+    proc = run_mpi(3, "failures.py", "exit", "--topology", "ps", check=False, timeout=90, env=PS_FAULT_ENV)
     assert "RANK 1 EXITING" in proc.stdout
     errors = _ranks(proc.stdout, "ERROR")
     assert 0 in errors and "exited" in errors[0], proc.stdout + proc.stderr[-3000:]
