@@ -32,7 +32,7 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--algorithm", default="qsgd", choices=["qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd",
                                                        "local_sgd"])
 p.add_argument("--topology", default="allgather", choices=["allgather", "sharded"])
-p.add_argument("--quantizer", default="qsgd")
+p.add_argument("--quantizer", default="qsgdinf", help="uplink quantizer (default: the library's, qsgdinf)")
 p.add_argument("--bits", type=int, default=4)
 p.add_argument("--bucket-size", type=int, default=512)
 p.add_argument("--downlink-quantizer", default=None)
