@@ -42,6 +42,14 @@ class Transport:
                     pass
                 h["handle"] = None
 
+    def _wait(self, h: dict, key: str, st):
+        """The result of the collective ``h[key]`` (then forgotten), its wait timed as exchange."""
+        t0 = time.perf_counter()
+        result = self.eng.comm.wait(h[key])
+        h[key] = None
+        st.stats.exchange_s += time.perf_counter() - t0
+        return result
+
     def _out(self, g) -> torch.Tensor:
         return self.eng.scratch(f"g{g.index}.out", g.numel, g.device)
 
@@ -72,10 +80,7 @@ class AllgatherTransport(Transport):
         eng, results = self.eng, {}
         for g in eng.layout.groups:
             h = st.launched[g.index]
-            t0 = time.perf_counter()
-            gathered = eng.comm.wait(h["handle"])
-            h["handle"] = None
-            st.stats.exchange_s += time.perf_counter() - t0
+            gathered = self._wait(h, "handle", st)
             t1 = time.perf_counter()
             data = h["data"]
             st.stats.received_bytes += len(gathered) - len(data)
@@ -115,10 +120,7 @@ class ShardedTransport(Transport):
         eng, downs = self.eng, {}
         for g in eng.layout.groups:
             h = st.launched[g.index]
-            t0 = time.perf_counter()
-            received = eng.comm.wait(h["handle"])
-            h["handle"] = None
-            st.stats.exchange_s += time.perf_counter() - t0
+            received = self._wait(h, "handle", st)
             t1 = time.perf_counter()
             st.stats.received_bytes += sum(len(b) for i, b in enumerate(received) if i != eng.rank)
             frames = eng.parse(received, "uplink")
@@ -135,11 +137,9 @@ class ShardedTransport(Transport):
         results = {}
         for g in eng.layout.groups:
             h = st.launched[g.index]
-            if "down" not in h:
+            if h.get("down") is None:
                 continue
-            t0 = time.perf_counter()
-            gathered = eng.comm.wait(h.pop("down"))
-            st.stats.exchange_s += time.perf_counter() - t0
+            gathered = self._wait(h, "down", st)
             t1 = time.perf_counter()
             st.stats.received_bytes += len(gathered) - h["down_len"]
             frames = eng.parse(split_frames(gathered), "downlink")
