@@ -39,7 +39,7 @@ from .api import decode_flat, quantize
 from .comm import CommError
 from .config import NONE_LINK, Config, LinkSpec
 from .layout import Layout, shard_alignment, shard_bounds
-from .memory import StateBank
+from .memory import StateBank, persistent_buffer
 from .quant import codebooks as cb
 from .quant import rng
 from .quant.backend import cpu_backend
@@ -140,10 +140,7 @@ class Engine:
 
     def scratch(self, key: str, numel: int, device) -> torch.Tensor:
         """A persistent work buffer (not state: its content does not outlive a step)."""
-        t = self._scratch.get(key)
-        if t is None or t.numel() != numel or t.device != torch.device(device):
-            t = self._scratch[key] = torch.empty(numel, dtype=torch.float32, device=device)
-        return t
+        return persistent_buffer(self._scratch, key, numel, device)
 
     def set_params_source(self, fn) -> None:
         """``fn(group) -> iterable of parameter tensors`` in slot order (the live weights)."""

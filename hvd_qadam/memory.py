@@ -16,6 +16,15 @@ from __future__ import annotations
 import torch
 
 
+def persistent_buffer(store: dict, key: str, numel: int, device) -> torch.Tensor:
+    """``store[key]``: a float32 buffer of ``numel`` elements on ``device``, allocated the first
+    time (or when the size or device changed) and reused after that."""
+    t = store.get(key)
+    if t is None or t.numel() != numel or t.device != torch.device(device):
+        t = store[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    return t
+
+
 class StateBank:
     def __init__(self):
         self.current: dict[str, torch.Tensor] = {}
@@ -37,10 +46,7 @@ class StateBank:
 
     def spare(self, key: str, numel: int, device) -> torch.Tensor:
         """The buffer the next value of ``key`` is written into (not the current one)."""
-        t = self._spare.get(key)
-        if t is None or t.numel() != numel or t.device != torch.device(device):
-            t = self._spare[key] = torch.empty(numel, dtype=torch.float32, device=device)
-        return t
+        return persistent_buffer(self._spare, key, numel, device)
 
     def commit(self, keys) -> None:
         """Make the spare buffers of ``keys`` current (all or nothing: called after success)."""

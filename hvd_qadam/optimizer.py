@@ -34,11 +34,10 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
     __module__ = "horovod.torch.optimizer"
 
     def __init__(self, params, named_parameters, config: Config, backward_passes_per_step: int, comm,
-                 overlap: bool, sparse_as_dense: bool, op_sum: bool):
+                 overlap: bool, op_sum: bool):
         super(self.__class__, self).__init__(params)
         self._qcfg = config
         self.backward_passes_per_step = backward_passes_per_step
-        self._sparse_as_dense = sparse_as_dense
         self._op_sum = op_sum
         all_params = [p for pg in self.param_groups for p in pg["params"]]
         if named_parameters is not None:
@@ -78,13 +77,11 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                            for g in self._layout.groups}
         self._slot_of = {s.param: (g, s) for g in self._layout.groups for s in g.slots}
         self._delay = {p: backward_passes_per_step for p in self._slot_of}
-        self._ready = {g.index: 0 for g in self._layout.groups}
         self._filled = {g.index: set() for g in self._layout.groups}
-        self._hook_handles = []
         self._sparse = set()          # parameters whose gradients came sparse (handed back sparse)
         if overlap and not getattr(comm, "excluded", False):
             for p in self._slot_of:
-                self._hook_handles.append(p.register_post_accumulate_grad_hook(self._on_grad_ready))
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     # ----------------------------------------------------------------- public extras
     @property
@@ -131,20 +128,11 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                           f"step {steps[0]}. Restore every rank from its own file to resume the exact "
                           f"trajectory", RuntimeWarning, stacklevel=3)
             self._engine.reset_state(steps[0])
-        params = self._tensors(grads=False)
+        params = {name: p.detach() for name, p in self._layout.params()}
         self._engine.start(params)
         if self._qcfg.topology == "ps":
             self._comm.hello(self._engine, params)
         self._started = True
-
-    def _tensors(self, grads: bool) -> dict:
-        out = {}
-        for name, p in self._layout.params():
-            if grads:
-                out[name] = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-            else:
-                out[name] = p.detach()
-        return out
 
     # ----------------------------------------------------------------- gradients into groups
     def _copy_grad(self, g, s) -> None:
@@ -436,8 +424,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         comm = ExcludedComm() if ps_ is not None and not ps_.included() else HorovodComm(ps_, timeout=timeout)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_QuantizedDistributedOptimizer.__dict__))
-    return cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap,
-               sparse_as_dense, op_sum)
+    return cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap, op_sum)
 
 
 def _check_op(op, predivide: float, algorithm: str) -> bool:
