@@ -113,7 +113,7 @@ def test_adaptive_and_random_codebooks(bits):
 def test_every_search_path_is_exercised():
     """cpu_numba finds j in one of several ways; the codebooks above and below reach all of them."""
     dense = np.concatenate([[-1.0], 0.5 + np.arange(200) * 1e-5, [1.0]]).astype(np.float32)  # crowded cell
-    expect = {cpu_numba._SEARCH_COUNT2: cb.codebook("sign", 1), cpu_numba._SEARCH_COUNT8: cb.codebook("terngrad", 2),
+    expect = {cpu_numba._SEARCH_COUNT2: cb.codebook("sign", 1), cpu_numba._SEARCH_COUNT8: cb.codebook("nuq", 3),
               cpu_numba._SEARCH_COUNT16: cb.codebook("nuq", 4), cpu_numba._SEARCH_UNIFORM: cb.codebook("qsgd", 4),
               cpu_numba._SEARCH_LOOKUP: cb.codebook("nuq", 6), cpu_numba._SEARCH_BISECT: dense}
     for method, levels in expect.items():
@@ -125,16 +125,21 @@ def test_every_search_path_is_exercised():
 
 
 @pytest.mark.parametrize("bits", range(3, 9))
-def test_uniform_guess_misses_fall_back_exactly(bits):
-    """r exactly on a level is where the arithmetic guess of a uniform codebook can be one off:
-    with a max-abs scale of 1, r = x, so feed every level and its float neighbours."""
+def test_uniform_grid_on_and_next_to_levels(bits):
+    """r exactly on a level, or one float away, is where the grid formula's t = r m + m rounds
+    onto an integer: with a max-abs scale of 1, r = x, so feed every level and its float
+    neighbours (and the terngrad grid, m = 1)."""
     levels = cb.codebook("qsgdinf", bits)
     neighbours = np.concatenate([levels, np.nextafter(levels, np.float32(2)), np.nextafter(levels, np.float32(-2))])
     x = np.clip(neighbours, -1, 1).astype(np.float32)
     x = np.concatenate([x, [1.0]] * 3).astype(np.float32)   # every bucket of 512 holds the 1.0
+    assert common.uniform_grid_m(levels) == 2 ** (bits - 1) - 1
+    assert common.uniform_grid_m(cb.codebook("terngrad", 2)) == 1
+    assert common.uniform_grid_m(cb.codebook("nuq", bits)) == 0
     for stochastic in (True, False):
         check(x, levels, bits, 512, SCALE_MAXABS, stochastic)
         check(x, levels, bits, x.size, SCALE_MAXABS, stochastic)
+        check(x, cb.codebook("terngrad", 2), 2, 512, SCALE_MAXABS, stochastic)
 
 
 @pytest.mark.parametrize("name,bits,stochastic", [("qsgd", 4, True), ("sign", 1, False), ("nuq", 3, True),
@@ -429,9 +434,10 @@ int main(int argc, char** argv) {
     int scale_kind = (int)head[2], bits = (int)head[4], stochastic = (int)(head[5] >> 32);
     search_steps &= 0xFFFFFFFF;
     hq_u64 key = (hq_u64)head[6], offset = (hq_u64)head[7];
-    std::vector<float> x(n), tables(1024), acc(n);
+    const size_t table_floats = HQ_PARAMS + HQ_TABLE_WIDTH;   // the whole block of table rows
+    std::vector<float> x(n), tables(table_floats), acc(n);
     std::vector<hq_i64> piece_lo(num_pieces + 1), piece_len(num_pieces + 1);
-    if (fread(x.data(), 4, n, in) != (size_t)n || fread(tables.data(), 4, 1024, in) != 1024 ||
+    if (fread(x.data(), 4, n, in) != (size_t)n || fread(tables.data(), 4, table_floats, in) != table_floats ||
         fread(acc.data(), 4, n, in) != (size_t)n) return 3;
     if (num_pieces && (fread(piece_lo.data(), 8, num_pieces, in) != (size_t)num_pieces ||
                        fread(piece_len.data(), 8, num_pieces, in) != (size_t)num_pieces)) return 4;

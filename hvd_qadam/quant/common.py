@@ -118,6 +118,7 @@ class LevelTables(NamedTuple):
     widths: np.ndarray      # l_{j+1} - l_j in float32 (as the reference subtracts), zero padded
     search: np.ndarray      # l_0 .. l_{K-2} padded with +inf: the last entry <= r is j
     decode: np.ndarray      # l_0 .. l_{K-1} padded with NaN: a code past the codebook decodes to NaN
+    params: np.ndarray      # [0] = m of a uniform grid (see uniform_grid_m), else 0; zero padded
     search_steps: int       # binary search steps over j = 0 .. K-2
 
 
@@ -133,9 +134,25 @@ def _level_tables(level_bytes: bytes) -> LevelTables:
     search[:k - 1] = lv[:-1]
     decode = np.full(TABLE_WIDTH, np.nan, np.float32)
     decode[:k] = lv
-    for table in (levels, widths, search, decode):
+    params = np.zeros(TABLE_WIDTH, np.float32)
+    params[0] = uniform_grid_m(lv)
+    for table in (levels, widths, search, decode, params):
         table.flags.writeable = False
-    return LevelTables(levels, widths, search, decode, max(0, int(k - 2).bit_length()))
+    return LevelTables(levels, widths, search, decode, params, max(0, int(k - 2).bit_length()))
+
+
+def uniform_grid_m(levels) -> int:
+    """m when the codebook is the uniform grid l_i = float32(i - m) / float32(m), i = 0..2m
+    (qsgd, qsgdinf, terngrad; checked level by level), else 0. Such codebooks are quantized
+    with the grid formula of :func:`hvd_qadam.quant.reference.quantize_codes` (no search, no
+    division), by every backend alike."""
+    lv = np.asarray(levels, dtype=np.float32).reshape(-1)
+    k = lv.size
+    if k < 3 or k % 2 == 0:
+        return 0
+    m = (k - 1) // 2
+    grid = (np.arange(k, dtype=np.float32) - np.float32(m)) / np.float32(m)
+    return m if np.array_equal(grid, lv) else 0
 
 
 def level_tables(levels) -> LevelTables:

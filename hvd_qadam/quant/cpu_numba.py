@@ -11,12 +11,13 @@ How the output stays identical to the NumPy reference:
     with w_j = l_{j+1} - l_j, code = j + (u < p) or j + (p >= 0.5); decode = l_code * s. Kernels
     are compiled without fastmath, so LLVM neither reassociates nor contracts to FMA, and
     divisions stay divisions.
-  * j (the largest level <= r, clipped to 0..K-2) always equals np.searchsorted's. It comes
-    from comparisons with the float32 levels themselves: counting the levels <= r (K <= 16,
-    levels held in registers), stepping up from a start read from a table indexed by r's float
-    bits (large codebooks), or a binary search. Uniform grids l_i = float32(i - m) / m (checked
-    level by level) guess j arithmetically, recompute l_j and l_{j+1} the same way and verify
-    l_j <= r < l_{j+1}; a block where a guess missed is redone with the binary search.
+  * Uniform grids l_i = float32(i - m) / m (qsgd, qsgdinf, terngrad: common.uniform_grid_m) use
+    the reference's grid formula t = r * m + m, j = min(floor(t), K-2), p = t - j: one
+    division per element (r = x / s) instead of a search and two more.
+  * Other codebooks: j (the largest level <= r, clipped to 0..K-2) always equals
+    np.searchsorted's. It comes from comparisons with the float32 levels themselves: counting
+    the levels <= r (K <= 16, levels held in registers), stepping up from a start read from a
+    table indexed by r's float bits (large codebooks), or a binary search.
   * Inputs with inf or NaN (which the API refuses by default) get the reference's codes too; only
     a NaN scale's payload bits may differ.
   * Bucket scales accumulate in float64 and round once to float32. The summation order mirrors
@@ -50,7 +51,7 @@ from numba import njit, prange
 from .codebooks import SCALE_L2, SCALE_MAXABS
 from .common import (EINSUM_BUFFER, F32_ABS_MASK, F32_INF_BITS, PAIRWISE_LEAF, TABLE_WIDTH, check_decode_sizes,
                      check_kernel_args, check_offset, check_scale_kind, level_tables, num_buckets, packed_nbytes,
-                     stream_key_u64)
+                     stream_key_u64, uniform_grid_m)
 from .rng import GOLDEN, MIX1, MIX2, MIX_SHIFTS, UNIFORM_SCALE, UNIFORM_SHIFT
 
 _U64_GOLDEN = np.uint64(GOLDEN)
@@ -70,9 +71,9 @@ _BLOCK = 512            # elements per stage-by-stage block (scratch stays in L1
 _TASK = 1 << 15         # target elements per parallel task
 _EINSUM_BUFFER = EINSUM_BUFFER    # einsum sums a single long row in pieces of this
 _PAIRWISE_BLOCK = PAIRWISE_LEAF   # NumPy's pairwise summation leaf size
-# How j is found: compare r with every level held in registers (K <= 2, 8 or 16 slots),
-# recompute a uniform grid arithmetically, start from a table indexed by r's float pattern, or
-# binary-search the levels.
+# How j is found: compare r with every level held in registers (K <= 2, 8 or 16 slots), the
+# uniform grid formula, start from a table indexed by r's float pattern, or binary-search the
+# levels.
 _SEARCH_COUNT2, _SEARCH_COUNT8, _SEARCH_COUNT16 = 0, 1, 2
 _SEARCH_UNIFORM, _SEARCH_LOOKUP, _SEARCH_BISECT = 3, 4, 5
 # _SEARCH_LOOKUP's table: one entry per (sign, top 14 bits of |r|'s pattern); |r| <= 1 has a
@@ -85,12 +86,12 @@ _NO_CELL_INDEX = np.zeros(1, np.uint8)
 _COUNT_METHODS = ((2, _SEARCH_COUNT2), (8, _SEARCH_COUNT8), (16, _SEARCH_COUNT16))
 # Rows of the per-codebook float32 table (TABLE_WIDTH columns: up to 2^8 levels).
 _LEVELS, _WIDTHS, _COUNT_LOW, _COUNT_HIGH, _SEARCH = 0, 1, 2, 3, 4
+_GRID_SLOT = TABLE_WIDTH  # in a decode table (_decode_table), after the levels: m of a uniform grid
 _NUM_TABLES = 5
 # What _decode_span does with the codes: write, add, only check them, subtract (the error-feedback
 # residual p - decode(q) formed in place), or add and divide (the last payload of a mean).
 _DECODE, _DECODE_ADD, _CHECK_CODES, _DECODE_SUB, _DECODE_ADD_DIV = 0, 1, 2, 3, 4
 _MIN_BUCKET_TASKS = 8  # with fewer buckets, scales and quantization are parallelised separately
-_UNIFORM_MIN_LEVELS = 4  # up to this many levels, comparing with all of them is as fast
 # Below this many elements a kernel runs on the calling thread alone: waking the other threads
 # costs more than it saves, and on a busy machine a parallel region waits for its slowest
 # thread to be scheduled at all (milliseconds).
@@ -374,6 +375,21 @@ def _fill_scales(scales, bucket_size, b0, block_scale):
 
 
 @njit(**_INLINE)
+def _levels_of(codes, table, levels):
+    """levels[e] = the level of codes[e] from a decode table (_decode_table): looked up, or for
+    a uniform grid computed as float32(c - m) / m, which is exactly the table's entry (the grid
+    was checked level by level) and vectorizes where a table lookup does not."""
+    fm = table[_GRID_SLOT]
+    if fm > _F32_ZERO:
+        m = np.int32(fm)
+        for e in range(codes.size):
+            levels[e] = np.float32(np.int32(codes[e]) - m) / fm
+    else:
+        for e in range(codes.size):
+            levels[e] = table[codes[e]]
+
+
+@njit(**_INLINE)
 def _search_count(r, low_slots, high_slots, top, slots):
     """(j, l_j, l_{j+1} - l_j) by comparing r with every interior level. ``slots`` is a
     compile-time constant (2, 8 or 16), so the level loops unroll and the caller's element loop
@@ -434,34 +450,27 @@ def _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, stochastic, ke
     first = tables[_LEVELS, 0]
     last = tables[_LEVELS, num_levels - 1]
     fm = np.float32(uniform_m)
-    top_j = num_levels - 2
-    bad = 0
+    top_j = np.int32(num_levels - 2)   # 32-bit lanes throughout, so the loop vectorizes widely
     for e in range(xs.size):
         r = _normalise(xs[e], block_scale[e], first, last)
-        rs = _search_input(r, first)
-        j = np.int32((rs - first) * fm)
-        j = min(max(j, 0), top_j)
-        lo = np.float32(j - uniform_m) / fm
-        hi = np.float32(j + 1 - uniform_m) / fm
-        # r within float rounding of a level (common for data already on the grid, e.g. a mean
-        # of decoded payloads) may be guessed one cell off: step once, without a branch.
-        j = j - np.int32((j > 0) & (lo > rs)) + np.int32((j < top_j) & (hi <= rs))
-        lo = np.float32(j - uniform_m) / fm
-        hi = np.float32(j + 1 - uniform_m) / fm
-        bad |= ((j > 0) & (lo > rs)) | ((j < top_j) & (hi <= rs))
-        codes[e] = _nan_code(r, _round(r, j, lo, hi - lo, stochastic, key, base + np.uint64(e)), top_j)
-    return not bad
+        t = _search_input(r, first) * fm + fm          # in [0, 2m]: truncation is floor
+        j = min(np.int32(t), top_j)
+        p = t - np.float32(j)
+        if stochastic:
+            code = j + np.int32(_uniform(key, base + np.uint64(e)) < p)
+        else:
+            code = j + np.int32(p >= _F32_HALF)
+        codes[e] = _nan_code(r, code, top_j)
 
 
 @njit(**_JIT)
 def _quantize_uniform(xs, block_scale, tables, num_levels, uniform_m, stochastic, key, base, codes):
-    """Codebooks l_i = float32(i - m) / float32(m) (checked level by level when the tables are
-    built): j is guessed arithmetically and the levels recomputed the same way, so there is no
-    table lookup. Returns False if a guess missed (only possible for r within float rounding of
-    a level); the caller then redoes the block with the exact search."""
+    """Uniform grids l_i = float32(i - m) / float32(m) (common.uniform_grid_m): the reference's
+    grid formula t = r * m + m, j = min(floor(t), K-2), p = t - j; no search, no division."""
     if stochastic:
-        return _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, True, key, base, codes)
-    return _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, False, key, base, codes)
+        _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, True, key, base, codes)
+    else:
+        _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, False, key, base, codes)
 
 
 @njit(**_INLINE)
@@ -611,8 +620,12 @@ def _unpack(packed, bits, codes):
 
 @njit(**_JIT)
 def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
-                 cell_index, corrections, bits, stochastic, key, offset, packed):
-    """Quantize and pack elements e0..e1-1 (e0 a multiple of 8) with their buckets' scales."""
+                 cell_index, corrections, bits, stochastic, key, offset, packed, residual_table, residual):
+    """Quantize and pack elements e0..e1-1 (e0 a multiple of 8) with their buckets' scales.
+    With ``residual`` (x itself, writeable; else an empty array), also
+    residual[e] = x[e] - residual_table[code] * scale (the error-feedback residual
+    p - decode(q) formed in place, bit for bit _decode_span's _DECODE_SUB) while the block's
+    codes are still in L1."""
     block_scale = np.empty(_BLOCK, np.float32)
     r = np.empty(_BLOCK, np.float32)
     j = np.empty(_BLOCK, np.int32)
@@ -635,48 +648,59 @@ def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, sea
         elif method == _SEARCH_LOOKUP:
             _quantize_lookup(xs, ss, tables, num_levels, cell_index, corrections, stochastic, key, base,
                              r[:length], j[:length], lo[:length], w[:length], cs)
-        elif not (method == _SEARCH_UNIFORM
-                  and _quantize_uniform(xs, ss, tables, num_levels, uniform_m, stochastic, key, base, cs)):
+        elif method == _SEARCH_UNIFORM:
+            _quantize_uniform(xs, ss, tables, num_levels, uniform_m, stochastic, key, base, cs)
+        else:
             _quantize_bisect(xs, ss, tables, num_levels, search_steps, stochastic, key, base,
                              r[:length], j[:length], lo[:length], w[:length], cs)
         byte0 = (b0 // 8) * bits
         _pack(cs, bits, packed[byte0:byte0 + (length * bits + 7) // 8])
+        if residual.size:
+            rs = residual[b0:b0 + length]
+            ls = r[:length]
+            _levels_of(cs, residual_table, ls)
+            for e in range(length):
+                rs[e] = xs[e] - ls[e] * ss[e]
 
 
 @njit(**_JIT)
 def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode, divisor):
-    """For elements e0..e1-1 (e0 a multiple of 8): out[e] = table[code] * scale (_DECODE), or
+    """For elements e0..e1-1 (e0 a multiple of 8): out[e] = level(code) * scale (_DECODE), or
     out[e] += ... (_DECODE_ADD), out[e] -= ... (_DECODE_SUB), out[e] = (out[e] + ...) / divisor
     (_DECODE_ADD_DIV), or nothing (_CHECK_CODES). Returns the largest code seen, so the caller
     can reject codes past the codebook."""
     block_scale = np.empty(_BLOCK, np.float32)
+    block_level = np.empty(_BLOCK, np.float32)
     codes = np.empty(_BLOCK, np.uint8)
     seen = 0
     for b0 in range(e0, e1, _BLOCK):
         length = min(_BLOCK, e1 - b0)
         ss = block_scale[:length]
+        ls = block_level[:length]
         cs = codes[:length]
         os = out[b0:b0 + length]
-        if mode != _CHECK_CODES:
-            _fill_scales(scales, bucket_size, b0, ss)
         byte0 = (b0 // 8) * bits
         _unpack(packed[byte0:byte0 + (length * bits + 7) // 8], bits, cs)
         block_max = np.uint8(0)
         for e in range(length):
             block_max = cs[e] if cs[e] > block_max else block_max
         seen = max(seen, int(block_max))
+        if mode == _CHECK_CODES:
+            continue
+        _fill_scales(scales, bucket_size, b0, ss)
+        _levels_of(cs, table, ls)
         if mode == _DECODE_ADD:
             for e in range(length):
-                os[e] = os[e] + table[cs[e]] * ss[e]
+                os[e] = os[e] + ls[e] * ss[e]
         elif mode == _DECODE:
             for e in range(length):
-                os[e] = table[cs[e]] * ss[e]
+                os[e] = ls[e] * ss[e]
         elif mode == _DECODE_SUB:
             for e in range(length):
-                os[e] = os[e] - table[cs[e]] * ss[e]
+                os[e] = os[e] - ls[e] * ss[e]
         elif mode == _DECODE_ADD_DIV:
             for e in range(length):
-                os[e] = (os[e] + table[cs[e]] * ss[e]) / divisor
+                os[e] = (os[e] + ls[e] * ss[e]) / divisor
     return seen
 
 
@@ -693,7 +717,8 @@ def _encode_kernel(x, x_bits, task_buckets, task_elements, tables, method, num_l
         _bucket_scales(x, x_bits, task_buckets[t, 0], task_buckets[t, 1], bucket_size, scale_kind, single_bucket,
                        scales)
         _encode_span(x, task_elements[t, 0], task_elements[t, 1], scales, bucket_size, tables, method, num_levels,
-                     search_steps, uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed)
+                     search_steps, uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed,
+                     tables[_LEVELS], np.empty(0, np.float32))   # (no residual: the table is unused)
 
 
 @njit(parallel=True, **_JIT)
@@ -721,8 +746,8 @@ def _encode_ef_kernel(v, e, p, p_bits, task_buckets, task_elements, tables, meth
                       uniform_m, cell_index, corrections, bits, bucket_size, scale_kind, stochastic, key, offset,
                       decode_table, scales, packed, nonfinite):
     """Error feedback fused with quantization, task by task while the data is in cache:
-    p = v + e over the task's buckets, their scales, then codes of its elements, and finally
-    p -= decode(codes), which leaves the new residual in p."""
+    p = v + e over the task's buckets, their scales, then codes of its elements block by block,
+    each block followed by p -= decode(codes), which leaves the new residual in p."""
     single_bucket = scales.size == 1
     n = p.size
     for t in prange(task_buckets.shape[0]):
@@ -733,9 +758,7 @@ def _encode_ef_kernel(v, e, p, p_bits, task_buckets, task_elements, tables, meth
         e0, e1 = task_elements[t, 0], task_elements[t, 1]
         if e1 > e0:
             _encode_span(p, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
-                         cell_index, corrections, bits, stochastic, key, offset, packed)
-            _decode_span(scales, packed, decode_table, bits, bucket_size, p, e0, e1, _DECODE_SUB,
-                         np.float32(1))
+                         cell_index, corrections, bits, stochastic, key, offset, packed, decode_table, p)
 
 
 # ----------------------------------------------------------------------------- Python entry points
@@ -780,11 +803,9 @@ def _search_tables_cached(level_bytes):
     tables[_COUNT_HIGH, :k - 1] = lv[:-1]
     tables[_SEARCH] = shared.search
     steps = shared.search_steps
-    uniform_m = (k - 1) // 2
-    grid = np.arange(k, dtype=np.float32) - np.float32(uniform_m)
-    is_uniform = k % 2 == 1 and k > 2 and np.array_equal(grid / np.float32(uniform_m), lv)
+    uniform_m = uniform_grid_m(lv)
     cell_index, corrections = _NO_CELL_INDEX, 0
-    if is_uniform and k > _UNIFORM_MIN_LEVELS:
+    if uniform_m:
         method = _SEARCH_UNIFORM
     elif k <= _COUNT_METHODS[-1][0]:
         method = next(m for slots, m in _COUNT_METHODS if k <= slots)
@@ -860,8 +881,22 @@ def _decode_inputs(scales, packed, levels, bits, bucket_size, n):
     scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1)
     packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
     check_decode_sizes(scales.size, packed.size, n, bits, bucket_size)
-    table = level_tables(lv).decode   # NaN past the codebook; such codes are reported below
-    return _readonly(scales), _readonly(packed), lv, _readonly(table), bits, bucket_size, n
+    return _readonly(scales), _readonly(packed), lv, _decode_table(lv), bits, bucket_size, n
+
+
+@functools.lru_cache(maxsize=64)
+def _decode_table_cached(level_bytes):
+    shared = level_tables(np.frombuffer(level_bytes, dtype=np.float32))
+    table = np.concatenate([shared.decode, shared.params[:1]])   # NaN past the codebook, then m
+    table.flags.writeable = False
+    return table
+
+
+def _decode_table(lv):
+    """float32[TABLE_WIDTH + 1]: the levels padded with NaN (a code past the codebook decodes to
+    NaN; the callers reject such payloads), then at _GRID_SLOT the m of a uniform grid (else 0),
+    with which _levels_of computes levels instead of looking them up."""
+    return _decode_table_cached(np.ascontiguousarray(lv, dtype=np.float32).tobytes())
 
 
 def _run_decode(scales, packed, table, bits, bucket_size, out, n, mode, num_levels, divisor=1.0):
@@ -942,7 +977,7 @@ def encode_ef(v, e, out, levels, bits, bucket_size, scale_kind, stochastic, key,
     if n == 0:
         return scales, packed, False
     tables, method, steps, uniform_m, cell_index, corrections = _search_tables(lv)
-    table = level_tables(lv).decode
+    table = _decode_table(lv)
     passes = _encode_passes(n, bucket_size, scales.size)
     nonfinite = np.zeros(max(t[0].shape[0] for t in passes), dtype=np.bool_)
     with _threads_for(n):
@@ -950,7 +985,7 @@ def encode_ef(v, e, out, levels, bits, bucket_size, scale_kind, stochastic, key,
             _encode_ef_kernel(_readonly(v), _readonly(e), p, p.view(np.uint32), task_buckets, task_elements, tables,
                               method, lv.size, steps, uniform_m, cell_index, corrections, bits, bucket_size,
                               scale_kind, bool(stochastic), stream_key_u64(key), np.uint64(offset),
-                              _readonly(table), scales, packed, nonfinite)
+                              table, scales, packed, nonfinite)
     return scales, packed, bool(nonfinite.any())
 
 
@@ -961,6 +996,7 @@ def _mean_span(scales, packed, table, bits, bucket_size, out, e0, e1, divisor):
     order while the block is in L1, so ``out`` is written once instead of read and written once
     per payload. Returns the largest code seen."""
     block_scale = np.empty(_BLOCK, np.float32)
+    block_level = np.empty(_BLOCK, np.float32)
     codes = np.empty(_BLOCK, np.uint8)
     acc = np.empty(_BLOCK, np.float32)
     seen = 0
@@ -969,6 +1005,7 @@ def _mean_span(scales, packed, table, bits, bucket_size, out, e0, e1, divisor):
         ss = block_scale[:length]
         cs = codes[:length]
         ac = acc[:length]
+        ls = block_level[:length]
         byte0 = (b0 // 8) * bits
         nbytes = (length * bits + 7) // 8
         for r in range(scales.shape[0]):
@@ -978,12 +1015,13 @@ def _mean_span(scales, packed, table, bits, bucket_size, out, e0, e1, divisor):
             for e in range(length):
                 block_max = cs[e] if cs[e] > block_max else block_max
             seen = max(seen, int(block_max))
+            _levels_of(cs, table, ls)
             if r == 0:
                 for e in range(length):
-                    ac[e] = table[cs[e]] * ss[e]
+                    ac[e] = ls[e] * ss[e]
             else:
                 for e in range(length):
-                    ac[e] = ac[e] + table[cs[e]] * ss[e]
+                    ac[e] = ac[e] + ls[e] * ss[e]
         os = out[b0:b0 + length]
         for e in range(length):
             os[e] = ac[e] / divisor

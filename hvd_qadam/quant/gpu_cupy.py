@@ -11,8 +11,10 @@ How the output matches the CPU bit for bit:
   * Every float operation is an explicit IEEE round-to-nearest intrinsic (__fdiv_rn, __fmul_rn,
     __dadd_rn, ...): NVRTC would otherwise contract a*b+c into an FMA, which rounds once where
     the reference rounds twice. Division is a true division, sqrt a correctly rounded one.
-  * j (the largest level <= r, clipped to 0..K-2) comes from a binary search over the level
-    table itself, so it equals np.searchsorted; the uniforms are the counter-based SplitMix64
+  * Uniform grids (common.uniform_grid_m) use the reference's grid formula t = r m + m,
+    j = min(floor(t), K-2), p = t - j; for other codebooks j (the largest level <= r, clipped
+    to 0..K-2) comes from a binary search over the level table itself, so it equals
+    np.searchsorted. The uniforms are the counter-based SplitMix64
     of :mod:`.rng`, a pure function of (key, element index).
   * Bucket scales are float64 sums in NumPy's own order, rounded once to float32, as on the
     CPU (the shared orders are spelled out in :mod:`.common`): one thread per bucket sums it
@@ -52,7 +54,7 @@ from .common import (EINSUM_BUFFER, F32_ABS_MASK, F32_INF_BITS, PAIRWISE_LEAF, T
 _THREADS = 256          # threads per block
 _PIECE = EINSUM_BUFFER  # HQ_PIECE: long buckets are split into pieces of NumPy's iterator buffer
 # The order of the rows in the flat table block (see host_tables), at multiples of TABLE_WIDTH.
-_TABLE_ROWS = ("levels", "widths", "search", "decode")
+_TABLE_ROWS = ("levels", "widths", "search", "decode", "params")
 _OPTIONS = ("--std=c++17", "--fmad=false")  # the source uses _rn intrinsics anyway
 
 
@@ -291,7 +293,8 @@ HQ_FN float hq_bucket_scale(const float* x, hq_i64 n, hq_i64 bucket_size, hq_i64
 // ---------------------------------------------------------------------------- quantize + pack
 // tables: rows of HQ_TABLE_WIDTH entries (common.LevelTables) at HQ_LEVELS: the levels,
 // HQ_WIDTHS: widths l_{j+1} - l_j, HQ_SEARCH: l_0..l_{K-2} padded with +inf for the binary
-// search, HQ_DECODE: the levels padded with NaN for decoding.
+// search, HQ_DECODE: the levels padded with NaN for decoding, HQ_PARAMS: [0] = m of a uniform
+// grid l_i = (i - m) / m (common.uniform_grid_m), else 0.
 
 HQ_FN int hq_code(float xv, float s, const float* tables, int num_levels, int search_steps, int stochastic,
                   hq_u64 key, hq_u64 index) {
@@ -302,12 +305,22 @@ HQ_FN int hq_code(float xv, float s, const float* tables, int num_levels, int se
     r = r > last ? last : r;
     const bool is_nan = r != r;               // only from inf/NaN input
     const float rs = is_nan ? first : r;
-    int j = 0, step = 1 << search_steps;
-    for (int t = 0; t < search_steps; ++t) {  // last entry <= r of l_0..l_{K-2}, +inf padded
-        step >>= 1;
-        j = tables[HQ_SEARCH + j + step] <= rs ? j + step : j;
+    const float fm = tables[HQ_PARAMS];
+    int j = 0;
+    float p;
+    if (fm > 0.0f) {                          // uniform grid: t = r m + m, j = floor(t), p = t - j
+        const float t = F32_ADD(F32_MUL(rs, fm), fm);
+        j = (int)t;                           // t >= 0: truncation is floor
+        j = j > num_levels - 2 ? num_levels - 2 : j;
+        p = F32_SUB(t, (float)j);
+    } else {
+        int step = 1 << search_steps;
+        for (int t = 0; t < search_steps; ++t) {  // last entry <= r of l_0..l_{K-2}, +inf padded
+            step >>= 1;
+            j = tables[HQ_SEARCH + j + step] <= rs ? j + step : j;
+        }
+        p = F32_DIV(F32_SUB(r, tables[HQ_LEVELS + j]), tables[HQ_WIDTHS + j]);
     }
-    float p = F32_DIV(F32_SUB(r, tables[HQ_LEVELS + j]), tables[HQ_WIDTHS + j]);
     int up = stochastic ? (hq_uniform(key, index) < p) : (p >= 0.5f);
     // np.searchsorted puts NaN after every level (j = K-2) and p = NaN never rounds up
     return is_nan ? num_levels - 2 : j + up;
@@ -410,7 +423,7 @@ def _grid(count: int) -> tuple:
 
 
 def host_tables(levels) -> tuple[np.ndarray, int]:
-    """(float32[4 * TABLE_WIDTH] table block, binary search steps) for a sorted codebook: the
+    """(float32[5 * TABLE_WIDTH] table block, binary search steps) for a sorted codebook: the
     rows of common.level_tables one after the other, in _TABLE_ROWS order (see HQ_LEVELS)."""
     shared = level_tables(levels)
     return np.concatenate([getattr(shared, row) for row in _TABLE_ROWS]), shared.search_steps

@@ -5,6 +5,9 @@ Semantics (all element arithmetic in float32, scales reduced in float64 and roun
   r = clip(x / s_k, l_0, l_{K-1})       (r = 0 where s_k == 0: zero buckets decode to zeros)
   j = largest index with l_j <= r, clipped to 0..K-2
   p = (r - l_j) / (l_{j+1} - l_j)
+  uniform grids l_i = (i - m) / m (qsgd, qsgdinf, terngrad): the same in exact arithmetic,
+      computed as t = r * m + m (float32, two roundings), j = min(floor(t), K-2), p = t - j
+      (exact), so no search and no division is needed
   stochastic: code = j + (u < p), u = uniforms(key, offset + i);   nearest: code = j + (p >= 0.5)
   decode: l_code * s_k
 Codes are packed LSB-first into a dense bit stream: code i occupies bits [i*b, (i+1)*b).
@@ -16,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
-from .common import num_buckets, packed_nbytes
+from .common import num_buckets, packed_nbytes, uniform_grid_m
 from .rng import uniforms
 
 
@@ -57,10 +60,20 @@ def quantize_codes(x: np.ndarray, scales: np.ndarray, levels: np.ndarray, bucket
         r = np.where(s > 0, x / s, np.float32(0)).astype(np.float32)
     r = np.clip(r, levels[0], levels[-1])
     K = levels.size
-    j = np.clip(np.searchsorted(levels, r, side="right") - 1, 0, K - 2)
-    lo = levels[j]
-    hi = levels[j + 1]
-    p = (r - lo) / (hi - lo)
+    m = uniform_grid_m(levels)
+    if m:
+        nan = np.isnan(r)
+        fm = np.float32(m)
+        t = (np.where(nan, levels[0], r) * fm + fm).astype(np.float32)   # in [0, 2m]
+        j = np.minimum(t.astype(np.int64), K - 2)
+        p = t - j.astype(np.float32)
+        j = np.where(nan, K - 2, j)              # as np.searchsorted places NaN, and p = NaN
+        p = np.where(nan, np.float32(np.nan), p).astype(np.float32)
+    else:
+        j = np.clip(np.searchsorted(levels, r, side="right") - 1, 0, K - 2)
+        lo = levels[j]
+        hi = levels[j + 1]
+        p = (r - lo) / (hi - lo)
     if stochastic:
         up = uniforms(key, offset, n) < p
     else:
