@@ -223,6 +223,11 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                     if self._engine.kind == OUT_GRAD:
                         if p in self._sparse:
                             p.grad = value.to(p.dtype).to_sparse()
+                        elif value.dtype == p.dtype and value.device == p.device:
+                            # A view of the group's persistent result buffer, not a copy (Horovod
+                            # likewise repoints p.grad at its output with set_). The buffer is next
+                            # written by the next exchange, which hands out fresh views anyway.
+                            p.grad = value
                         elif p.grad is None or p.grad.is_sparse or p.grad.shape != p.shape:
                             p.grad = value.to(p.dtype).clone()
                         else:

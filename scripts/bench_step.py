@@ -9,7 +9,11 @@ configuration, median over the timed steps:
   step cost      backward+step minus the same model's plain backward() time
   vs Adam        step cost / torch Adam.step() (foreach, the default)
 
-    python scripts/bench_step.py [--steps 20] [--json results/step.json]
+    python scripts/bench_step.py [--rounds 5] [--steps 6] [--json results/step.json]
+
+Configurations are timed in interleaved rounds (every configuration once per round) and each
+ratio is the median over rounds of the ratio within a round, so a slow spell of a shared
+machine does not land on one configuration only.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ def make_model():
     return torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(10)])
 
 
-def timed(fn, steps, warmup=3, sync=lambda: None):
+def timed(fn, steps, warmup=2, sync=lambda: None):
     out = []
     for i in range(warmup + steps):
         sync()
@@ -55,7 +59,8 @@ def timed(fn, steps, warmup=3, sync=lambda: None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per configuration and round")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds; every round times every configuration")
     ap.add_argument("--json", default=None)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU path: CuPy kernels, no host copies)")
     args = ap.parse_args()
@@ -63,43 +68,68 @@ def main():
     dev = torch.device(args.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     x = torch.randn(32, 1024, device=dev)
-    model = make_model().to(dev)
-    n = sum(p.numel() for p in model.parameters())
 
-    def backward():
-        model.zero_grad(set_to_none=True)
-        model(x).square().mean().backward()
-    t_bwd = timed(backward, args.steps, sync=sync)
-    res = {"params": n, "threads": 1, "device": str(dev), "backward_s": t_bwd}
+    # Every configuration gets its own model and optimizer, built once; the rounds then time
+    # them one after the other, so a slow spell of a shared machine hits all of them alike, and
+    # each ratio is taken within a round (the reported ratio is the median over rounds).
+    def backward_of(model):
+        def backward():
+            model.zero_grad(set_to_none=True)
+            model(x).square().mean().backward()
+        return backward
+
+    bare = make_model().to(dev)
+    n = sum(p.numel() for p in bare.parameters())
+    runs = {"backward": backward_of(bare)}
     for name, kw in (("torch Adam.step (default)", {}), ("torch Adam.step (fused)", {"fused": True})):
+        model = make_model().to(dev)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4, **kw)
-        backward()
-        res[name] = timed(opt.step, args.steps, sync=sync)
-    adam = res["torch Adam.step (default)"]
-    rows = [("torch Adam.step (default)", adam, adam), ("torch Adam.step (fused)", res["torch Adam.step (fused)"],
-                                                         res["torch Adam.step (fused)"])]
+        backward_of(model)()
+
+        def torch_step(opt=opt):
+            opt.step()
+        runs[name] = torch_step
     world = SimWorld(1)
+    optimizers = {}
     for name, kw in CONFIGS.items():
         model = make_model().to(dev)
         opt = hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-4),
                                              model.named_parameters(), comm=world.comm(0), **kw)
+        optimizers[name] = opt
 
-        def full():
+        def full(model=model, opt=opt):
             opt.zero_grad(set_to_none=True)
             model(x).square().mean().backward()
             opt.step()
+        runs[name] = full
+    rounds = []
+    for _ in range(args.rounds):
+        rounds.append({name: timed(fn, args.steps, sync=sync) for name, fn in runs.items()})
 
-        t_full = timed(full, args.steps, sync=sync)
-        cost = t_full - t_bwd        # backward() above is forward + backward of the same model
-        res[name] = {"backward_plus_step_s": t_full, "step_cost_s": cost, "vs_adam": cost / adam,
-                     "sent_bytes": opt.communication_stats.sent_bytes}
-        rows.append((name, t_full, cost))
-    print(f"{n / 1e6:.1f}M parameters, one thread; forward+backward alone {t_bwd * 1e3:.1f} ms\n")
+    def median_of(f):
+        return statistics.median(f(r) for r in rounds)
+    t_bwd = median_of(lambda r: r["backward"])
+    adam = median_of(lambda r: r["torch Adam.step (default)"])
+    res = {"params": n, "threads": 1, "device": str(dev), "rounds": args.rounds, "steps_per_round": args.steps,
+           "backward_s": t_bwd, "torch Adam.step (default)": adam,
+           "torch Adam.step (fused)": median_of(lambda r: r["torch Adam.step (fused)"])}
+    rows = [("torch Adam.step (default)", t_bwd + adam, adam, 1.0),
+            ("torch Adam.step (fused)", t_bwd + res["torch Adam.step (fused)"], res["torch Adam.step (fused)"],
+             median_of(lambda r: r["torch Adam.step (fused)"] / r["torch Adam.step (default)"]))]
+    for name in CONFIGS:
+        # backward() of the bare model is forward + backward of the same architecture
+        t_full = median_of(lambda r: r[name])
+        cost = median_of(lambda r: r[name] - r["backward"])
+        ratio = median_of(lambda r: (r[name] - r["backward"]) / r["torch Adam.step (default)"])
+        res[name] = {"backward_plus_step_s": t_full, "step_cost_s": cost, "vs_adam": ratio,
+                     "sent_bytes": optimizers[name].communication_stats.sent_bytes}
+        rows.append((name, t_full, cost, ratio))
+    print(f"{n / 1e6:.1f}M parameters, one thread; forward+backward alone {t_bwd * 1e3:.1f} ms; "
+          f"medians over {args.rounds} interleaved rounds\n")
     print("| run | forward+backward+step ms | step cost ms | vs torch Adam.step |")
     print("|---|---|---|---|")
-    for name, full, cost in rows:
-        print(f"| {name} | {(full + (t_bwd if 'torch' in name else 0)) * 1e3:.1f} | {cost * 1e3:.1f} | "
-              f"{cost / adam:.2f}x |")
+    for name, full, cost, ratio in rows:
+        print(f"| {name} | {full * 1e3:.1f} | {cost * 1e3:.1f} | {ratio:.2f}x |")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
