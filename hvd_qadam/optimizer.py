@@ -66,6 +66,13 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                               config.fusion_threshold_bytes)
         self._engine = Engine(config, self._layout, comm, self._hyper)
         self._engine.alg.check_optimizer(self)
+        wide = [name for name, p in self._layout.params() if p.dtype == torch.float64]
+        if wide:
+            # Said once, at construction: Horovod would average these exactly in float64.
+            warnings.warn(f"{len(wide)} float64 parameter(s) (e.g. {wide[0]!r}): hvd_qadam exchanges float32, so "
+                          f"their averaged gradients/updates are rounded to float32 precision even where they are "
+                          f"not quantized; train in float32, or keep float64 models on hvd.DistributedOptimizer",
+                          RuntimeWarning, stacklevel=3)
         self._engine.set_params_source(lambda g: [s.param for s in g.slots])
         self._started = False
         self._should_synchronize = True

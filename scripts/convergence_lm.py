@@ -69,10 +69,10 @@ STUDY = {
     "onebit_sign_auto": ("onebit_adam sign/sign, freeze_step auto",
                          ["--algorithm", "onebit_adam", "--freeze-step", "auto"] + SIGN2, "study"),
     # The defaults' 1% target: how far does a harmless perturbation move Horovod itself, and do
-    # nearest rounding or smaller buckets bring the defaults closer?
+    # a fifth bit or smaller buckets bring the defaults closer?
     "hvd_adam_fp16": ("Horovod Adam, fp16 allreduce (how far a tiny perturbation moves the loss)",
                       ["--optimizer", "horovod", "--compression", "fp16"], "study"),
-    "defaults_nearest": ("defaults with nearest rounding (qsgdinf 4-bit + EF)", ["--rounding", "nearest"], "study"),
+    "defaults_5bit": ("defaults at 5 bits (qsgdinf 5-bit + EF)", ["--bits", "5"], "study"),
     "defaults_b128": ("defaults with 128-element buckets", ["--bucket-size", "128"], "study"),
 }
 ALL = {**CONFIGS, **STUDY}

@@ -1,5 +1,7 @@
 """The engine and DistributedOptimizer on simulated ranks: topologies, EF, failures, checkpoints."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -277,6 +279,33 @@ def test_named_parameters_must_be_unique_and_complete():
         hvd_qadam.DistributedOptimizer(base_optimizer(model), [("w", p) for _, p in named], comm=SimWorld(1).comm(0))
     with pytest.raises(ValueError, match="does not cover"):
         hvd_qadam.DistributedOptimizer(base_optimizer(model), named[:2], comm=SimWorld(1).comm(0))
+
+
+def test_float64_parameters_are_said_to_travel_as_float32_and_keep_their_dtype():
+    """Horovod averages float64 exactly; hvd_qadam's buffers are float32, which it says at
+    construction (never silently), and the gradients handed back keep the parameters' dtype."""
+    from hvd_qadam.comm import SimWorld
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 4)).double()
+    with pytest.warns(RuntimeWarning, match="float64 parameter"):
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), quantizer="none",
+                                             comm=SimWorld(1).comm(0))
+    x = torch.randn(8, 64, dtype=torch.float64)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    exact = [p.grad.detach().clone() for p in model.parameters()]
+    opt.synchronize()
+    for p, g in zip(model.parameters(), exact):
+        assert p.grad.dtype == torch.float64
+        assert torch.equal(p.grad, g.float().double()), "a world of one hands back its gradient at float32 precision"
+    with opt.skip_synchronize():
+        opt.step()
+    assert all(not torch.equal(p, b) and p.dtype == torch.float64 for p, b in zip(model.parameters(), before))
+    model32 = digits.make_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)     # float32 models: no such warning
+        hvd_qadam.DistributedOptimizer(base_optimizer(model32), model32.named_parameters(), comm=SimWorld(1).comm(0))
 
 
 def test_compression_objects_for_plain_horovod():
