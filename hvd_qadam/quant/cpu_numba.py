@@ -616,6 +616,18 @@ def _unpack(packed, bits, codes):
         _unpack_group(packed[groups * bits:], bits, codes[groups * 8:])
 
 
+@njit(**_INLINE)
+def _unpack_block(packed, b0, bits, codes):
+    """The codes of elements b0 .. b0 + codes.size - 1 (b0 a multiple of 8) from a packed
+    stream; returns the largest, so that the callers can reject codes past the codebook."""
+    byte0 = (b0 // 8) * bits
+    _unpack(packed[byte0:byte0 + (codes.size * bits + 7) // 8], bits, codes)
+    block_max = np.uint8(0)
+    for e in range(codes.size):
+        block_max = codes[e] if codes[e] > block_max else block_max
+    return int(block_max)
+
+
 # ----------------------------------------------------------------------------- encode / decode spans
 
 @njit(**_JIT)
@@ -679,12 +691,7 @@ def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode, di
         ls = block_level[:length]
         cs = codes[:length]
         os = out[b0:b0 + length]
-        byte0 = (b0 // 8) * bits
-        _unpack(packed[byte0:byte0 + (length * bits + 7) // 8], bits, cs)
-        block_max = np.uint8(0)
-        for e in range(length):
-            block_max = cs[e] if cs[e] > block_max else block_max
-        seen = max(seen, int(block_max))
+        seen = max(seen, _unpack_block(packed, b0, bits, cs))
         if mode == _CHECK_CODES:
             continue
         _fill_scales(scales, bucket_size, b0, ss)
@@ -1006,15 +1013,9 @@ def _mean_span(scales, packed, table, bits, bucket_size, out, e0, e1, divisor):
         cs = codes[:length]
         ac = acc[:length]
         ls = block_level[:length]
-        byte0 = (b0 // 8) * bits
-        nbytes = (length * bits + 7) // 8
         for r in range(scales.shape[0]):
             _fill_scales(scales[r], bucket_size, b0, ss)
-            _unpack(packed[r, byte0:byte0 + nbytes], bits, cs)
-            block_max = np.uint8(0)
-            for e in range(length):
-                block_max = cs[e] if cs[e] > block_max else block_max
-            seen = max(seen, int(block_max))
+            seen = max(seen, _unpack_block(packed[r], b0, bits, cs))
             _levels_of(cs, table, ls)
             if r == 0:
                 for e in range(length):
