@@ -19,7 +19,7 @@ class LinkSpec:
     """One direction's quantizer: name, bit width, bucket size, rounding."""
     quantizer: str = "qsgd"
     bits: int | None = None         # None: the quantizer's default (4, or its fixed width)
-    bucket_size: int = 512
+    bucket_size: int = 128          # see optimizer._default_bucket_size
     rounding: str | None = None     # None: the quantizer's default (stochastic if unbiased)
 
     def __post_init__(self):

@@ -43,7 +43,7 @@ SIGN2 = ["--quantizer", "sign", "--downlink-quantizer", "sign"]
 # key: (label, train_lm.py arguments, group); group "onebit2" = 1-bit both ways (the 2% target)
 CONFIGS = {
     "hvd_adam": ("Horovod Adam, fp32 allreduce", ["--optimizer", "horovod"], "baseline"),
-    "defaults": ("hvd_qadam defaults (qsgd alg., qsgdinf 4-bit + EF)", [], "1pct"),
+    "defaults": ("hvd_qadam defaults (qsgd alg., qsgdinf 4-bit, bucket 128, + EF)", [], "1pct"),
     "qadam_44": ("qadam, qsgdinf 4-bit up / 4-bit down", ["--algorithm", "qadam"] + Q44, "1pct"),
     "effadam_44": ("efficient_adam, qsgdinf 4-bit up / 4-bit down", ["--algorithm", "efficient_adam"] + Q44, ""),
     "effadam_sign": ("efficient_adam, sign up / sign down", ["--algorithm", "efficient_adam"] + SIGN2, "onebit2"),
@@ -72,8 +72,12 @@ STUDY = {
     # a fifth bit or smaller buckets bring the defaults closer?
     "hvd_adam_fp16": ("Horovod Adam, fp16 allreduce (how far a tiny perturbation moves the loss)",
                       ["--optimizer", "horovod", "--compression", "fp16"], "study"),
-    "defaults_5bit": ("defaults at 5 bits (qsgdinf 5-bit + EF)", ["--bits", "5"], "study"),
-    "defaults_b128": ("defaults with 128-element buckets", ["--bucket-size", "128"], "study"),
+    # bucket 512 was the default until this study; bucket 128 (now the default) closes the gap
+    "defaults_b512": ("defaults with 512-element buckets (the previous default)", ["--bucket-size", "512"], "study"),
+    "qadam_44_b512": ("qadam 4/4 qsgdinf with 512-element buckets both ways (the previous default)",
+                      ["--algorithm", "qadam", "--bucket-size", "512"] + Q44, "study"),
+    "defaults_5bit_b512": ("defaults at 5 bits, 512-element buckets", ["--bits", "5", "--bucket-size", "512"],
+                           "study"),
 }
 ALL = {**CONFIGS, **STUDY}
 

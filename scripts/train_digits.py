@@ -34,7 +34,7 @@ p.add_argument("--algorithm", default="qsgd", choices=["qsgd", "efficient_adam",
 p.add_argument("--topology", default="allgather", choices=["allgather", "sharded"])
 p.add_argument("--quantizer", default="qsgdinf", help="uplink quantizer (default: the library's, qsgdinf)")
 p.add_argument("--bits", type=int, default=4)
-p.add_argument("--bucket-size", type=int, default=512)
+p.add_argument("--bucket-size", type=int, default=None, help="elements per scale (default: the library's, 128)")
 p.add_argument("--downlink-quantizer", default=None)
 p.add_argument("--downlink-bits", type=int, default=None)
 p.add_argument("--no-error-feedback", action="store_true")
@@ -141,7 +141,7 @@ def compressed(model):
 
 
 log(f"== compressed: hvd_qadam.DistributedOptimizer({args.algorithm}, {args.quantizer} {args.bits} bits, "
-    f"bucket {args.bucket_size}, {'no EF' if args.no_error_feedback else 'error feedback'}, {args.topology})")
+    f"bucket {args.bucket_size or 'default'}, {'no EF' if args.no_error_feedback else 'error feedback'}, {args.topology})")
 results[label] = run(label, compressed)
 
 if main:
