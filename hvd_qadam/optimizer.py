@@ -420,10 +420,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     # Error feedback needs a contractive compressor: an unbiased quantizer whose variance factor
     # exceeds 1 (QSGD at 4 bits, bucket 512: ~3) makes the residual grow without bound. Nearest
     # rounding is never worse than rounding to 0, so it is the default wherever EF is on.
-    uplink = LinkSpec(quantizer, bits, bucket_size or _default_bucket_size(quantizer),
+    uplink = LinkSpec(quantizer, bits, _bucket_size_for(quantizer, bucket_size),
                       rounding or ("nearest" if error_feedback else None))
     downlink = NONE_LINK if downlink_quantizer in (None, "none") else LinkSpec(
-        downlink_quantizer, downlink_bits, downlink_bucket_size or bucket_size or _default_bucket_size(downlink_quantizer),
+        downlink_quantizer, downlink_bits, _bucket_size_for(downlink_quantizer, downlink_bucket_size, bucket_size),
         downlink_rounding or ("nearest" if server_error_feedback and algorithm != "qadam_weights" else None))
     config = Config(algorithm=algorithm, topology=topology, uplink=uplink, downlink=downlink,
                     error_feedback=error_feedback, server_error_feedback=server_error_feedback, seed=seed,
@@ -486,6 +486,15 @@ def _default_bucket_size(quantizer: str) -> int:
     Adam than 512 on the LM at 4 bits (README, scripts/convergence_lm.py), for 6 % more bytes;
     512 for 1-bit quantizers (sign), whose payload a scale per 128 elements would grow by 25 %."""
     return 512 if cb.kind(quantizer).fixed_bits == 1 else 128
+
+
+def _bucket_size_for(quantizer: str, *given):
+    """The first bucket size the caller gave (None: not given; a bad one such as 0 goes on to
+    LinkSpec, which refuses it), else the quantizer's default."""
+    for size in given:
+        if size is not None:
+            return size
+    return _default_bucket_size(quantizer)
 
 
 def _warn_stalling(config: Config) -> None:

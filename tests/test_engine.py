@@ -271,6 +271,24 @@ def test_bad_configuration_fails_at_construction(kwargs, match):
                                        **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,up,down", [
+    ({}, 128, None), ({"quantizer": "sign"}, 512, None),
+    ({"algorithm": "qadam", "downlink_quantizer": "sign"}, 128, 512),
+    ({"algorithm": "qadam", "downlink_quantizer": "qsgdinf", "bucket_size": 64}, 64, 64),
+    ({"algorithm": "qadam", "downlink_quantizer": "qsgdinf", "downlink_bucket_size": 32}, 128, 32),
+])
+def test_default_bucket_sizes(kwargs, up, down):
+    """bucket_size=None: 128 elements per scale (512 for the 1-bit sign); the downlink follows
+    an explicit uplink size, else its own quantizer's default."""
+    from hvd_qadam.comm import SimWorld
+    model = digits.make_model()
+    opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=SimWorld(1).comm(0),
+                                         **kwargs)
+    assert opt.config.uplink.bucket_size == up
+    if down is not None:
+        assert opt.config.downlink.bucket_size == down
+
+
 def test_named_parameters_must_be_unique_and_complete():
     from hvd_qadam.comm import SimWorld
     model = digits.make_model()
