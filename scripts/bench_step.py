@@ -18,7 +18,6 @@ machine does not land on one configuration only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,9 @@ import torch  # noqa: E402
 
 import hvd_qadam  # noqa: E402
 from hvd_qadam.comm import SimWorld  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from study_output import write_json  # noqa: E402 - this folder's module
 
 CONFIGS = {
     "defaults (qsgd algorithm, qsgdinf 4-bit + EF)": {},
@@ -131,9 +133,7 @@ def main():
     for name, full, cost, ratio in rows:
         print(f"| {name} | {full * 1e3:.1f} | {cost * 1e3:.1f} | {ratio:.2f}x |")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        write_json(args.json, res)
     return 0
 
 

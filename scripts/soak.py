@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import digits  # noqa: E402
+from study_output import write_json  # noqa: E402 - this folder's module
 
 import hvd_qadam  # noqa: E402
 
@@ -81,9 +82,7 @@ def main():
           f"{res['median_step_ms_early']:.2f} ms early, {res['median_step_ms_late']:.2f} ms late "
           f"(drift {res['drift']:.2f}x)")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_json(args.json, res)
     return 0
 
 

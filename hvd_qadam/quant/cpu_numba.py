@@ -51,7 +51,7 @@ from numba import njit, prange
 from .codebooks import SCALE_L2, SCALE_MAXABS
 from .common import (EINSUM_BUFFER, F32_ABS_MASK, F32_INF_BITS, PAIRWISE_LEAF, TABLE_WIDTH, check_decode_sizes,
                      check_kernel_args, check_offset, check_scale_kind, level_tables, num_buckets, packed_nbytes,
-                     stream_key_u64, uniform_grid_m)
+                     stream_key_u64)
 from .rng import GOLDEN, MIX1, MIX2, MIX_SHIFTS, UNIFORM_SCALE, UNIFORM_SHIFT
 
 _U64_GOLDEN = np.uint64(GOLDEN)
@@ -810,7 +810,7 @@ def _search_tables_cached(level_bytes):
     tables[_COUNT_HIGH, :k - 1] = lv[:-1]
     tables[_SEARCH] = shared.search
     steps = shared.search_steps
-    uniform_m = uniform_grid_m(lv)
+    uniform_m = int(shared.params[0])     # common.uniform_grid_m's m, or 0
     cell_index, corrections = _NO_CELL_INDEX, 0
     if uniform_m:
         method = _SEARCH_UNIFORM
