@@ -144,8 +144,8 @@ def _level_tables(level_bytes: bytes) -> LevelTables:
 def uniform_grid_m(levels) -> int:
     """m when the codebook is the uniform grid l_i = float32(i - m) / float32(m), i = 0..2m
     (qsgd, qsgdinf, terngrad; checked level by level), else 0. Such codebooks are quantized
-    with the grid formula of :func:`hvd_qadam.quant.reference.quantize_codes` (no search, no
-    division), by every backend alike."""
+    with the grid formula of :func:`hvd_qadam.quant.reference.quantize_codes` (no search and no
+    division past r = x / s), by every backend alike."""
     lv = np.asarray(levels, dtype=np.float32).reshape(-1)
     k = lv.size
     if k < 3 or k % 2 == 0:
