@@ -1,6 +1,7 @@
 """quantize() / dequantize(): the family of quantizers on NumPy arrays and torch tensors.
 
-Arrays go in flat as float32 (fp16/bf16/fp64 are converted); the payload remembers the shape
+Arrays go in flat as float32 (fp16/bf16/fp64 are converted; float64 through ``none`` stays
+float64, so the uncompressed pass-through is exact for every dtype); the payload remembers the shape
 and dtype so dequantize() hands back the same kind of array: torch in, torch out (same device);
 NumPy in, NumPy out; fp16/bf16 results saturate at the dtype's largest finite value instead of
 overflowing to inf. CUDA tensors run on the CuPy backend when it is installed.
@@ -27,13 +28,15 @@ def _is_torch(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _flat_fp32(x):
-    """(flat float32 array on its device, array_kind, dtype name, shape)."""
+def _flat_fp32(x, keep_float64: bool = False):
+    """(flat float32 array on its device, array_kind, dtype name, shape); float64 input stays
+    float64 with ``keep_float64``."""
     if _is_torch(x):
         dtype = str(x.dtype).replace("torch.", "")
         if not x.dtype.is_floating_point:
             raise cb.QuantizerError(f"quantize needs a floating-point tensor, got {x.dtype}")
-        flat = x.detach().reshape(-1).to(torch.float32).contiguous()
+        wide = keep_float64 and x.dtype == torch.float64
+        flat = x.detach().reshape(-1).to(torch.float64 if wide else torch.float32).contiguous()
         if flat.is_cuda:
             import cupy
             arr = cupy.from_dlpack(flat)
@@ -43,7 +46,9 @@ def _flat_fp32(x):
     a = np.asarray(x)
     if a.dtype.kind != "f":
         raise cb.QuantizerError(f"quantize needs a floating-point array, got {a.dtype}")
-    return (np.ascontiguousarray(a, dtype=np.float32).reshape(-1), ("numpy",), str(a.dtype), a.shape)
+    wide = keep_float64 and a.dtype == np.float64
+    return (np.ascontiguousarray(a, dtype=np.float64 if wide else np.float32).reshape(-1), ("numpy",), str(a.dtype),
+            a.shape)
 
 
 def _backend_for(arr, backend):
@@ -74,7 +79,7 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
         stochastic = rounding == "stochastic"
     else:
         raise cb.QuantizerError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
-    arr, array_kind, dtype, shape = _flat_fp32(x)
+    arr, array_kind, dtype, shape = _flat_fp32(x, keep_float64=k.name == "none")
     if dtype not in ("float32", "float16", "bfloat16", "float64"):
         raise cb.QuantizerError(f"unsupported dtype {dtype}")
     if len(shape) > MAX_NDIM:
@@ -86,7 +91,8 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
         if k.name == "fp16" and arr.size and float(abs(arr).max()) > FP16_MAX:
             raise ValueError(f"quantize: values up to {float(abs(arr).max()):.4g} overflow fp16 (max {FP16_MAX}); "
                              "use a scaled quantizer or 'none'")
-        codes = arr.astype(np.float16 if k.name == "fp16" else np.float32, copy=True)
+        # none: float32 values, or float64 ones for float64 input (the payload's dtype says which)
+        codes = arr.astype(np.float16 if k.name == "fp16" else arr.dtype, copy=True)
         codes = to_host(codes)
         return Payload(k.name, bits, 0, int(arr.size), shape, None, codes, None, False, dtype, array_kind)
     bucket_size = check_bucket_size(bucket_size)
@@ -118,10 +124,11 @@ def _count_finite(arr):
 
 
 def decode_flat(payload: Payload, backend: str | None = None) -> np.ndarray:
-    """The payload's values as a flat float32 NumPy array (or CuPy for GPU payloads)."""
+    """The payload's values as a flat float32 NumPy array (or CuPy for GPU payloads); float64
+    for a float64 ``none`` payload, which carries its values exactly."""
     k = payload.kind
     if k.passthrough:
-        return payload.codes.astype(np.float32)
+        return payload.codes.astype(np.float64 if payload.codes.dtype == np.float64 else np.float32)
     be = _backend_for(payload.codes, backend)
     return be.decode(payload.scales, payload.codes, payload.levels, payload.bits, payload.bucket_size,
                      payload.numel)

@@ -105,5 +105,15 @@ class Config:
             object.__setattr__(self, "warmup_steps", f)
         object.__setattr__(self, "freeze_step", f)
 
+    def exact_float64(self, compressed: bool) -> bool:
+        """Whether float64 parameters of a group keep float64 end to end (buffers, wire values,
+        the mean), as Horovod averages them: only where nothing is quantized and nothing but the
+        mean is computed, i.e. ``qsgd``'s gradient averaging of an uncompressed group (the small
+        tensors' group, or every group with ``quantizer="none"`` and no downlink quantizer).
+        Elsewhere the values are quantized from float32, and algorithm state is float32."""
+        if self.algorithm != "qsgd":
+            return False
+        return not compressed or (self.uplink.quantizer == "none" and self.downlink.quantizer == "none")
+
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -138,9 +138,9 @@ class Engine:
     def step_count(self) -> int:
         return self.counters["step"]
 
-    def scratch(self, key: str, numel: int, device) -> torch.Tensor:
+    def scratch(self, key: str, numel: int, device, dtype=torch.float32) -> torch.Tensor:
         """A persistent work buffer (not state: its content does not outlive a step)."""
-        return persistent_buffer(self._scratch, key, numel, device)
+        return persistent_buffer(self._scratch, key, numel, device, dtype)
 
     def set_params_source(self, fn) -> None:
         """``fn(group) -> iterable of parameter tensors`` in slot order (the live weights)."""
@@ -188,7 +188,7 @@ class Engine:
             raise ConsistencyError(f"a payload has {payload.numel} elements where {out.numel()} were expected")
         be = cpu_backend()
         if payload.kind.passthrough or not hasattr(be, "decode_into") or out.device.type != "cpu":
-            out.copy_(_decode_on(payload, out.device))
+            out.copy_(_decode_on(payload, out.device, out.dtype))
             return
         be.decode_into(out.numpy(), payload.scales, payload.codes, payload.levels, payload.bits,
                        payload.bucket_size, payload.numel)
@@ -204,7 +204,7 @@ class Engine:
         if not fused:
             # pass-through payloads, or a CUDA buffer (decoded on the device by the CuPy backend)
             for i, p in enumerate(payloads):
-                v = _decode_on(p, out.device)
+                v = _decode_on(p, out.device, out.dtype)
                 if i == 0:
                     out.copy_(v)
                 else:
@@ -333,7 +333,7 @@ class Engine:
         """Server side of elements [a, b) of group ``g``: mean, server transform, downlink.
         Returns the downlink as a payload, or as a tensor where it is full precision and
         every rank computes it itself (``allgather`` with no downlink quantizer)."""
-        mean = self.mean_into(payloads, self.scratch(f"g{g.index}@{a}.mean", b - a, g.device))
+        mean = self.mean_into(payloads, self.scratch(f"g{g.index}@{a}.mean", b - a, g.device, g.dtype))
         u = self.alg.server(self, g, a, b, mean, st)
         _, down = self.links(g, st.compress)
         if down.passthrough:
@@ -420,7 +420,7 @@ class Engine:
             down = [self.serve(g, 0, g.numel, [f.payloads[g.index] for f in frames], st) for g in self.layout.groups]
             values = []
             for g, q in zip(self.layout.groups, down):
-                v = self.scratch(f"g{g.index}.down", g.numel, g.device)
+                v = self.scratch(f"g{g.index}.down", g.numel, g.device, g.dtype)
                 self.decode_into(q, v)
                 values.append(self.alg.finish(self, g, v, st))
         except BaseException:
@@ -521,7 +521,7 @@ class Engine:
             self.uplink_levels.load_state_dict(state["levels"])
 
 
-def _decode_on(payload, device) -> torch.Tensor:
+def _decode_on(payload, device, dtype=torch.float32) -> torch.Tensor:
     """Decode where the result is needed: payloads received from the wire are host bytes; for a
     CUDA buffer their codes and scales go up (1/8 of fp32 at 4 bits) and the CuPy kernels decode
     on the device, so full-size tensors never cross PCIe."""
@@ -532,12 +532,13 @@ def _decode_on(payload, device) -> torch.Tensor:
             levels = cupy.asarray(payload.levels)
             arr = gpu_backend().decode(cupy.asarray(payload.scales), cupy.asarray(payload.codes), levels,
                                        payload.bits, payload.bucket_size, payload.numel)
-        return _as_tensor(arr, device)
-    return _as_tensor(decode_flat(payload), device)
+        return _as_tensor(arr, device, dtype)
+    return _as_tensor(decode_flat(payload), device, dtype)
 
 
-def _as_tensor(arr, device) -> torch.Tensor:
-    """A decoded NumPy or CuPy array as a float32 torch tensor on ``device`` (DLPack: no copy
-    for CuPy on the same device)."""
+def _as_tensor(arr, device, dtype=torch.float32) -> torch.Tensor:
+    """A decoded NumPy or CuPy array as a ``dtype`` torch tensor on ``device`` (DLPack: no copy
+    for CuPy on the same device). A float64 pass-through decodes to float64, so an exact float64
+    group's values are never narrowed on the way."""
     t = torch.from_numpy(np.ascontiguousarray(arr)) if isinstance(arr, np.ndarray) else torch.from_dlpack(arr)
-    return t.to(device=device, dtype=torch.float32)
+    return t.to(device=device, dtype=dtype)

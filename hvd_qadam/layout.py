@@ -4,7 +4,9 @@ Groups never mix torch param_groups (each group has one lr, betas, ...); tensors
 ``min_compress_numel`` share one uncompressed group. Parameters are taken in *reverse*
 registration order, as PyTorch DDP buckets them: backward produces the last layers' gradients
 first, so the first group is complete (and its exchange can start) while earlier layers are
-still in backward. The layout hash goes into every frame, so
+still in backward. Where float64 parameters travel uncompressed (``Config.exact_float64``) they get
+groups of their own, held in float64, so they are averaged exactly as Horovod averages them; all
+other groups are float32. The layout hash goes into every frame, so
 ranks whose models differ are caught instead of exchanging misaligned bytes.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Group:
     compressed: bool
     slots: list = field(default_factory=list)
     numel: int = 0
+    dtype: torch.dtype = torch.float32     # of its buffers: float64 only for exact float64 groups
 
     def add(self, name: str, p: torch.Tensor) -> None:
         self.slots.append(Slot(name, p, self.numel, p.numel()))
@@ -41,40 +44,50 @@ class Group:
         return self.slots[0].param.device
 
     def flatten(self, tensors: dict) -> torch.Tensor:
-        """Concatenate ``tensors[name]`` of every slot into one float32 vector."""
-        return torch.cat([tensors[s.name].reshape(-1).to(torch.float32) for s in self.slots])
+        """Concatenate ``tensors[name]`` of every slot into one vector of the group's dtype."""
+        return torch.cat([tensors[s.name].reshape(-1).to(self.dtype) for s in self.slots])
 
     def views(self, flat: torch.Tensor) -> dict:
         return {s.name: flat[s.offset:s.offset + s.numel].view_as(s.param) for s in self.slots}
 
 
 class Layout:
-    def __init__(self, param_groups: list, names: dict, min_compress_numel: int, fusion_threshold_bytes: int):
+    def __init__(self, param_groups: list, names: dict, min_compress_numel: int, fusion_threshold_bytes: int,
+                 exact_float64=None):
+        """``exact_float64(compressed) -> bool`` (``Config.exact_float64``): whether float64
+        parameters of such a group are kept in float64 groups of their own (default: never)."""
         self.groups: list[Group] = []
         limit = max(1, fusion_threshold_bytes // 4)
         self.names_by_group = [[names[p] for p in pg["params"] if p.requires_grad] for pg in param_groups]
         # (name, shape, dtype) in registration order: what a user compares when models differ
         self.param_signature = [(names[p], tuple(p.shape), str(p.dtype)) for pg in param_groups
                                 for p in pg["params"] if p.requires_grad]
+        def dtype_of(p, compressed: bool) -> torch.dtype:
+            wide = p.dtype == torch.float64 and exact_float64 is not None and exact_float64(compressed)
+            return torch.float64 if wide else torch.float32
+
         for gi, pg in reversed(list(enumerate(param_groups))):
-            small = Group(-1, gi, compressed=False)
-            current = None
+            small = {dt: Group(-1, gi, compressed=False, dtype=dt) for dt in (torch.float32, torch.float64)}
+            current = {}                 # dtype -> the compressed group being filled
             for p in reversed(pg["params"]):
                 if not p.requires_grad:
                     continue
                 name = names[p]
                 if p.numel() < min_compress_numel:
-                    small.add(name, p)
+                    small[dtype_of(p, False)].add(name, p)
                     continue
-                if current is None or (current.numel and current.numel + p.numel() > limit):
-                    current = Group(-1, gi, compressed=True)
-                    self.groups.append(current)
-                current.add(name, p)
-            if small.slots:
-                self.groups.append(small)
+                dt = dtype_of(p, True)
+                # the group's size limit counts float32 elements (fusion_threshold_bytes / 4)
+                cur = current.get(dt)
+                if cur is None or (cur.numel and cur.numel + p.numel() > limit):
+                    cur = current[dt] = Group(-1, gi, compressed=True, dtype=dt)
+                    self.groups.append(cur)
+                cur.add(name, p)
+            self.groups.extend(g for g in small.values() if g.slots)
         for i, g in enumerate(self.groups):
             g.index = i
         self.signature = [(s.name, tuple(s.param.shape), str(s.param.dtype), g.index, g.compressed)
+                          + ((str(g.dtype),) if g.dtype != torch.float32 else ())
                           for g in self.groups for s in g.slots]
         self.hash = zlib.crc32(repr(self.signature).encode())
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import torch
 
 
-def persistent_buffer(store: dict, key: str, numel: int, device) -> torch.Tensor:
-    """``store[key]``: a float32 buffer of ``numel`` elements on ``device``, allocated the first
-    time (or when the size or device changed) and reused after that."""
+def persistent_buffer(store: dict, key: str, numel: int, device, dtype=torch.float32) -> torch.Tensor:
+    """``store[key]``: a ``dtype`` (float32) buffer of ``numel`` elements on ``device``, allocated
+    the first time (or when the size, device or dtype changed) and reused after that."""
     t = store.get(key)
-    if t is None or t.numel() != numel or t.device != torch.device(device):
-        t = store[key] = torch.empty(numel, dtype=torch.float32, device=device)
+    if t is None or t.numel() != numel or t.device != torch.device(device) or t.dtype != dtype:
+        t = store[key] = torch.empty(numel, dtype=dtype, device=device)
     return t
 
 

@@ -64,16 +64,19 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             comm = HorovodComm()
         self._comm = comm
         self._layout = Layout(self.param_groups, self._names, config.min_compress_numel,
-                              config.fusion_threshold_bytes)
+                              config.fusion_threshold_bytes, exact_float64=config.exact_float64)
         self._engine = Engine(config, self._layout, comm, self._hyper)
         self._engine.alg.check_optimizer(self)
-        wide = [name for name, p in self._layout.params() if p.dtype == torch.float64]
-        if wide:
-            # Said once, at construction: Horovod would average these exactly in float64.
-            warnings.warn(f"{len(wide)} float64 parameter(s) (e.g. {wide[0]!r}): hvd_qadam exchanges float32, so "
-                          f"their averaged gradients/updates are rounded to float32 precision even where they are "
-                          f"not quantized; train in float32, or keep float64 models on hvd.DistributedOptimizer",
-                          RuntimeWarning, stacklevel=3)
+        narrowed = [s.name for g in self._layout.groups if g.dtype != torch.float64 for s in g.slots
+                    if s.param.dtype == torch.float64]
+        if narrowed:
+            # Said once, at construction: Horovod would average these exactly in float64. Ours do
+            # so only where they travel uncompressed under algorithm "qsgd" (Config.exact_float64).
+            warnings.warn(f"{len(narrowed)} float64 parameter(s) (e.g. {narrowed[0]!r}) are quantized or run "
+                          f"through algorithm {config.algorithm!r}, both of which work in float32: their averaged "
+                          f"gradients/updates have float32 precision at best. Uncompressed groups under "
+                          f"algorithm='qsgd' (quantizer='none', or tensors below min_compress_numel) stay "
+                          f"float64; train in float32 otherwise", RuntimeWarning, stacklevel=3)
         self._engine.set_params_source(lambda g: [s.param for s in g.slots])
         self._started = False
         self._should_synchronize = True
@@ -81,7 +84,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._local_iterations = 0
         # Backward hooks: gradients are copied into a persistent flat buffer per group, and a
         # group's exchange starts as soon as its last gradient of the step arrived.
-        self._grad_bufs = {g.index: torch.zeros(g.numel, dtype=torch.float32, device=g.device)
+        self._grad_bufs = {g.index: torch.zeros(g.numel, dtype=g.dtype, device=g.device)
                            for g in self._layout.groups}
         self._slot_of = {s.param: (g, s) for g in self._layout.groups for s in g.slots}
         self._delay = {p: backward_passes_per_step for p in self._slot_of}

@@ -51,7 +51,7 @@ class Transport:
         return result
 
     def _out(self, g) -> torch.Tensor:
-        return self.eng.scratch(f"g{g.index}.out", g.numel, g.device)
+        return self.eng.scratch(f"g{g.index}.out", g.numel, g.device, g.dtype)
 
     def _errors(self, frames, st) -> bool:
         errs = [f.error for f in frames if f is not None and f.error is not None]

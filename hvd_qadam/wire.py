@@ -2,7 +2,8 @@
 
 Payload = header (struct ``_HEADER``) + body. Body = dims (ndim x u64) + scales (f32 per bucket)
 + codebook (f32 x K, adaptive quantizers only) + packed codes; for the pass-throughs (none, fp16)
-the body is dims + the raw little-endian values. Everything that can be wrong with bytes from
+the body is dims + the raw little-endian values: f16 for fp16, f32 for none, f64 for none when
+the original dtype is float64 (so float64 travels exactly where nothing is compressed). Everything that can be wrong with bytes from
 the network is checked before decoding: magic, version, header and body CRC32, quantizer id,
 bit width, bucket size, lengths, codebook shape and order, finite non-negative scales.
 
@@ -79,7 +80,10 @@ class Payload:
 
     @property
     def body_nbytes(self) -> int:
-        n = 8 * len(self.shape) + self.codes.nbytes
+        if self.kind.passthrough:
+            n = 8 * len(self.shape) + self.numel * _passthrough_dtype(self.quantizer, self.orig_dtype).itemsize
+        else:
+            n = 8 * len(self.shape) + self.codes.nbytes
         if self.scales is not None:
             n += self.scales.nbytes
         if self.codebook is not None:
@@ -98,7 +102,10 @@ class Payload:
         if self.codebook is not None:
             parts.append(_le_bytes(self.codebook, "<f4"))
         codes = np.ascontiguousarray(to_host(self.codes))
-        parts.append(_le_bytes(codes, codes.dtype.newbyteorder("<")))
+        if self.kind.passthrough:       # values in the width the header's dtype implies
+            parts.append(_le_bytes(codes, _passthrough_dtype(self.quantizer, self.orig_dtype)))
+        else:
+            parts.append(_le_bytes(codes, codes.dtype.newbyteorder("<")))
         body_crc = 0
         for part in parts:
             body_crc = zlib.crc32(part, body_crc)
@@ -172,7 +179,7 @@ class Payload:
             raise PayloadError(f"{where}: {ndim} dimensions (at most {MAX_NDIM})")
         # Body length follows from the header alone (Python ints: no overflow, however large numel is).
         if kind.passthrough:
-            nb, code_bytes = 0, numel * (4 if kind.name == "none" else 2)
+            nb, code_bytes = 0, numel * _passthrough_dtype(kind.name, DTYPE_NAMES[dt]).itemsize
         else:
             nb, code_bytes = num_buckets(numel, bucket), packed_nbytes(numel, bits)
         body_len = 8 * ndim + 4 * nb + (4 * cb_len if has_cb else 0) + code_bytes
@@ -205,8 +212,8 @@ class Payload:
             except cb.QuantizerError as e:
                 raise PayloadError(f"{where}: {e}") from None
         if kind.passthrough:
-            codes = np.frombuffer(body, dtype="<f4" if kind.name == "none" else "<f2", count=numel,
-                                  offset=pos).astype(np.float32 if kind.name == "none" else np.float16)
+            wire_dt = _passthrough_dtype(kind.name, DTYPE_NAMES[dt])
+            codes = np.frombuffer(body, dtype=wire_dt, count=numel, offset=pos).astype(wire_dt.newbyteorder("="))
             # The sender refuses NaN/Inf, so a well-formed pass-through payload has none.
             if codes.size and not bool(np.isfinite(codes).all()):
                 bad = int(codes.size - np.count_nonzero(np.isfinite(codes)))
@@ -224,6 +231,13 @@ class Payload:
         p = cls(kind.name, bits, bucket, numel, shape, scales, codes, codebook, bool(flags & FLAG_STOCHASTIC),
                 DTYPE_NAMES[dt])
         return p, start + body_len
+
+
+def _passthrough_dtype(name: str, orig_dtype: str) -> np.dtype:
+    """The little-endian dtype of a pass-through payload's values on the wire."""
+    if name == "fp16":
+        return np.dtype("<f2")
+    return np.dtype("<f8" if orig_dtype == "float64" else "<f4")
 
 
 def _le_bytes(a, dtype) -> memoryview:

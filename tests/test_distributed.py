@@ -114,6 +114,26 @@ def test_mpi_sharded_four_ranks_equals_simulator(tmp_path):
     assert_same_params(res["params"], sim_train(4, 4, **kwargs)[0], "sharded np4 vs simulator")
 
 
+@pytest.mark.parametrize("topology", ["allgather", "ps"])
+def test_mpi_float64_uncompressed_is_averaged_in_float64_like_the_simulator(topology, tmp_path):
+    """A float64 model with quantizer="none" under real Horovod (and the ps server): float64 values
+    on the wire, the same float64 trajectory as the simulator (whose average is the exact float64
+    mean, tests/test_engine.py), identical replicas."""
+    out = tmp_path / "params.pt"
+    kwargs = {"quantizer": "none"}
+    if topology == "ps":
+        run_mpi(4, "train_ps.py", "--out", str(out), "--steps", "4", "--float64", "--kwargs", json.dumps(kwargs))
+        size = 3
+    else:
+        run_mpi(3, "train_ranks.py", "--out", str(out), "--steps", "4", "--float64", "--kwargs", json.dumps(kwargs))
+        size = 3
+    res = torch.load(out)
+    assert res["size"] == size and len(set(res["digests"])) == 1, "ranks ended with different weights"
+    assert all(p.dtype == torch.float64 for p in res["params"].values())
+    sim = sim_train(size, 4, dtype=torch.float64, topology=topology if topology != "ps" else "allgather", **kwargs)
+    assert_same_params(res["params"], sim[0], f"{topology} float64 vs simulator")
+
+
 def test_ps_without_mpi_launch_refuses_clearly():
     import subprocess
     import sys

@@ -299,27 +299,82 @@ def test_named_parameters_must_be_unique_and_complete():
         hvd_qadam.DistributedOptimizer(base_optimizer(model), named[:2], comm=SimWorld(1).comm(0))
 
 
-def test_float64_parameters_are_said_to_travel_as_float32_and_keep_their_dtype():
-    """Horovod averages float64 exactly; hvd_qadam's buffers are float32, which it says at
-    construction (never silently), and the gradients handed back keep the parameters' dtype."""
-    from hvd_qadam.comm import SimWorld
+def _float64_model():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 4)).double()
-    with pytest.warns(RuntimeWarning, match="float64 parameter"):
-        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), quantizer="none",
+    return torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4)).double()
+
+
+@pytest.mark.parametrize("topology", ["allgather", "sharded"])
+def test_float64_is_averaged_exactly_in_float64_when_uncompressed(topology):
+    """Horovod averages float64 gradients in float64. Uncompressed (quantizer="none"), so does
+    hvd_qadam: float64 buffers, float64 values on the wire, a float64 mean, no warning. The
+    averaged gradient is bit-identical to summing the ranks' float64 gradients in rank order and
+    dividing, which float32 anywhere on the way would break (the inputs are not float32-exact)."""
+    world = 3
+    x_all = torch.randn(world, 8, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def worker(rank, comm):
+        model = _float64_model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), quantizer="none",
+                                                 topology=topology, comm=comm)
+        assert {g.dtype for g in opt.engine.layout.groups} == {torch.float64}
+        opt.zero_grad()
+        model(x_all[rank]).square().mean().backward()
+        local = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        opt.synchronize()
+        averaged = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        with opt.skip_synchronize():
+            opt.step()
+        sent = opt.communication_stats.sent_bytes
+        return local, averaged, {n: p.detach().clone() for n, p in model.named_parameters()}, sent
+
+    results = hvd_qadam.simulate(world, worker)
+    numel = sum(p.numel() for p in _float64_model().parameters())
+    for name in results[0][0]:
+        exact = results[0][0][name].clone()
+        for r in range(1, world):
+            exact += results[r][0][name]
+        exact /= world
+        assert not torch.equal(exact, exact.float().double()), "the test needs values float32 cannot hold"
+        for r in range(world):
+            assert results[r][1][name].dtype == torch.float64
+            assert torch.equal(results[r][1][name], exact), f"rank {r} {name}: not the exact float64 average"
+            assert torch.equal(results[r][2][name], results[0][2][name]), "replicas diverged"
+    # 8 bytes per element went out (plus headers): float64 travelled as float64
+    assert min(r[3] for r in results) >= (8 * numel if topology == "allgather" else 8 * numel * (world - 1) // world)
+
+
+def test_float64_through_a_quantizer_is_said_at_construction_and_small_tensors_stay_exact():
+    """Quantized float64 groups work from float32 (quantizer codes and scales), which the
+    optimizer says once at construction, naming a parameter; the small tensors' uncompressed
+    group (biases) stays float64. Gradients handed back keep the parameters' dtype."""
+    from hvd_qadam.comm import SimWorld
+    model = _float64_model()
+    with pytest.warns(RuntimeWarning, match=r"1 float64 parameter\(s\) \(e.g. '0.weight'\)"):
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(),
                                              comm=SimWorld(1).comm(0))
+    dtypes = {s.name: g.dtype for g in opt.engine.layout.groups for s in g.slots}
+    assert dtypes == {"0.weight": torch.float32, "0.bias": torch.float64, "2.weight": torch.float64,
+                      "2.bias": torch.float64}
     x = torch.randn(8, 64, dtype=torch.float64)
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
     model(x).square().mean().backward()
-    exact = [p.grad.detach().clone() for p in model.parameters()]
+    exact = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     opt.synchronize()
-    for p, g in zip(model.parameters(), exact):
+    for n, p in model.named_parameters():
         assert p.grad.dtype == torch.float64
-        assert torch.equal(p.grad, g.float().double()), "a world of one hands back its gradient at float32 precision"
+        if n != "0.weight":
+            assert torch.equal(p.grad, exact[n]), f"{n}: a world of one hands back its exact float64 gradient"
+    assert not torch.equal(model[0].weight.grad, exact["0.weight"]), "the large weight travels quantized"
     with opt.skip_synchronize():
         opt.step()
     assert all(not torch.equal(p, b) and p.dtype == torch.float64 for p, b in zip(model.parameters(), before))
+    with pytest.warns(RuntimeWarning, match="algorithm 'efficient_adam'"):
+        hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters()), model.named_parameters(),
+                                       algorithm="efficient_adam", quantizer="none", comm=SimWorld(1).comm(0))
     model32 = digits.make_model()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)     # float32 models: no such warning

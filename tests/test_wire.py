@@ -297,6 +297,30 @@ def test_saturation_applies_to_like_and_leaves_wide_dtypes_alone():
     assert dequantize(p).tolist() == [1e6, -3e5, 1.0]
 
 
+def test_float64_travels_exactly_through_none_and_narrows_through_everything_else():
+    """``none`` carries float64 as 8-byte values (the header's dtype says so), so the
+    uncompressed pass-through is exact for every dtype; every other quantizer works in float32."""
+    x = np.random.default_rng(3).standard_normal((5, 7)) * np.pi      # not float32-exact
+    p = quantize(x, "none")
+    data = p.to_bytes()
+    assert len(data) == p.nbytes == 36 + 8 * 2 + 8 * x.size
+    q = Payload.from_bytes(data)
+    assert q.orig_dtype == "float64" and q.codes.dtype == np.float64 and q.to_bytes() == data
+    y = dequantize(q)
+    assert y.dtype == np.float64 and np.array_equal(y, x)
+    t = dequantize(q, like=torch.zeros(1, dtype=torch.float64))
+    assert torch.equal(t, torch.from_numpy(x))
+    assert torch.equal(dequantize(quantize(torch.from_numpy(x), "none")), torch.from_numpy(x))
+    f = dequantize(Payload.from_bytes(quantize(x, "fp16").to_bytes()))
+    assert f.dtype == np.float64 and not np.array_equal(f, x)
+    # float32 input through none: 4 bytes per value, as before
+    assert len(quantize(x.astype(np.float32), "none").to_bytes()) == 36 + 16 + 4 * x.size
+    # a float64 header over a float32-sized body is truncated, not misread
+    short = reseal(quantize(x.astype(np.float32), "none").to_bytes(), {F_DTYPE: wire.DTYPE_CODES["float64"]})
+    with pytest.raises(PayloadError, match="truncated body"):
+        Payload.from_bytes(short)
+
+
 # ------------------------------------------------------------------------------------------------
 # malformed input
 

@@ -19,6 +19,7 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=6)
 parser.add_argument("--kwargs", default="{}")
 parser.add_argument("--base", default="adam", choices=["adam", "sgd"])
+parser.add_argument("--float64", action="store_true", help="model and inputs in float64")
 parser.add_argument("--checkpoint-at", type=int, default=0, help="save, rebuild and reload at this step")
 args = parser.parse_args()
 torch.set_num_threads(1)
@@ -42,7 +43,8 @@ def on_step(step, opt):
         holder["state"] = opt.state_dict()
 
 
-model, _ = digits.train(hvd.rank(), hvd.size(), make_optimizer, epochs=100, max_steps=args.steps, on_step=on_step)
+model, _ = digits.train(hvd.rank(), hvd.size(), make_optimizer, epochs=100, max_steps=args.steps,
+                        dtype=torch.float64 if args.float64 else torch.float32, on_step=on_step)
 params = {n: p.detach().clone() for n, p in model.named_parameters()}
 digest = hashlib.sha256(b"".join(p.numpy().tobytes() for p in params.values())).hexdigest()
 digests = hvd.allgather_object(digest)

@@ -21,6 +21,7 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--steps", type=int, default=8)
 parser.add_argument("--kwargs", default="{}", help="JSON of DistributedOptimizer keyword arguments")
 parser.add_argument("--base", default="adam", choices=["adam", "sgd"])
+parser.add_argument("--float64", action="store_true", help="model and inputs in float64")
 args = parser.parse_args()
 
 torch.set_num_threads(1)
@@ -32,7 +33,8 @@ def make_optimizer(model):
     return hvd_qadam.DistributedOptimizer(digits.base_optimizer(model, args.base), model.named_parameters(), **kwargs)
 
 
-model, _ = digits.train(hvd.rank(), hvd.size(), make_optimizer, epochs=100, max_steps=args.steps)
+model, _ = digits.train(hvd.rank(), hvd.size(), make_optimizer, epochs=100, max_steps=args.steps,
+                        dtype=torch.float64 if args.float64 else torch.float32)
 params = {n: p.detach().clone() for n, p in model.named_parameters()}
 digest = hashlib.sha256(b"".join(p.numpy().tobytes() for p in params.values())).hexdigest()
 digests = hvd.allgather_object(digest)
