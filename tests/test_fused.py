@@ -178,3 +178,63 @@ def test_steady_state_step_allocates_nothing_of_the_model_size(kw):
         tracemalloc.stop()
     # payloads, frames and their copies are ~1/8 of fp32 at 4 bits; a full-size buffer is 1
     assert peak < full / 2, f"peak {peak} bytes of new allocations in a steady-state step (fp32 size {full})"
+
+
+@pytest.mark.parametrize("quantizer,bits", [("qsgdinf", 4), ("qsgd", 2), ("qsgdinf", 8), ("terngrad", 2),
+                                            ("qsgdinf", 3)])
+@pytest.mark.parametrize("bucket", [8, 128, 136, 520])
+def test_byte_aligned_uniform_path_equals_reference(quantizer, bits, bucket):
+    """The byte-aligned uniform path (whole buckets of a uniform grid at 2, 4 or 8 bits) against
+    the reference, bit for bit, for every kernel: encode, encode_ef, decode, decode_add with and
+    without the divisor, and decode_mean. 136 and 520 do not divide the parallel task size, so
+    decode tasks start and end inside buckets (the partial ends take the block path); 3 bits
+    never takes the fast path and is the control."""
+    n = 3 * 32768 + 1000 + 3          # several parallel tasks, a partial last bucket
+    rs = np.random.default_rng(bits * 1000 + bucket)
+    xs = [(rs.standard_normal(n) * np.exp(rs.uniform(-3, 3, n))).astype(np.float32) for _ in range(3)]
+    xs[0][:bucket] = 0                # a zero bucket
+    k = cb.kind(quantizer)
+    lv = cb.codebook(quantizer, bits)
+    for stochastic in (False, True):
+        enc = [reference.encode(x, lv, bits, bucket, k.scale, stochastic, 7, 3) for x in xs]
+        dec = [reference.decode(s, p, lv, bits, bucket, n) for s, p in enc]
+        for x, (s, p) in zip(xs, enc):
+            s2, p2 = numba_kernels.encode(x, lv, bits, bucket, k.scale, stochastic, 7, 3)
+            assert np.array_equal(s2, s) and np.array_equal(p2, p)
+        e = (rs.standard_normal(n) * 0.1).astype(np.float32)
+        out = np.empty(n, np.float32)
+        s3, p3, bad = numba_kernels.encode_ef(xs[1], e, out, lv, bits, bucket, k.scale, stochastic, 7, 3)
+        pe = xs[1] + e
+        rs3, rp3 = reference.encode(pe, lv, bits, bucket, k.scale, stochastic, 7, 3)
+        assert not bad and np.array_equal(s3, rs3) and np.array_equal(p3, rp3)
+        assert np.array_equal(out.view(np.uint32), (pe - reference.decode(rs3, rp3, lv, bits, bucket, n)).view(np.uint32))
+        got = numba_kernels.decode(*enc[0], lv, bits, bucket, n)
+        assert np.array_equal(got.view(np.uint32), dec[0].view(np.uint32))
+        acc = np.empty(n, np.float32)
+        numba_kernels.decode_into(acc, *enc[0], lv, bits, bucket, n)
+        numba_kernels.decode_add(acc, *enc[1], lv, bits, bucket, n)
+        numba_kernels.decode_add(acc, *enc[2], lv, bits, bucket, n, divisor=3)
+        want = ((dec[0] + dec[1]) + dec[2]) / np.float32(3)
+        assert np.array_equal(acc.view(np.uint32), want.view(np.uint32))
+        mean = np.empty(n, np.float32)
+        numba_kernels.decode_mean(mean, [s for s, _ in enc], [p for _, p in enc], lv, bits, bucket, n)
+        assert np.array_equal(mean.view(np.uint32), want.view(np.uint32))
+
+
+def test_byte_aligned_uniform_path_rejects_codes_past_the_codebook():
+    """4-bit qsgdinf has 15 levels: code 15 in a whole bucket (the fast path) is refused by
+    decode, decode_add (before touching acc) and decode_mean."""
+    lv = cb.codebook("qsgdinf", 4)
+    n = 70_000
+    s, p = reference.encode(np.random.default_rng(0).standard_normal(n).astype(np.float32), lv, 4, 128,
+                            cb.SCALE_MAXABS, False, 0)
+    p = p.copy()
+    p[20_000] |= 0xF0                  # element 40_001: code 15
+    with pytest.raises(ValueError, match="code 15 is out of range"):
+        numba_kernels.decode(s, p, lv, 4, 128, n)
+    acc = np.ones(n, np.float32)
+    with pytest.raises(ValueError, match="code 15 is out of range"):
+        numba_kernels.decode_add(acc, s, p, lv, 4, 128, n)
+    assert np.all(acc == 1)
+    with pytest.raises(ValueError, match="code 15 is out of range"):
+        numba_kernels.decode_mean(np.empty(n, np.float32), [s, s], [p, p], lv, 4, 128, n)

@@ -446,21 +446,28 @@ def _quantize_count16(xs, block_scale, tables, num_levels, stochastic, key, base
 
 
 @njit(**_INLINE)
+def _uniform_code(xv, s, first, last, fm, top_j, stochastic, key, index):
+    """The code of one element on a uniform grid: the reference's t = r * m + m,
+    j = min(floor(t), K-2), p = t - j, rounded up with probability p (or when p >= 1/2)."""
+    r = _normalise(xv, s, first, last)
+    t = _search_input(r, first) * fm + fm          # in [0, 2m]: truncation is floor
+    j = min(np.int32(t), top_j)
+    p = t - np.float32(j)
+    if stochastic:
+        code = j + np.int32(_uniform(key, index) < p)
+    else:
+        code = j + np.int32(p >= _F32_HALF)
+    return _nan_code(r, code, top_j)
+
+
+@njit(**_INLINE)
 def _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, stochastic, key, base, codes):
     first = tables[_LEVELS, 0]
     last = tables[_LEVELS, num_levels - 1]
     fm = np.float32(uniform_m)
     top_j = np.int32(num_levels - 2)   # 32-bit lanes throughout, so the loop vectorizes widely
     for e in range(xs.size):
-        r = _normalise(xs[e], block_scale[e], first, last)
-        t = _search_input(r, first) * fm + fm          # in [0, 2m]: truncation is floor
-        j = min(np.int32(t), top_j)
-        p = t - np.float32(j)
-        if stochastic:
-            code = j + np.int32(_uniform(key, base + np.uint64(e)) < p)
-        else:
-            code = j + np.int32(p >= _F32_HALF)
-        codes[e] = _nan_code(r, code, top_j)
+        codes[e] = _uniform_code(xs[e], block_scale[e], first, last, fm, top_j, stochastic, key, base + np.uint64(e))
 
 
 @njit(**_JIT)
@@ -631,8 +638,8 @@ def _unpack_block(packed, b0, bits, codes):
 # ----------------------------------------------------------------------------- encode / decode spans
 
 @njit(**_JIT)
-def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
-                 cell_index, corrections, bits, stochastic, key, offset, packed, residual_table, residual):
+def _encode_blocks(x, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
+                   cell_index, corrections, bits, stochastic, key, offset, packed, residual_table, residual):
     """Quantize and pack elements e0..e1-1 (e0 a multiple of 8) with their buckets' scales.
     With ``residual`` (x itself, writeable; else an empty array), also
     residual[e] = x[e] - residual_table[code] * scale (the error-feedback residual
@@ -676,7 +683,7 @@ def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, sea
 
 
 @njit(**_JIT)
-def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode, divisor):
+def _decode_blocks(scales, packed, table, bits, bucket_size, out, e0, e1, mode, divisor):
     """For elements e0..e1-1 (e0 a multiple of 8): out[e] = level(code) * scale (_DECODE), or
     out[e] += ... (_DECODE_ADD), out[e] -= ... (_DECODE_SUB), out[e] = (out[e] + ...) / divisor
     (_DECODE_ADD_DIV), or nothing (_CHECK_CODES). Returns the largest code seen, so the caller
@@ -997,7 +1004,7 @@ def encode_ef(v, e, out, levels, bits, bucket_size, scale_kind, stochastic, key,
 
 
 @njit(**_JIT)
-def _mean_span(scales, packed, table, bits, bucket_size, out, e0, e1, divisor):
+def _mean_blocks(scales, packed, table, bits, bucket_size, out, e0, e1, divisor):
     """out[e] = ((d_0[e] + d_1[e]) + ...) / divisor for elements e0..e1-1 (e0 a multiple of 8),
     d_r the decode of row r of ``scales``/``packed``: every payload is decoded and added in rank
     order while the block is in L1, so ``out`` is written once instead of read and written once
@@ -1072,6 +1079,256 @@ def first_flagged_byte(data, flagged):
     one pass that stops at the first hit (the wire parser's check for codes past the codebook)."""
     return int(_first_flagged(_readonly(np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)),
                               _readonly(np.ascontiguousarray(flagged, dtype=np.bool_))))
+
+
+# ----------------------------------------------------------------------------- byte-aligned uniform grids
+# The defaults' case (a uniform grid at 2, 4 or 8 bits, buckets of a multiple of 8 elements, e.g.
+# 4-bit qsgdinf with 128) skips the 512-element staging above: every bucket starts on a byte, so
+# one loop over a bucket's bytes reads its elements (or codes), computes the codes (or levels, as
+# float32(c - m) / m) and writes one value per element. Same float32 operations in the same
+# order as the block path, so bit for bit the same results; 2-3x faster, as nothing goes through
+# scratch arrays. The spans below send the whole buckets of [e0, e1) here and any partial bucket
+# at either end to the block path.
+
+@njit(**_INLINE)
+def _fast_uniform(uniform_grid, bits, bucket_size):
+    """Whether the byte-aligned uniform path applies."""
+    return uniform_grid and bucket_size % 8 == 0 and (bits == 2 or bits == 4 or bits == 8)
+
+
+@njit(**_INLINE)
+def _whole_buckets(e0, e1, bucket_size):
+    """(first, end) bucket index of the whole buckets inside [e0, e1); end <= first if none."""
+    return -(-e0 // bucket_size), e1 // bucket_size
+
+
+@njit(**_INLINE)
+def _grid_level(c, m, fm):
+    """Level of code c on the uniform grid of m: exactly the codebook's float32(c - m) / m."""
+    return np.float32(c - m) / fm
+
+
+@njit(**_JIT)
+def _encode_uniform_buckets(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key,
+                            offset, packed):
+    """Codes of buckets k0..k1-1 of x (read only) into packed."""
+    first, last = tables[_LEVELS, 0], tables[_LEVELS, num_levels - 1]
+    fm, top_j = np.float32(uniform_m), np.int32(num_levels - 2)
+    per_bucket = bucket_size * bits // 8
+    for k in range(k0, k1):
+        s = scales[k]
+        xs = x[k * bucket_size:(k + 1) * bucket_size]
+        pk = packed[k * per_bucket:(k + 1) * per_bucket]
+        base = offset + np.uint64(k * bucket_size)
+        if bits == 4:
+            for q in range(pk.size):
+                c0 = _uniform_code(xs[2 * q], s, first, last, fm, top_j, stochastic, key, base + np.uint64(2 * q))
+                c1 = _uniform_code(xs[2 * q + 1], s, first, last, fm, top_j, stochastic, key,
+                                   base + np.uint64(2 * q + 1))
+                pk[q] = np.uint8(c0 | (c1 << 4))
+        elif bits == 2:
+            for q in range(pk.size):
+                v = np.int32(0)
+                for i in range(4):
+                    c = _uniform_code(xs[4 * q + i], s, first, last, fm, top_j, stochastic, key,
+                                      base + np.uint64(4 * q + i))
+                    v |= c << (2 * i)
+                pk[q] = np.uint8(v)
+        else:
+            for q in range(pk.size):
+                pk[q] = np.uint8(_uniform_code(xs[q], s, first, last, fm, top_j, stochastic, key,
+                                               base + np.uint64(q)))
+
+
+@njit(**_JIT)
+def _encode_uniform_buckets_ef(p, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic,
+                               key, offset, packed):
+    """_encode_uniform_buckets, and p[e] -= level(code) * scale in place: the error-feedback
+    residual (p is read and written through one array, which keeps the loop vectorizable)."""
+    first, last = tables[_LEVELS, 0], tables[_LEVELS, num_levels - 1]
+    m, fm, top_j = np.int32(uniform_m), np.float32(uniform_m), np.int32(num_levels - 2)
+    per_bucket = bucket_size * bits // 8
+    for k in range(k0, k1):
+        s = scales[k]
+        xs = p[k * bucket_size:(k + 1) * bucket_size]
+        pk = packed[k * per_bucket:(k + 1) * per_bucket]
+        base = offset + np.uint64(k * bucket_size)
+        if bits == 4:
+            for q in range(pk.size):
+                x0, x1 = xs[2 * q], xs[2 * q + 1]
+                c0 = _uniform_code(x0, s, first, last, fm, top_j, stochastic, key, base + np.uint64(2 * q))
+                c1 = _uniform_code(x1, s, first, last, fm, top_j, stochastic, key, base + np.uint64(2 * q + 1))
+                pk[q] = np.uint8(c0 | (c1 << 4))
+                xs[2 * q] = x0 - _grid_level(c0, m, fm) * s
+                xs[2 * q + 1] = x1 - _grid_level(c1, m, fm) * s
+        elif bits == 2:
+            for q in range(pk.size):
+                v = np.int32(0)
+                for i in range(4):
+                    xv = xs[4 * q + i]
+                    c = _uniform_code(xv, s, first, last, fm, top_j, stochastic, key, base + np.uint64(4 * q + i))
+                    v |= c << (2 * i)
+                    xs[4 * q + i] = xv - _grid_level(c, m, fm) * s
+                pk[q] = np.uint8(v)
+        else:
+            for q in range(pk.size):
+                xv = xs[q]
+                c = _uniform_code(xv, s, first, last, fm, top_j, stochastic, key, base + np.uint64(q))
+                pk[q] = np.uint8(c)
+                xs[q] = xv - _grid_level(c, m, fm) * s
+
+
+@njit(**_JIT)
+def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
+                 cell_index, corrections, bits, stochastic, key, offset, packed, residual_table, residual):
+    """_encode_blocks over elements e0..e1-1 (e0 a multiple of 8), its whole buckets on the
+    byte-aligned uniform path where that applies. ``residual``, when not empty, is x itself."""
+    k0, k1 = _whole_buckets(e0, e1, bucket_size)
+    if not _fast_uniform(method == _SEARCH_UNIFORM, bits, bucket_size) or k1 <= k0:
+        _encode_blocks(x, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
+                       cell_index, corrections, bits, stochastic, key, offset, packed, residual_table, residual)
+        return
+    if k0 * bucket_size > e0:
+        _encode_blocks(x, e0, k0 * bucket_size, scales, bucket_size, tables, method, num_levels, search_steps,
+                       uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed, residual_table,
+                       residual)
+    if residual.size:
+        _encode_uniform_buckets_ef(residual, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits,
+                                   stochastic, key, offset, packed)
+    else:
+        _encode_uniform_buckets(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic,
+                                key, offset, packed)
+    if e1 > k1 * bucket_size:
+        _encode_blocks(x, k1 * bucket_size, e1, scales, bucket_size, tables, method, num_levels, search_steps,
+                       uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed, residual_table,
+                       residual)
+
+
+@njit(**_INLINE)
+def _combine(o, level, s, mode, divisor):
+    """What decode mode ``mode`` (_DECODE, _DECODE_ADD or _DECODE_ADD_DIV) writes for one element
+    whose current value is o. One store per element and three cases keep the loops vectorized
+    (a fourth case measured 3x slower); _DECODE_SUB is _DECODE_ADD with the scale negated, which
+    IEEE arithmetic makes identical: o - l * s == o + l * (-s) in every bit."""
+    if mode == _DECODE:
+        return level * s
+    if mode == _DECODE_ADD:
+        return o + level * s
+    return (o + level * s) / divisor      # _DECODE_ADD_DIV
+
+
+@njit(**_INLINE)
+def _decode_uniform_bucket(pk, bits, s, m, fm, os, mode, divisor):
+    """os combined (``mode``) with the decode of one bucket's bytes pk; returns the largest code."""
+    seen = np.int32(0)
+    if mode == _CHECK_CODES:
+        mask = np.int32((1 << bits) - 1)
+        for q in range(pk.size):
+            v = np.int32(pk[q])
+            for i in range(8 // bits):
+                seen = max(seen, (v >> (bits * i)) & mask)
+        return seen
+    if bits == 4:
+        for q in range(pk.size):
+            v = np.int32(pk[q])
+            c0, c1 = v & 15, v >> 4
+            seen = max(seen, max(c0, c1))
+            os[2 * q] = _combine(os[2 * q], _grid_level(c0, m, fm), s, mode, divisor)
+            os[2 * q + 1] = _combine(os[2 * q + 1], _grid_level(c1, m, fm), s, mode, divisor)
+    elif bits == 2:
+        for q in range(pk.size):
+            v = np.int32(pk[q])
+            for i in range(4):
+                c = (v >> (2 * i)) & 3
+                seen = max(seen, c)
+                os[4 * q + i] = _combine(os[4 * q + i], _grid_level(c, m, fm), s, mode, divisor)
+    else:
+        for q in range(pk.size):
+            c = np.int32(pk[q])
+            seen = max(seen, c)
+            os[q] = _combine(os[q], _grid_level(c, m, fm), s, mode, divisor)
+    return seen
+
+
+@njit(**_JIT)
+def _decode_uniform_buckets(scales, packed, m, bits, bucket_size, out, k0, k1, mode, divisor):
+    fm = np.float32(m)
+    per_bucket = bucket_size * bits // 8
+    sign = np.float32(-1.0) if mode == _DECODE_SUB else np.float32(1.0)    # see _combine
+    mode = _DECODE_ADD if mode == _DECODE_SUB else mode
+    mi = np.int32(m)
+    seen = 0
+    for k in range(k0, k1):
+        pk = packed[k * per_bucket:(k + 1) * per_bucket]
+        os = out[k * bucket_size:(k + 1) * bucket_size]
+        sk = sign * scales[k]
+        # a call site per mode, each with the mode as a constant: the inlined loops then carry no
+        # branch on it (LLVM does not reliably unswitch them itself)
+        if mode == _DECODE:
+            b = _decode_uniform_bucket(pk, bits, sk, mi, fm, os, _DECODE, divisor)
+        elif mode == _DECODE_ADD:
+            b = _decode_uniform_bucket(pk, bits, sk, mi, fm, os, _DECODE_ADD, divisor)
+        elif mode == _DECODE_ADD_DIV:
+            b = _decode_uniform_bucket(pk, bits, sk, mi, fm, os, _DECODE_ADD_DIV, divisor)
+        else:
+            b = _decode_uniform_bucket(pk, bits, sk, mi, fm, os, _CHECK_CODES, divisor)
+        seen = max(seen, b)
+    return seen
+
+
+@njit(**_JIT)
+def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode, divisor):
+    """_decode_blocks over elements e0..e1-1, its whole buckets on the byte-aligned uniform path
+    where that applies. Returns the largest code seen."""
+    m = np.int32(table[_GRID_SLOT])
+    k0, k1 = _whole_buckets(e0, e1, bucket_size)
+    if not _fast_uniform(m > 0, bits, bucket_size) or k1 <= k0:
+        return _decode_blocks(scales, packed, table, bits, bucket_size, out, e0, e1, mode, divisor)
+    seen = 0
+    if k0 * bucket_size > e0:
+        seen = _decode_blocks(scales, packed, table, bits, bucket_size, out, e0, k0 * bucket_size, mode, divisor)
+    seen = max(seen, _decode_uniform_buckets(scales, packed, m, bits, bucket_size, out, k0, k1, mode, divisor))
+    if e1 > k1 * bucket_size:
+        seen = max(seen, _decode_blocks(scales, packed, table, bits, bucket_size, out, k1 * bucket_size, e1, mode,
+                                        divisor))
+    return seen
+
+
+@njit(**_JIT)
+def _mean_uniform_buckets(scales, packed, m, bits, bucket_size, out, k0, k1, divisor):
+    """_mean_blocks over whole buckets k0..k1-1: each bucket of out takes the rows' decodes in
+    rank order while it is in L1, then the division."""
+    fm = np.float32(m)
+    mi = np.int32(m)
+    per_bucket = bucket_size * bits // 8
+    seen = 0
+    for k in range(k0, k1):
+        os = out[k * bucket_size:(k + 1) * bucket_size]
+        seen = max(seen, _decode_uniform_bucket(packed[0, k * per_bucket:(k + 1) * per_bucket], bits, scales[0, k],
+                                                mi, fm, os, _DECODE, divisor))
+        for r in range(1, scales.shape[0]):        # constant modes: see _decode_uniform_buckets
+            seen = max(seen, _decode_uniform_bucket(packed[r, k * per_bucket:(k + 1) * per_bucket], bits,
+                                                    scales[r, k], mi, fm, os, _DECODE_ADD, divisor))
+        for e in range(bucket_size):
+            os[e] = os[e] / divisor
+    return seen
+
+
+@njit(**_JIT)
+def _mean_span(scales, packed, table, bits, bucket_size, out, e0, e1, divisor):
+    """_mean_blocks over elements e0..e1-1, its whole buckets on the byte-aligned uniform path
+    where that applies. Returns the largest code seen."""
+    m = np.int32(table[_GRID_SLOT])
+    k0, k1 = _whole_buckets(e0, e1, bucket_size)
+    if not _fast_uniform(m > 0, bits, bucket_size) or k1 <= k0:
+        return _mean_blocks(scales, packed, table, bits, bucket_size, out, e0, e1, divisor)
+    seen = 0
+    if k0 * bucket_size > e0:
+        seen = _mean_blocks(scales, packed, table, bits, bucket_size, out, e0, k0 * bucket_size, divisor)
+    seen = max(seen, _mean_uniform_buckets(scales, packed, m, bits, bucket_size, out, k0, k1, divisor))
+    if e1 > k1 * bucket_size:
+        seen = max(seen, _mean_blocks(scales, packed, table, bits, bucket_size, out, k1 * bucket_size, e1, divisor))
+    return seen
 
 
 __all__ = ["encode", "encode_ef", "decode", "decode_add", "decode_into", "decode_mean", "first_flagged_byte"]
