@@ -35,64 +35,73 @@ if njit is not None:
                      lr_wd, decoupled):
         n = g.size
         for t in prange((n + _TASK - 1) // _TASK):
-            for i in range(t * _TASK, min(n, (t + 1) * _TASK)):
-                gi = g[i] * sign
+            i0, i1 = t * _TASK, min(n, (t + 1) * _TASK)
+            g_t, m_t, v_t, x_t = g[i0:i1], m[i0:i1], v[i0:i1], x[i0:i1]
+            m_out_t, v_out_t, d_out_t = m_out[i0:i1], v_out[i0:i1], d_out[i0:i1]
+            for i in range(i1 - i0):      # slices indexed from 0: no wrap-around checks, vectorized
+                gi = g_t[i] * sign
                 if l2:
-                    gi = gi + x[i] * l2
-                mi = m[i] * b1 + gi * omb1
-                vi = v[i] * b2 + (gi * gi) * omb2
-                m_out[i] = mi
-                v_out[i] = vi
+                    gi = gi + x_t[i] * l2
+                mi = m_t[i] * b1 + gi * omb1
+                vi = v_t[i] * b2 + (gi * gi) * omb2
+                m_out_t[i] = mi
+                v_out_t[i] = vi
                 if use_bc:
                     mi = mi / bc1
                     vi = vi / bc2
                 d = (mi * lr) / (np.float32(math.sqrt(vi)) + eps)
                 if decoupled:
-                    d = d + x[i] * lr_wd
-                d_out[i] = d
+                    d = d + x_t[i] * lr_wd
+                d_out_t[i] = d
 
     @njit(parallel=True, **_JIT)
     def _momentum_kernel(g, buf, x, buf_out, d_out, sign, wd, momentum, damp, first, nesterov, lr):
         n = g.size
         for t in prange((n + _TASK - 1) // _TASK):
-            for i in range(t * _TASK, min(n, (t + 1) * _TASK)):
-                gi = g[i] * sign
+            i0, i1 = t * _TASK, min(n, (t + 1) * _TASK)
+            buf_t, buf_out_t, d_out_t, g_t, x_t = buf[i0:i1], buf_out[i0:i1], d_out[i0:i1], g[i0:i1], x[i0:i1]
+            for i in range(i1 - i0):      # slices indexed from 0: no wrap-around checks, vectorized
+                gi = g_t[i] * sign
                 if wd:
-                    gi = gi + x[i] * wd
+                    gi = gi + x_t[i] * wd
                 if momentum:
-                    b = gi if first else buf[i] * momentum + gi * damp
-                    buf_out[i] = b
+                    b = gi if first else buf_t[i] * momentum + gi * damp
+                    buf_out_t[i] = b
                     gi = gi + b * momentum if nesterov else b
-                d_out[i] = gi * lr
+                d_out_t[i] = gi * lr
 
     @njit(parallel=True, **_JIT)
     def _momentum_ema_kernel(g, m, x, out, sign, l2, b1, omb1):
         n = g.size
         for t in prange((n + _TASK - 1) // _TASK):
-            for i in range(t * _TASK, min(n, (t + 1) * _TASK)):
-                gi = g[i] * sign
+            i0, i1 = t * _TASK, min(n, (t + 1) * _TASK)
+            g_t, m_t, out_t, x_t = g[i0:i1], m[i0:i1], out[i0:i1], x[i0:i1]
+            for i in range(i1 - i0):      # slices indexed from 0: no wrap-around checks, vectorized
+                gi = g_t[i] * sign
                 if l2:
-                    gi = gi + x[i] * l2
-                out[i] = m[i] * b1 + gi * omb1
+                    gi = gi + x_t[i] * l2
+                out_t[i] = m_t[i] * b1 + gi * omb1
 
     @njit(parallel=True, **_JIT)
     def _frozen_adam_kernel(m, v, x, m_out, d_out, use_bc, bc2, lr, eps, lr_wd, decoupled):
         n = m.size
         for t in prange((n + _TASK - 1) // _TASK):
-            for i in range(t * _TASK, min(n, (t + 1) * _TASK)):
-                vi = v[i]
+            i0, i1 = t * _TASK, min(n, (t + 1) * _TASK)
+            d_out_t, m_t, m_out_t, v_t, x_t = d_out[i0:i1], m[i0:i1], m_out[i0:i1], v[i0:i1], x[i0:i1]
+            for i in range(i1 - i0):      # slices indexed from 0: no wrap-around checks, vectorized
+                vi = v_t[i]
                 if vi == 0:
                     mi = np.float32(0.0)
                     d = np.float32(0.0)
                 else:
-                    mi = m[i]
+                    mi = m_t[i]
                     if use_bc:
                         vi = vi / bc2
                     d = (mi * lr) / (np.float32(math.sqrt(vi)) + eps)
                 if decoupled:
-                    d = d + x[i] * lr_wd
-                m_out[i] = mi
-                d_out[i] = d
+                    d = d + x_t[i] * lr_wd
+                m_out_t[i] = mi
+                d_out_t[i] = d
 
     @njit(**_JIT)
     def _sumsq_kernel(a):
@@ -109,8 +118,10 @@ if njit is not None:
         """out = a * alpha + b * beta (alpha/beta of 1 or -1 are exact)."""
         n = a.size
         for t in prange((n + _TASK - 1) // _TASK):
-            for i in range(t * _TASK, min(n, (t + 1) * _TASK)):
-                out[i] = a[i] * alpha + b[i] * beta
+            i0, i1 = t * _TASK, min(n, (t + 1) * _TASK)
+            a_t, b_t, out_t = a[i0:i1], b[i0:i1], out[i0:i1]
+            for i in range(i1 - i0):      # slices indexed from 0: no wrap-around checks, vectorized
+                out_t[i] = a_t[i] * alpha + b_t[i] * beta
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
