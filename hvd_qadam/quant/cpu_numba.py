@@ -1081,19 +1081,24 @@ def first_flagged_byte(data, flagged):
                               _readonly(np.ascontiguousarray(flagged, dtype=np.bool_))))
 
 
-# ----------------------------------------------------------------------------- byte-aligned uniform grids
-# The defaults' case (a uniform grid at 2, 4 or 8 bits, buckets of a multiple of 8 elements, e.g.
-# 4-bit qsgdinf with 128) skips the 512-element staging above: every bucket starts on a byte, so
-# one loop over a bucket's bytes reads its elements (or codes), computes the codes (or levels, as
-# float32(c - m) / m) and writes one value per element. Same float32 operations in the same
-# order as the block path, so bit for bit the same results; 2-3x faster, as nothing goes through
-# scratch arrays. The spans below send the whole buckets of [e0, e1) here and any partial bucket
-# at either end to the block path.
+# ----------------------------------------------------------------------------- byte-aligned buckets
+# The common cases skip the 512-element staging above: a uniform grid at 2, 4 or 8 bits (the
+# defaults: 4-bit qsgdinf, buckets of 128) or a two-level codebook at 1 bit (sign, buckets of
+# 512), with buckets of a multiple of 8 elements. Every bucket then starts on a byte, so one loop
+# over a bucket's bytes reads its elements (or codes), computes the codes (or the levels:
+# float32(c - m) / m on a grid, l_0 or l_1 for two levels) and writes one value per element. The
+# float32 operations and their order are the block path's, so the results are the same bits;
+# 1.5-3x faster, as nothing goes through scratch arrays. The spans send the whole buckets of
+# [e0, e1) here and any partial bucket at either end to the block path.
 
 @njit(**_INLINE)
-def _fast_uniform(uniform_grid, bits, bucket_size):
-    """Whether the byte-aligned uniform path applies."""
-    return uniform_grid and bucket_size % 8 == 0 and (bits == 2 or bits == 4 or bits == 8)
+def _aligned(uniform_grid, num_levels, bits, bucket_size):
+    """Whether the byte-aligned path applies."""
+    if bucket_size % 8 != 0:
+        return False
+    if bits == 1:
+        return num_levels == 2
+    return uniform_grid and (bits == 2 or bits == 4 or bits == 8)
 
 
 @njit(**_INLINE)
@@ -1108,52 +1113,36 @@ def _grid_level(c, m, fm):
     return np.float32(c - m) / fm
 
 
-@njit(**_JIT)
-def _encode_uniform_buckets(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key,
-                            offset, packed):
-    """Codes of buckets k0..k1-1 of x (read only) into packed."""
+@njit(**_INLINE)
+def _two_level_code(xv, s, l0, l1, w, stochastic, key, index):
+    """The code of one element with levels (l0, l1): _count_loop's arithmetic for K = 2 (j = 0,
+    p = (r - l0) / w; a NaN r gets code 0, as in the reference)."""
+    r = _normalise(xv, s, l0, l1)
+    return _nan_code(r, _round(r, np.int32(0), l0, w, stochastic, key, index), np.int32(0))
+
+
+@njit(**_INLINE)
+def _encode_aligned(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key, offset,
+                    packed):
+    """Codes of buckets k0..k1-1 of x into packed, and x[e] -= level(code) * scale in place: the
+    error-feedback residual (x is read and written through one array, which keeps the loops
+    vectorizable). Inlined where ``stochastic`` is a constant, so the loops do not branch on it."""
     first, last = tables[_LEVELS, 0], tables[_LEVELS, num_levels - 1]
-    fm, top_j = np.float32(uniform_m), np.int32(num_levels - 2)
+    m, fm, top_j = np.int32(uniform_m), np.float32(uniform_m), np.int32(num_levels - 2)
+    w = last - first
     per_bucket = bucket_size * bits // 8
     for k in range(k0, k1):
         s = scales[k]
         xs = x[k * bucket_size:(k + 1) * bucket_size]
         pk = packed[k * per_bucket:(k + 1) * per_bucket]
         base = offset + np.uint64(k * bucket_size)
-        if bits == 4:
+        if bits == 8:
             for q in range(pk.size):
-                c0 = _uniform_code(xs[2 * q], s, first, last, fm, top_j, stochastic, key, base + np.uint64(2 * q))
-                c1 = _uniform_code(xs[2 * q + 1], s, first, last, fm, top_j, stochastic, key,
-                                   base + np.uint64(2 * q + 1))
-                pk[q] = np.uint8(c0 | (c1 << 4))
-        elif bits == 2:
-            for q in range(pk.size):
-                v = np.int32(0)
-                for i in range(4):
-                    c = _uniform_code(xs[4 * q + i], s, first, last, fm, top_j, stochastic, key,
-                                      base + np.uint64(4 * q + i))
-                    v |= c << (2 * i)
-                pk[q] = np.uint8(v)
-        else:
-            for q in range(pk.size):
-                pk[q] = np.uint8(_uniform_code(xs[q], s, first, last, fm, top_j, stochastic, key,
-                                               base + np.uint64(q)))
-
-
-@njit(**_JIT)
-def _encode_uniform_buckets_ef(p, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic,
-                               key, offset, packed):
-    """_encode_uniform_buckets, and p[e] -= level(code) * scale in place: the error-feedback
-    residual (p is read and written through one array, which keeps the loop vectorizable)."""
-    first, last = tables[_LEVELS, 0], tables[_LEVELS, num_levels - 1]
-    m, fm, top_j = np.int32(uniform_m), np.float32(uniform_m), np.int32(num_levels - 2)
-    per_bucket = bucket_size * bits // 8
-    for k in range(k0, k1):
-        s = scales[k]
-        xs = p[k * bucket_size:(k + 1) * bucket_size]
-        pk = packed[k * per_bucket:(k + 1) * per_bucket]
-        base = offset + np.uint64(k * bucket_size)
-        if bits == 4:
+                xv = xs[q]
+                c = _uniform_code(xv, s, first, last, fm, top_j, stochastic, key, base + np.uint64(q))
+                pk[q] = np.uint8(c)
+                xs[q] = xv - _grid_level(c, m, fm) * s
+        elif bits == 4:
             for q in range(pk.size):
                 x0, x1 = xs[2 * q], xs[2 * q + 1]
                 c0 = _uniform_code(x0, s, first, last, fm, top_j, stochastic, key, base + np.uint64(2 * q))
@@ -1170,21 +1159,64 @@ def _encode_uniform_buckets_ef(p, k0, k1, scales, bucket_size, tables, num_level
                     v |= c << (2 * i)
                     xs[4 * q + i] = xv - _grid_level(c, m, fm) * s
                 pk[q] = np.uint8(v)
+        else:       # 1 bit, two levels
+            for q in range(pk.size):
+                v = np.int32(0)
+                for i in range(8):
+                    xv = xs[8 * q + i]
+                    c = _two_level_code(xv, s, first, last, w, stochastic, key, base + np.uint64(8 * q + i))
+                    v |= c << i
+                    xs[8 * q + i] = xv - (last if c else first) * s
+                pk[q] = np.uint8(v)
+
+
+@njit(**_INLINE)
+def _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key, offset,
+                       packed):
+    """_encode_aligned without the residual, for read-only x (a kernel that writes x does not
+    compile for a read-only array)."""
+    first, last = tables[_LEVELS, 0], tables[_LEVELS, num_levels - 1]
+    fm, top_j = np.float32(uniform_m), np.int32(num_levels - 2)
+    w = last - first
+    per_bucket = bucket_size * bits // 8
+    for k in range(k0, k1):
+        s = scales[k]
+        xs = x[k * bucket_size:(k + 1) * bucket_size]
+        pk = packed[k * per_bucket:(k + 1) * per_bucket]
+        base = offset + np.uint64(k * bucket_size)
+        if bits == 8:
+            for q in range(pk.size):
+                pk[q] = np.uint8(_uniform_code(xs[q], s, first, last, fm, top_j, stochastic, key,
+                                               base + np.uint64(q)))
+        elif bits == 4:
+            for q in range(pk.size):
+                c0 = _uniform_code(xs[2 * q], s, first, last, fm, top_j, stochastic, key, base + np.uint64(2 * q))
+                c1 = _uniform_code(xs[2 * q + 1], s, first, last, fm, top_j, stochastic, key,
+                                   base + np.uint64(2 * q + 1))
+                pk[q] = np.uint8(c0 | (c1 << 4))
+        elif bits == 2:
+            for q in range(pk.size):
+                v = np.int32(0)
+                for i in range(4):
+                    v |= _uniform_code(xs[4 * q + i], s, first, last, fm, top_j, stochastic, key,
+                                       base + np.uint64(4 * q + i)) << (2 * i)
+                pk[q] = np.uint8(v)
         else:
             for q in range(pk.size):
-                xv = xs[q]
-                c = _uniform_code(xv, s, first, last, fm, top_j, stochastic, key, base + np.uint64(q))
-                pk[q] = np.uint8(c)
-                xs[q] = xv - _grid_level(c, m, fm) * s
+                v = np.int32(0)
+                for i in range(8):
+                    v |= _two_level_code(xs[8 * q + i], s, first, last, w, stochastic, key,
+                                         base + np.uint64(8 * q + i)) << i
+                pk[q] = np.uint8(v)
 
 
 @njit(**_JIT)
 def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
                  cell_index, corrections, bits, stochastic, key, offset, packed, residual_table, residual):
     """_encode_blocks over elements e0..e1-1 (e0 a multiple of 8), its whole buckets on the
-    byte-aligned uniform path where that applies. ``residual``, when not empty, is x itself."""
+    byte-aligned path where that applies. ``residual``, when not empty, is x itself."""
     k0, k1 = _whole_buckets(e0, e1, bucket_size)
-    if not _fast_uniform(method == _SEARCH_UNIFORM, bits, bucket_size) or k1 <= k0:
+    if not _aligned(method == _SEARCH_UNIFORM, num_levels, bits, bucket_size) or k1 <= k0:
         _encode_blocks(x, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
                        cell_index, corrections, bits, stochastic, key, offset, packed, residual_table, residual)
         return
@@ -1193,11 +1225,20 @@ def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, sea
                        uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed, residual_table,
                        residual)
     if residual.size:
-        _encode_uniform_buckets_ef(residual, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits,
-                                   stochastic, key, offset, packed)
+        # a call site per rounding, each a constant: the inlined loops carry no branch on it
+        # (LLVM does not reliably unswitch such loops itself)
+        if stochastic:
+            _encode_aligned(residual, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, True, key,
+                            offset, packed)
+        else:
+            _encode_aligned(residual, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, False, key,
+                            offset, packed)
+    elif stochastic:
+        _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, True, key, offset,
+                           packed)
     else:
-        _encode_uniform_buckets(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic,
-                                key, offset, packed)
+        _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, False, key, offset,
+                           packed)
     if e1 > k1 * bucket_size:
         _encode_blocks(x, k1 * bucket_size, e1, scales, bucket_size, tables, method, num_levels, search_steps,
                        uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed, residual_table,
@@ -1218,14 +1259,15 @@ def _combine(o, level, s, mode, divisor):
 
 
 @njit(**_INLINE)
-def _decode_uniform_bucket(pk, bits, s, m, fm, os, mode, divisor):
+def _decode_aligned_bucket(pk, bits, s, m, fm, l0, l1, os, mode, divisor):
     """os combined (``mode``) with the decode of one bucket's bytes pk; returns the largest code."""
     seen = np.int32(0)
+    mask = np.int32((1 << bits) - 1)
+    per_byte = 8 // bits
     if mode == _CHECK_CODES:
-        mask = np.int32((1 << bits) - 1)
         for q in range(pk.size):
             v = np.int32(pk[q])
-            for i in range(8 // bits):
+            for i in range(per_byte):
                 seen = max(seen, (v >> (bits * i)) & mask)
         return seen
     if bits == 4:
@@ -1235,6 +1277,11 @@ def _decode_uniform_bucket(pk, bits, s, m, fm, os, mode, divisor):
             seen = max(seen, max(c0, c1))
             os[2 * q] = _combine(os[2 * q], _grid_level(c0, m, fm), s, mode, divisor)
             os[2 * q + 1] = _combine(os[2 * q + 1], _grid_level(c1, m, fm), s, mode, divisor)
+    elif bits == 8:
+        for q in range(pk.size):
+            c = np.int32(pk[q])
+            seen = max(seen, c)
+            os[q] = _combine(os[q], _grid_level(c, m, fm), s, mode, divisor)
     elif bits == 2:
         for q in range(pk.size):
             v = np.int32(pk[q])
@@ -1242,52 +1289,58 @@ def _decode_uniform_bucket(pk, bits, s, m, fm, os, mode, divisor):
                 c = (v >> (2 * i)) & 3
                 seen = max(seen, c)
                 os[4 * q + i] = _combine(os[4 * q + i], _grid_level(c, m, fm), s, mode, divisor)
-    else:
+    else:       # 1 bit, two levels: both codes are valid (seen stays 0)
         for q in range(pk.size):
-            c = np.int32(pk[q])
-            seen = max(seen, c)
-            os[q] = _combine(os[q], _grid_level(c, m, fm), s, mode, divisor)
+            v = np.int32(pk[q])
+            for i in range(8):
+                c = (v >> i) & 1
+                os[8 * q + i] = _combine(os[8 * q + i], l1 if c else l0, s, mode, divisor)
     return seen
 
 
 @njit(**_JIT)
-def _decode_uniform_buckets(scales, packed, m, bits, bucket_size, out, k0, k1, mode, divisor):
+def _decode_aligned(scales, packed, table, bits, bucket_size, out, k0, k1, mode, divisor):
+    m = np.int32(table[_GRID_SLOT])
     fm = np.float32(m)
+    l0, l1 = table[0], table[1]
     per_bucket = bucket_size * bits // 8
     sign = np.float32(-1.0) if mode == _DECODE_SUB else np.float32(1.0)    # see _combine
-    mode = _DECODE_ADD if mode == _DECODE_SUB else mode
-    mi = np.int32(m)
     seen = 0
     for k in range(k0, k1):
         pk = packed[k * per_bucket:(k + 1) * per_bucket]
         os = out[k * bucket_size:(k + 1) * bucket_size]
         sk = sign * scales[k]
-        # a call site per mode, each with the mode as a constant: the inlined loops then carry no
-        # branch on it (LLVM does not reliably unswitch them itself)
+        # a call site per mode, each with the mode as a constant (see _encode_span)
         if mode == _DECODE:
-            b = _decode_uniform_bucket(pk, bits, sk, mi, fm, os, _DECODE, divisor)
-        elif mode == _DECODE_ADD:
-            b = _decode_uniform_bucket(pk, bits, sk, mi, fm, os, _DECODE_ADD, divisor)
+            b = _decode_aligned_bucket(pk, bits, sk, m, fm, l0, l1, os, _DECODE, divisor)
+        elif mode == _DECODE_ADD or mode == _DECODE_SUB:
+            b = _decode_aligned_bucket(pk, bits, sk, m, fm, l0, l1, os, _DECODE_ADD, divisor)
         elif mode == _DECODE_ADD_DIV:
-            b = _decode_uniform_bucket(pk, bits, sk, mi, fm, os, _DECODE_ADD_DIV, divisor)
+            b = _decode_aligned_bucket(pk, bits, sk, m, fm, l0, l1, os, _DECODE_ADD_DIV, divisor)
         else:
-            b = _decode_uniform_bucket(pk, bits, sk, mi, fm, os, _CHECK_CODES, divisor)
+            b = _decode_aligned_bucket(pk, bits, sk, m, fm, l0, l1, os, _CHECK_CODES, divisor)
         seen = max(seen, b)
     return seen
 
 
+@njit(**_INLINE)
+def _table_aligned(table, bits, bucket_size):
+    """_aligned for a decode table: a uniform grid has its m at _GRID_SLOT; two levels are the
+    only valid 1-bit codebook."""
+    return _aligned(table[_GRID_SLOT] > _F32_ZERO, 2, bits, bucket_size)
+
+
 @njit(**_JIT)
 def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode, divisor):
-    """_decode_blocks over elements e0..e1-1, its whole buckets on the byte-aligned uniform path
-    where that applies. Returns the largest code seen."""
-    m = np.int32(table[_GRID_SLOT])
+    """_decode_blocks over elements e0..e1-1, its whole buckets on the byte-aligned path where
+    that applies. Returns the largest code seen."""
     k0, k1 = _whole_buckets(e0, e1, bucket_size)
-    if not _fast_uniform(m > 0, bits, bucket_size) or k1 <= k0:
+    if not _table_aligned(table, bits, bucket_size) or k1 <= k0:
         return _decode_blocks(scales, packed, table, bits, bucket_size, out, e0, e1, mode, divisor)
     seen = 0
     if k0 * bucket_size > e0:
         seen = _decode_blocks(scales, packed, table, bits, bucket_size, out, e0, k0 * bucket_size, mode, divisor)
-    seen = max(seen, _decode_uniform_buckets(scales, packed, m, bits, bucket_size, out, k0, k1, mode, divisor))
+    seen = max(seen, _decode_aligned(scales, packed, table, bits, bucket_size, out, k0, k1, mode, divisor))
     if e1 > k1 * bucket_size:
         seen = max(seen, _decode_blocks(scales, packed, table, bits, bucket_size, out, k1 * bucket_size, e1, mode,
                                         divisor))
@@ -1295,20 +1348,21 @@ def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode, di
 
 
 @njit(**_JIT)
-def _mean_uniform_buckets(scales, packed, m, bits, bucket_size, out, k0, k1, divisor):
+def _mean_aligned(scales, packed, table, bits, bucket_size, out, k0, k1, divisor):
     """_mean_blocks over whole buckets k0..k1-1: each bucket of out takes the rows' decodes in
     rank order while it is in L1, then the division."""
+    m = np.int32(table[_GRID_SLOT])
     fm = np.float32(m)
-    mi = np.int32(m)
+    l0, l1 = table[0], table[1]
     per_bucket = bucket_size * bits // 8
     seen = 0
     for k in range(k0, k1):
         os = out[k * bucket_size:(k + 1) * bucket_size]
-        seen = max(seen, _decode_uniform_bucket(packed[0, k * per_bucket:(k + 1) * per_bucket], bits, scales[0, k],
-                                                mi, fm, os, _DECODE, divisor))
-        for r in range(1, scales.shape[0]):        # constant modes: see _decode_uniform_buckets
-            seen = max(seen, _decode_uniform_bucket(packed[r, k * per_bucket:(k + 1) * per_bucket], bits,
-                                                    scales[r, k], mi, fm, os, _DECODE_ADD, divisor))
+        seen = max(seen, _decode_aligned_bucket(packed[0, k * per_bucket:(k + 1) * per_bucket], bits, scales[0, k],
+                                                m, fm, l0, l1, os, _DECODE, divisor))
+        for r in range(1, scales.shape[0]):        # constant modes: see _decode_aligned
+            seen = max(seen, _decode_aligned_bucket(packed[r, k * per_bucket:(k + 1) * per_bucket], bits,
+                                                    scales[r, k], m, fm, l0, l1, os, _DECODE_ADD, divisor))
         for e in range(bucket_size):
             os[e] = os[e] / divisor
     return seen
@@ -1316,19 +1370,17 @@ def _mean_uniform_buckets(scales, packed, m, bits, bucket_size, out, k0, k1, div
 
 @njit(**_JIT)
 def _mean_span(scales, packed, table, bits, bucket_size, out, e0, e1, divisor):
-    """_mean_blocks over elements e0..e1-1, its whole buckets on the byte-aligned uniform path
-    where that applies. Returns the largest code seen."""
-    m = np.int32(table[_GRID_SLOT])
+    """_mean_blocks over elements e0..e1-1, its whole buckets on the byte-aligned path where
+    that applies. Returns the largest code seen."""
     k0, k1 = _whole_buckets(e0, e1, bucket_size)
-    if not _fast_uniform(m > 0, bits, bucket_size) or k1 <= k0:
+    if not _table_aligned(table, bits, bucket_size) or k1 <= k0:
         return _mean_blocks(scales, packed, table, bits, bucket_size, out, e0, e1, divisor)
     seen = 0
     if k0 * bucket_size > e0:
         seen = _mean_blocks(scales, packed, table, bits, bucket_size, out, e0, k0 * bucket_size, divisor)
-    seen = max(seen, _mean_uniform_buckets(scales, packed, m, bits, bucket_size, out, k0, k1, divisor))
+    seen = max(seen, _mean_aligned(scales, packed, table, bits, bucket_size, out, k0, k1, divisor))
     if e1 > k1 * bucket_size:
         seen = max(seen, _mean_blocks(scales, packed, table, bits, bucket_size, out, k1 * bucket_size, e1, divisor))
     return seen
-
 
 __all__ = ["encode", "encode_ef", "decode", "decode_add", "decode_into", "decode_mean", "first_flagged_byte"]
