@@ -1122,20 +1122,30 @@ def _two_level_code(xv, s, l0, l1, w, stochastic, key, index):
 
 
 @njit(**_INLINE)
+def _aligned_constants(tables, num_levels, uniform_m):
+    """(l_0, l_{K-1}, m, float32 m, K - 2, l_{K-1} - l_0) for the byte-aligned encoders."""
+    first, last = tables[_LEVELS, 0], tables[_LEVELS, num_levels - 1]
+    return first, last, np.int32(uniform_m), np.float32(uniform_m), np.int32(num_levels - 2), last - first
+
+
+@njit(**_INLINE)
+def _bucket_views(x, packed, k, bucket_size, bits, offset):
+    """Bucket k's elements, its bytes, and the stream index of its first element."""
+    per_bucket = bucket_size * bits // 8
+    return (x[k * bucket_size:(k + 1) * bucket_size], packed[k * per_bucket:(k + 1) * per_bucket],
+            offset + np.uint64(k * bucket_size))
+
+
+@njit(**_INLINE)
 def _encode_aligned(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key, offset,
                     packed):
     """Codes of buckets k0..k1-1 of x into packed, and x[e] -= level(code) * scale in place: the
     error-feedback residual (x is read and written through one array, which keeps the loops
     vectorizable). Inlined where ``stochastic`` is a constant, so the loops do not branch on it."""
-    first, last = tables[_LEVELS, 0], tables[_LEVELS, num_levels - 1]
-    m, fm, top_j = np.int32(uniform_m), np.float32(uniform_m), np.int32(num_levels - 2)
-    w = last - first
-    per_bucket = bucket_size * bits // 8
+    first, last, m, fm, top_j, w = _aligned_constants(tables, num_levels, uniform_m)
     for k in range(k0, k1):
         s = scales[k]
-        xs = x[k * bucket_size:(k + 1) * bucket_size]
-        pk = packed[k * per_bucket:(k + 1) * per_bucket]
-        base = offset + np.uint64(k * bucket_size)
+        xs, pk, base = _bucket_views(x, packed, k, bucket_size, bits, offset)
         if bits == 8:
             for q in range(pk.size):
                 xv = xs[q]
@@ -1175,15 +1185,10 @@ def _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, unifo
                        packed):
     """_encode_aligned without the residual, for read-only x (a kernel that writes x does not
     compile for a read-only array)."""
-    first, last = tables[_LEVELS, 0], tables[_LEVELS, num_levels - 1]
-    fm, top_j = np.float32(uniform_m), np.int32(num_levels - 2)
-    w = last - first
-    per_bucket = bucket_size * bits // 8
+    first, last, _, fm, top_j, w = _aligned_constants(tables, num_levels, uniform_m)
     for k in range(k0, k1):
         s = scales[k]
-        xs = x[k * bucket_size:(k + 1) * bucket_size]
-        pk = packed[k * per_bucket:(k + 1) * per_bucket]
-        base = offset + np.uint64(k * bucket_size)
+        xs, pk, base = _bucket_views(x, packed, k, bucket_size, bits, offset)
         if bits == 8:
             for q in range(pk.size):
                 pk[q] = np.uint8(_uniform_code(xs[q], s, first, last, fm, top_j, stochastic, key,
