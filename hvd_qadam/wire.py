@@ -252,6 +252,12 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
     (1, 2, 4, 8 bits) are checked with a per-byte lookup table, the others by unpacking."""
     if n_levels >= 1 << bits or n == 0:
         return None
+    if n_levels == (1 << bits) - 1 and bits in (2, 4, 8):
+        # a uniform grid's one invalid code is all ones: rule it out a word at a time first
+        from .quant.backend import cpu_backend
+        be = cpu_backend()
+        if hasattr(be, "any_all_ones_code") and not be.any_all_ones_code(packed, bits):
+            return None
     if 8 % bits == 0:
         per = 8 // bits
         fields = (np.arange(256)[:, None] >> (bits * np.arange(per))) & ((1 << bits) - 1)

@@ -239,3 +239,20 @@ def test_byte_aligned_uniform_path_rejects_codes_past_the_codebook():
     assert np.all(acc == 1)
     with pytest.raises(ValueError, match="code 15 is out of range"):
         numba_kernels.decode_mean(np.empty(n, np.float32), [s, s], [p, p], lv, 4, 128, n)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_all_ones_code_check_agrees_with_unpacking(bits):
+    """The wire parser's word-at-a-time check for a uniform grid's invalid code (all ones)
+    against unpacking every code, for a code in every position of the words and of the tail."""
+    from hvd_qadam.quant.reference import pack_codes
+    rs = np.random.default_rng(bits)
+    for n in (1, 7, 8 * 8 // bits + 3, 1000):
+        codes = rs.integers(0, 2 ** bits - 1, n).astype(np.uint8)        # all valid
+        assert not numba_kernels.any_all_ones_code(pack_codes(codes, bits), bits)
+        for pos in range(n):
+            bad = codes.copy()
+            bad[pos] = 2 ** bits - 1
+            assert numba_kernels.any_all_ones_code(pack_codes(bad, bits), bits), (n, pos)
+    with pytest.raises(ValueError, match="bits must be"):
+        numba_kernels.any_all_ones_code(np.zeros(4, np.uint8), 3)
