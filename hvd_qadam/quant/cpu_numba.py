@@ -33,8 +33,11 @@ How the output stays identical to the NumPy reference:
 Work is split into tasks of whole buckets that start on a multiple of 8 elements (8 codes of b
 bits fill exactly b bytes, so every task writes its own whole bytes): each task computes its
 scales and then quantizes and packs them while the data is still in cache. Vectors with very few
-(long) buckets compute the scales first and then split the elements. Inside a task, elements go
-through blocks of 512 in simple loops that LLVM vectorizes. Two rules keep them vectorizable:
+(long) buckets compute the scales first and then split the elements. Inside a task, whole
+buckets of the common cases (a uniform grid at 2, 4 or 8 bits, or two levels at 1 bit, with
+buckets of a multiple of 8 elements: the defaults and sign) take one loop per bucket over its
+bytes (see "byte-aligned buckets" below); everything else goes through blocks of 512 in simple
+loops that LLVM vectorizes. Two rules keep them vectorizable:
 loops index slices from 0 (numba's negative-index wrap-around on a runtime offset would turn
 every access into a select), and the parallel bodies only call separately compiled functions.
 """
