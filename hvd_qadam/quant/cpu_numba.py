@@ -1174,12 +1174,13 @@ def _bucket_views(x, packed, k, bucket_size, bits, offset):
             offset + np.uint64(k * bucket_size))
 
 
-@njit(**_INLINE)
+@njit(**_JIT)
 def _encode_aligned(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key, offset,
                     packed):
     """Codes of buckets k0..k1-1 of x into packed, and x[e] -= level(code) * scale in place: the
     error-feedback residual (x is read and written through one array, which keeps the loops
-    vectorizable). Inlined where ``stochastic`` is a constant, so the loops do not branch on it."""
+    vectorizable). Compiled on its own, with ``stochastic`` a run-time flag: inlining a copy per
+    rounding measured no faster and tripled the cold compile time."""
     first, last, m, fm, top_j, w = _aligned_constants(tables, num_levels, uniform_m)
     for k in range(k0, k1):
         s = scales[k]
@@ -1218,7 +1219,7 @@ def _encode_aligned(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_
                 pk[q] = np.uint8(v)
 
 
-@njit(**_INLINE)
+@njit(**_JIT)
 def _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key, offset,
                        packed):
     """_encode_aligned without the residual, for read-only x (a kernel that writes x does not
@@ -1268,20 +1269,11 @@ def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, sea
                        uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed, residual_table,
                        residual)
     if residual.size:
-        # a call site per rounding, each a constant: the inlined loops carry no branch on it
-        # (LLVM does not reliably unswitch such loops itself)
-        if stochastic:
-            _encode_aligned(residual, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, True, key,
-                            offset, packed)
-        else:
-            _encode_aligned(residual, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, False, key,
-                            offset, packed)
-    elif stochastic:
-        _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, True, key, offset,
-                           packed)
+        _encode_aligned(residual, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key,
+                        offset, packed)
     else:
-        _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, False, key, offset,
-                           packed)
+        _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key,
+                           offset, packed)
     if e1 > k1 * bucket_size:
         _encode_blocks(x, k1 * bucket_size, e1, scales, bucket_size, tables, method, num_levels, search_steps,
                        uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed, residual_table,
@@ -1303,16 +1295,9 @@ def _combine(o, level, s, mode, divisor):
 
 @njit(**_INLINE)
 def _decode_aligned_bucket(pk, bits, s, m, fm, l0, l1, os, mode, divisor):
-    """os combined (``mode``) with the decode of one bucket's bytes pk; returns the largest code."""
+    """os combined (``mode``: _DECODE, _DECODE_ADD or _DECODE_ADD_DIV) with the decode of one
+    bucket's bytes pk; returns the largest code."""
     seen = np.int32(0)
-    mask = np.int32((1 << bits) - 1)
-    per_byte = 8 // bits
-    if mode == _CHECK_CODES:
-        for q in range(pk.size):
-            v = np.int32(pk[q])
-            for i in range(per_byte):
-                seen = max(seen, (v >> (bits * i)) & mask)
-        return seen
     if bits == 4:
         for q in range(pk.size):
             v = np.int32(pk[q])
@@ -1353,15 +1338,14 @@ def _decode_aligned(scales, packed, table, bits, bucket_size, out, k0, k1, mode,
         pk = packed[k * per_bucket:(k + 1) * per_bucket]
         os = out[k * bucket_size:(k + 1) * bucket_size]
         sk = sign * scales[k]
-        # a call site per mode, each with the mode as a constant (see _encode_span)
+        # a call site per mode, each with the mode as a constant: the inlined loops then carry no
+        # branch on it (LLVM does not reliably unswitch them itself; measured 2x)
         if mode == _DECODE:
             b = _decode_aligned_bucket(pk, bits, sk, m, fm, l0, l1, os, _DECODE, divisor)
         elif mode == _DECODE_ADD or mode == _DECODE_SUB:
             b = _decode_aligned_bucket(pk, bits, sk, m, fm, l0, l1, os, _DECODE_ADD, divisor)
-        elif mode == _DECODE_ADD_DIV:
-            b = _decode_aligned_bucket(pk, bits, sk, m, fm, l0, l1, os, _DECODE_ADD_DIV, divisor)
         else:
-            b = _decode_aligned_bucket(pk, bits, sk, m, fm, l0, l1, os, _CHECK_CODES, divisor)
+            b = _decode_aligned_bucket(pk, bits, sk, m, fm, l0, l1, os, _DECODE_ADD_DIV, divisor)
         seen = max(seen, b)
     return seen
 
@@ -1378,7 +1362,9 @@ def _decode_span(scales, packed, table, bits, bucket_size, out, e0, e1, mode, di
     """_decode_blocks over elements e0..e1-1, its whole buckets on the byte-aligned path where
     that applies. Returns the largest code seen."""
     k0, k1 = _whole_buckets(e0, e1, bucket_size)
-    if not _table_aligned(table, bits, bucket_size) or k1 <= k0:
+    # (_CHECK_CODES, which only looks at codes, stays on the block path: one more inlined copy of
+    # the aligned loops would cost compile time for a mode used only before decode_add)
+    if not _table_aligned(table, bits, bucket_size) or k1 <= k0 or mode == _CHECK_CODES:
         return _decode_blocks(scales, packed, table, bits, bucket_size, out, e0, e1, mode, divisor)
     seen = 0
     if k0 * bucket_size > e0:
