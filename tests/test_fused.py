@@ -184,12 +184,12 @@ def test_steady_state_step_allocates_nothing_of_the_model_size(kw):
                                             ("sign", 1), ("qsgdinf", 3)])
 @pytest.mark.parametrize("bucket", [8, 128, 136, 520])
 def test_byte_aligned_uniform_path_equals_reference(quantizer, bits, bucket):
-    """The byte-aligned path (whole buckets of a uniform grid at 2, 4 or 8 bits, or of sign's two
+    """The byte-aligned path (whole buckets of a uniform grid at 4 or 8 bits, or of sign's two
     levels at 1 bit) against
     the reference, bit for bit, for every kernel: encode, encode_ef, decode, decode_add with and
     without the divisor, and decode_mean. 136 and 520 do not divide the parallel task size, so
     decode tasks start and end inside buckets (the partial ends take the block path); 3 bits
-    never takes the fast path and is the control."""
+    (and the 2-bit grids) never take the fast path and are controls."""
     n = 3 * 32768 + 1000 + 3          # several parallel tasks, a partial last bucket
     rs = np.random.default_rng(bits * 1000 + bucket)
     xs = [(rs.standard_normal(n) * np.exp(rs.uniform(-3, 3, n))).astype(np.float32) for _ in range(3)]
