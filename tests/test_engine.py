@@ -1,5 +1,6 @@
 """The engine and DistributedOptimizer on simulated ranks: topologies, EF, failures, checkpoints."""
 
+import copy
 import warnings
 
 import numpy as np
@@ -312,9 +313,10 @@ def test_float64_is_averaged_exactly_in_float64_when_uncompressed(topology):
     dividing, which float32 anywhere on the way would break (the inputs are not float32-exact)."""
     world = 3
     x_all = torch.randn(world, 8, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    template = _float64_model()       # built here: torch's global seed is not per thread
 
     def worker(rank, comm):
-        model = _float64_model()
+        model = copy.deepcopy(template)
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)
             opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), quantizer="none",
