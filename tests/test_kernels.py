@@ -399,10 +399,11 @@ def test_kernel_source_takes_shared_constants_from_python():
     written from the Python value, which the body only names."""
     from hvd_qadam.quant import rng
     src = gpu_cupy.KERNEL_SOURCE
-    for name, value in (("HQ_GOLDEN", rng.GOLDEN), ("HQ_MIX1", rng.MIX1), ("HQ_MIX2", rng.MIX2)):
-        literal = f"0x{value:016X}ULL"
-        assert f"#define {name} {literal}\n" in src and src.count(f"{value:016X}") == 1, name
-    for name, value in (("HQ_MIX_SHIFT1", rng.MIX_SHIFTS[0]), ("HQ_UNIFORM_SHIFT", rng.UNIFORM_SHIFT),
+    for name, value in (("HQ_HASH_A", rng.HASH_A), ("HQ_HASH_B", rng.HASH_B), ("HQ_HASH_C1", rng.HASH_C1),
+                        ("HQ_HASH_C2", rng.HASH_C2)):
+        literal = f"0x{value:08X}u"
+        assert f"#define {name} {literal}\n" in src and src.count(f"{value:08X}") == 1, name
+    for name, value in (("HQ_HASH_SHIFT1", rng.HASH_SHIFTS[0]), ("HQ_UNIFORM_SHIFT", rng.UNIFORM_SHIFT),
                         ("HQ_PIECE", common.EINSUM_BUFFER), ("HQ_PAIRWISE_LEAF", common.PAIRWISE_LEAF),
                         ("HQ_SCALE_MEANABS", SCALE_MEANABS), ("HQ_DECODE", 3 * common.TABLE_WIDTH)):
         assert f"#define {name} {value}\n" in src, name

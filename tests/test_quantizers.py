@@ -664,16 +664,43 @@ def test_torch_non_contiguous_and_requires_grad():
 # ------------------------------------------------------------------------------------------------
 # counter-based RNG and reproducibility
 
+def _hash_uniform(key: int, index: int) -> float:
+    """rng's draw written out on Python ints (the definition in its module docstring)."""
+    m32 = (1 << 32) - 1
+    x = ((index & m32) * 0x9E3779B9 + (key & m32) + (index >> 32) * 0x85EBCA6B) & m32
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & m32
+    x ^= key >> 32
+    x ^= x >> 15
+    x = (x * 0xD35A2D97) & m32
+    x ^= x >> 15
+    return (x >> 8) * 2.0 ** -24
+
+
 def test_uniforms_match_scalar_definition():
     for key in (0, 1, rng.stream_key(5), rng.MASK64, rng.stream_key(2 ** 63 + 3, 7, 11, 13, rng.DOWNLINK)):
-        for off in (0, 1, 999, 2 ** 40 + 5):
+        for off in (0, 1, 999, 2 ** 32 - 9, 2 ** 40 + 5):      # 2^32 - 9: the low half wraps inside
             u = rng.uniforms(key, off, 17)
             for i in range(17):
-                z = rng.mix64((key + (off + i + 1) * rng.GOLDEN) & rng.MASK64)
-                assert u[i] == np.float32((z >> 40) * 2.0 ** -24)
+                assert u[i] == np.float32(_hash_uniform(key, off + i)) == rng.uniform(key, off + i)
     u = rng.uniforms(rng.stream_key(1), 0, 5000)
     assert np.array_equal(rng.uniforms(rng.stream_key(1), 1234, 100), u[1234:1334])
     assert u.dtype == np.float32 and rng.uniforms(3, 10, 0).size == 0
+
+
+@pytest.mark.parametrize("name,bits,bucket", [("qsgdinf", 4, 128), ("qsgdinf", 8, 64), ("sign", 1, 512),
+                                              ("qsgd", 2, 100), ("nuq", 3, 128), ("alq", 5, 128)])
+def test_kernel_draws_match_reference_where_the_index_crosses_2_32(name, bits, bucket):
+    """The numba loops take the low 32 bits of the element index from a per-run start and carry
+    into the high half where it wraps (here inside a bucket): the same draws as the reference."""
+    x = make_x(3000, bucket, seed=bits)
+    key = rng.stream_key(9, rank=1, step=3, tensor=2)
+    cbk = codebook_for(name, bits)
+    for off in (2 ** 32 - 1000, 2 ** 33 - 8):
+        ref = quantize(x, name, bits, bucket, rounding="stochastic", key=key, offset=off, backend="numpy",
+                       codebook=cbk)
+        got = quantize(x, name, bits, bucket, rounding="stochastic", key=key, offset=off, codebook=cbk)
+        assert np.array_equal(ref.scales, got.scales) and np.array_equal(ref.codes, got.codes), (name, off)
 
 
 def test_uniforms_are_uniform_and_independent():

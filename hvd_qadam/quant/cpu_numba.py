@@ -55,14 +55,14 @@ from .codebooks import SCALE_L2, SCALE_MAXABS
 from .common import (EINSUM_BUFFER, F32_ABS_MASK, F32_INF_BITS, PAIRWISE_LEAF, TABLE_WIDTH, check_decode_sizes,
                      check_kernel_args, check_offset, check_scale_kind, level_tables, num_buckets, packed_nbytes,
                      stream_key_u64)
-from .rng import GOLDEN, MIX1, MIX2, MIX_SHIFTS, UNIFORM_SCALE, UNIFORM_SHIFT
+from .rng import HASH_A, HASH_B, HASH_C1, HASH_C2, HASH_SHIFTS, MASK32, UNIFORM_SCALE, UNIFORM_SHIFT
 
-_U64_GOLDEN = np.uint64(GOLDEN)
-_U64_MIX1 = np.uint64(MIX1)
-_U64_MIX2 = np.uint64(MIX2)
-_U64_ONE = np.uint64(1)
-_U64_SHIFT1, _U64_SHIFT2, _U64_SHIFT3 = (np.uint64(s) for s in MIX_SHIFTS)
-_U64_UNIFORM_SHIFT = np.uint64(UNIFORM_SHIFT)
+_U32_HASH_A, _U32_HASH_B = np.uint32(HASH_A), np.uint32(HASH_B)
+_U32_HASH_C1, _U32_HASH_C2 = np.uint32(HASH_C1), np.uint32(HASH_C2)
+_U32_SHIFT1, _U32_SHIFT2, _U32_SHIFT3 = (np.uint32(s) for s in HASH_SHIFTS)
+_U32_UNIFORM_SHIFT = np.uint32(UNIFORM_SHIFT)
+_U64_MASK32 = np.uint64(MASK32)
+_U64_32 = np.uint64(32)
 _F32_UNIFORM_SCALE = np.float32(UNIFORM_SCALE)
 _F32_HALF = np.float32(0.5)
 _F32_ZERO = np.float32(0.0)
@@ -324,13 +324,32 @@ def _bucket_scales(x, x_bits, k0, k1, bucket_size, scale_kind, single_bucket, sc
 # ----------------------------------------------------------------------------- quantize
 
 @njit(**_INLINE)
-def _uniform(key, index):
-    """rng.uniforms for one element: SplitMix64 of key + (index + 1) * GOLDEN, top 24 bits."""
-    z = key + (index + _U64_ONE) * _U64_GOLDEN
-    z = (z ^ (z >> _U64_SHIFT1)) * _U64_MIX1
-    z = (z ^ (z >> _U64_SHIFT2)) * _U64_MIX2
-    z = z ^ (z >> _U64_SHIFT3)
-    return np.float32(z >> _U64_UNIFORM_SHIFT) * _F32_UNIFORM_SCALE
+def _stream(key, base):
+    """The run of draws of elements base, base + 1, ... of stream ``key`` (rng's hash):
+    (k_lo + i_hi(base) * B, k_hi, i_lo(base)). Callers compute it outside the compiled function
+    that loops over the elements and pass it in: the loop then does 32-bit arithmetic only and
+    vectorizes eight lanes wide (computed in the same function, LLVM widened the hash to 64-bit
+    lanes, measured no faster than SplitMix64)."""
+    k_lo = np.uint32(key & _U64_MASK32)
+    hi_term = np.uint32(np.uint32(base >> _U64_32) * _U32_HASH_B)
+    return np.uint32(k_lo + hi_term), np.uint32(key >> _U64_32), np.uint32(base & _U64_MASK32)
+
+
+@njit(**_INLINE)
+def _uniform(run, q):
+    """rng.uniform(key, base + q) for ``run = _stream(key, base)`` and 0 <= q < 2^32. Where
+    i_lo wraps past 2^32 inside the run, i_hi is one more: B more in the additive term."""
+    k_add, k_hi, lo0 = run
+    lo = np.uint32(lo0 + np.uint32(q))
+    k_add = k_add if lo >= lo0 else np.uint32(k_add + _U32_HASH_B)
+    x = np.uint32(np.uint32(lo * _U32_HASH_A) + k_add)
+    x = np.uint32(x ^ (x >> _U32_SHIFT1))
+    x = np.uint32(x * _U32_HASH_C1)
+    x = np.uint32(x ^ k_hi)
+    x = np.uint32(x ^ (x >> _U32_SHIFT2))
+    x = np.uint32(x * _U32_HASH_C2)
+    x = np.uint32(x ^ (x >> _U32_SHIFT3))
+    return np.float32(x >> _U32_UNIFORM_SHIFT) * _F32_UNIFORM_SCALE
 
 
 @njit(**_INLINE)
@@ -343,11 +362,11 @@ def _normalise(xv, s, first, last):
 
 
 @njit(**_INLINE)
-def _round(r, j, lo, w, stochastic, key, index):
+def _round(r, j, lo, w, stochastic, run, q):
     """The code: j, or j + 1 with probability p = (r - l_j) / w_j (stochastic) or when p >= 1/2."""
     p = (r - lo) / w
     if stochastic:
-        return j + (1 if _uniform(key, index) < p else 0)
+        return j + (1 if _uniform(run, q) < p else 0)
     return j + (1 if p >= _F32_HALF else 0)
 
 
@@ -413,7 +432,7 @@ def _search_count(r, low_slots, high_slots, top, slots):
 
 
 @njit(**_INLINE)
-def _count_loop(xs, block_scale, tables, num_levels, slots, stochastic, key, base, codes):
+def _count_loop(xs, block_scale, tables, num_levels, slots, stochastic, run, codes):
     first = tables[_LEVELS, 0]
     last = tables[_LEVELS, num_levels - 1]
     low_slots = tables[_COUNT_LOW]
@@ -421,35 +440,35 @@ def _count_loop(xs, block_scale, tables, num_levels, slots, stochastic, key, bas
     for e in range(xs.size):
         r = _normalise(xs[e], block_scale[e], first, last)
         j, lo, w = _search_count(_search_input(r, first), low_slots, high_slots, last, slots)
-        codes[e] = _nan_code(r, _round(r, j, lo, w, stochastic, key, base + np.uint64(e)), num_levels - 2)
+        codes[e] = _nan_code(r, _round(r, j, lo, w, stochastic, run, e), num_levels - 2)
 
 
 @njit(**_INLINE)
-def _count_rounding(xs, block_scale, tables, num_levels, slots, stochastic, key, base, codes):
+def _count_rounding(xs, block_scale, tables, num_levels, slots, stochastic, run, codes):
     if stochastic:
-        _count_loop(xs, block_scale, tables, num_levels, slots, True, key, base, codes)
+        _count_loop(xs, block_scale, tables, num_levels, slots, True, run, codes)
     else:
-        _count_loop(xs, block_scale, tables, num_levels, slots, False, key, base, codes)
+        _count_loop(xs, block_scale, tables, num_levels, slots, False, run, codes)
 
 
 # One compiled loop per slot count (a literal here, so the level loops unroll): K <= slots.
 @njit(**_JIT)
-def _quantize_count2(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
-    _count_rounding(xs, block_scale, tables, num_levels, 2, stochastic, key, base, codes)
+def _quantize_count2(xs, block_scale, tables, num_levels, stochastic, run, codes):
+    _count_rounding(xs, block_scale, tables, num_levels, 2, stochastic, run, codes)
 
 
 @njit(**_JIT)
-def _quantize_count8(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
-    _count_rounding(xs, block_scale, tables, num_levels, 8, stochastic, key, base, codes)
+def _quantize_count8(xs, block_scale, tables, num_levels, stochastic, run, codes):
+    _count_rounding(xs, block_scale, tables, num_levels, 8, stochastic, run, codes)
 
 
 @njit(**_JIT)
-def _quantize_count16(xs, block_scale, tables, num_levels, stochastic, key, base, codes):
-    _count_rounding(xs, block_scale, tables, num_levels, 16, stochastic, key, base, codes)
+def _quantize_count16(xs, block_scale, tables, num_levels, stochastic, run, codes):
+    _count_rounding(xs, block_scale, tables, num_levels, 16, stochastic, run, codes)
 
 
 @njit(**_INLINE)
-def _uniform_code(xv, s, first, last, fm, top_j, stochastic, key, index):
+def _uniform_code(xv, s, first, last, fm, top_j, stochastic, run, q):
     """The code of one element on a uniform grid: the reference's t = r * m + m,
     j = min(floor(t), K-2), p = t - j, rounded up with probability p (or when p >= 1/2)."""
     r = _normalise(xv, s, first, last)
@@ -457,41 +476,41 @@ def _uniform_code(xv, s, first, last, fm, top_j, stochastic, key, index):
     j = min(np.int32(t), top_j)
     p = t - np.float32(j)
     if stochastic:
-        code = j + np.int32(_uniform(key, index) < p)
+        code = j + np.int32(_uniform(run, q) < p)
     else:
         code = j + np.int32(p >= _F32_HALF)
     return _nan_code(r, code, top_j)
 
 
 @njit(**_INLINE)
-def _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, stochastic, key, base, codes):
+def _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, stochastic, run, codes):
     first = tables[_LEVELS, 0]
     last = tables[_LEVELS, num_levels - 1]
     fm = np.float32(uniform_m)
     top_j = np.int32(num_levels - 2)   # 32-bit lanes throughout, so the loop vectorizes widely
     for e in range(xs.size):
-        codes[e] = _uniform_code(xs[e], block_scale[e], first, last, fm, top_j, stochastic, key, base + np.uint64(e))
+        codes[e] = _uniform_code(xs[e], block_scale[e], first, last, fm, top_j, stochastic, run, e)
 
 
 @njit(**_JIT)
-def _quantize_uniform(xs, block_scale, tables, num_levels, uniform_m, stochastic, key, base, codes):
+def _quantize_uniform(xs, block_scale, tables, num_levels, uniform_m, stochastic, run, codes):
     """Uniform grids l_i = float32(i - m) / float32(m) (common.uniform_grid_m): the reference's
     grid formula t = r * m + m, j = min(floor(t), K-2), p = t - j; no search, no division."""
     if stochastic:
-        _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, True, key, base, codes)
+        _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, True, run, codes)
     else:
-        _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, False, key, base, codes)
+        _uniform_loop(xs, block_scale, tables, num_levels, uniform_m, False, run, codes)
 
 
 @njit(**_INLINE)
-def _round_loop(r, j, lo, w, top_j, stochastic, key, base, codes):
+def _round_loop(r, j, lo, w, top_j, stochastic, run, codes):
     for e in range(r.size):
         re = r[e]
-        codes[e] = _nan_code(re, _round(re, j[e], lo[e], w[e], stochastic, key, base + np.uint64(e)), top_j)
+        codes[e] = _nan_code(re, _round(re, j[e], lo[e], w[e], stochastic, run, e), top_j)
 
 
 @njit(**_INLINE)
-def _round_from_table(r, j, tables, num_levels, stochastic, key, base, lo, w, codes):
+def _round_from_table(r, j, tables, num_levels, stochastic, run, lo, w, codes):
     """codes from r and j: the level lookups in a loop of their own, so that the rounding loop
     (with its 64-bit hashing) stays vectorizable."""
     levels = tables[_LEVELS]
@@ -501,13 +520,13 @@ def _round_from_table(r, j, tables, num_levels, stochastic, key, base, lo, w, co
         lo[e] = levels[jj]
         w[e] = widths[jj]
     if stochastic:
-        _round_loop(r, j, lo, w, num_levels - 2, True, key, base, codes)
+        _round_loop(r, j, lo, w, num_levels - 2, True, run, codes)
     else:
-        _round_loop(r, j, lo, w, num_levels - 2, False, key, base, codes)
+        _round_loop(r, j, lo, w, num_levels - 2, False, run, codes)
 
 
 @njit(**_JIT)
-def _quantize_bisect(xs, block_scale, tables, num_levels, search_steps, stochastic, key, base, r, j, lo, w,
+def _quantize_bisect(xs, block_scale, tables, num_levels, search_steps, stochastic, run, r, j, lo, w,
                      codes):
     """Any sorted codebook, stage by stage: a branchless binary search for the last entry
     <= r of l_0..l_{K-2} padded with +inf."""
@@ -523,11 +542,11 @@ def _quantize_bisect(xs, block_scale, tables, num_levels, search_steps, stochast
         for e in range(xs.size):
             t = j[e] + step
             j[e] = t if search[t] <= _search_input(r[e], first) else j[e]
-    _round_from_table(r, j, tables, num_levels, stochastic, key, base, lo, w, codes)
+    _round_from_table(r, j, tables, num_levels, stochastic, run, lo, w, codes)
 
 
 @njit(**_JIT)
-def _quantize_lookup(xs, block_scale, tables, num_levels, cell_index, corrections, stochastic, key, base, r, j,
+def _quantize_lookup(xs, block_scale, tables, num_levels, cell_index, corrections, stochastic, run, r, j,
                      lo, w, codes):
     """Any sorted codebook, stage by stage: j starts at a lower bound read from a table indexed
     by r's sign, exponent and top mantissa bits (see _cell_index_table), then steps up while
@@ -547,7 +566,7 @@ def _quantize_lookup(xs, block_scale, tables, num_levels, cell_index, correction
         for e in range(xs.size):
             t = j[e] + 1
             j[e] = t if search[t] <= r[e] else j[e]   # search[K-1] = +inf stops at K-2
-    _round_from_table(r, j, tables, num_levels, stochastic, key, base, lo, w, codes)
+    _round_from_table(r, j, tables, num_levels, stochastic, run, lo, w, codes)
 
 
 # ----------------------------------------------------------------------------- pack / unpack
@@ -659,21 +678,21 @@ def _encode_blocks(x, e0, e1, scales, bucket_size, tables, method, num_levels, s
         xs = x[b0:b0 + length]
         ss = block_scale[:length]
         cs = codes[:length]
-        base = offset + np.uint64(b0)
+        run = _stream(key, offset + np.uint64(b0))
         _fill_scales(scales, bucket_size, b0, ss)
         if method == _SEARCH_COUNT2:
-            _quantize_count2(xs, ss, tables, num_levels, stochastic, key, base, cs)
+            _quantize_count2(xs, ss, tables, num_levels, stochastic, run, cs)
         elif method == _SEARCH_COUNT8:
-            _quantize_count8(xs, ss, tables, num_levels, stochastic, key, base, cs)
+            _quantize_count8(xs, ss, tables, num_levels, stochastic, run, cs)
         elif method == _SEARCH_COUNT16:
-            _quantize_count16(xs, ss, tables, num_levels, stochastic, key, base, cs)
+            _quantize_count16(xs, ss, tables, num_levels, stochastic, run, cs)
         elif method == _SEARCH_LOOKUP:
-            _quantize_lookup(xs, ss, tables, num_levels, cell_index, corrections, stochastic, key, base,
+            _quantize_lookup(xs, ss, tables, num_levels, cell_index, corrections, stochastic, run,
                              r[:length], j[:length], lo[:length], w[:length], cs)
         elif method == _SEARCH_UNIFORM:
-            _quantize_uniform(xs, ss, tables, num_levels, uniform_m, stochastic, key, base, cs)
+            _quantize_uniform(xs, ss, tables, num_levels, uniform_m, stochastic, run, cs)
         else:
-            _quantize_bisect(xs, ss, tables, num_levels, search_steps, stochastic, key, base,
+            _quantize_bisect(xs, ss, tables, num_levels, search_steps, stochastic, run,
                              r[:length], j[:length], lo[:length], w[:length], cs)
         byte0 = (b0 // 8) * bits
         _pack(cs, bits, packed[byte0:byte0 + (length * bits + 7) // 8])
@@ -1154,11 +1173,11 @@ def _grid_level(c, m, fm):
 
 
 @njit(**_INLINE)
-def _two_level_code(xv, s, l0, l1, w, stochastic, key, index):
+def _two_level_code(xv, s, l0, l1, w, stochastic, run, q):
     """The code of one element with levels (l0, l1): _count_loop's arithmetic for K = 2 (j = 0,
     p = (r - l0) / w; a NaN r gets code 0, as in the reference)."""
     r = _normalise(xv, s, l0, l1)
-    return _nan_code(r, _round(r, np.int32(0), l0, w, stochastic, key, index), np.int32(0))
+    return _nan_code(r, _round(r, np.int32(0), l0, w, stochastic, run, q), np.int32(0))
 
 
 @njit(**_INLINE)
@@ -1169,35 +1188,37 @@ def _aligned_constants(tables, num_levels, uniform_m):
 
 
 @njit(**_INLINE)
-def _bucket_views(x, packed, k, bucket_size, bits, offset):
-    """Bucket k's elements, its bytes, and the stream index of its first element."""
+def _bucket_views(x, packed, k, k0, bucket_size, bits):
+    """Bucket k's elements, its bytes, and the index of its first element counted from bucket
+    k0 (where the encoders' random-stream run starts)."""
     per_bucket = bucket_size * bits // 8
     return (x[k * bucket_size:(k + 1) * bucket_size], packed[k * per_bucket:(k + 1) * per_bucket],
-            offset + np.uint64(k * bucket_size))
+            (k - k0) * bucket_size)
 
 
 @njit(**_JIT)
-def _encode_aligned(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key, offset,
+def _encode_aligned(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, run,
                     packed):
     """Codes of buckets k0..k1-1 of x into packed, and x[e] -= level(code) * scale in place: the
     error-feedback residual (x is read and written through one array, which keeps the loops
-    vectorizable). Compiled on its own, with ``stochastic`` a run-time flag: inlining a copy per
-    rounding measured no faster and tripled the cold compile time."""
+    vectorizable). ``run``: the random stream from bucket k0's first element (_stream). Compiled
+    on its own, with ``stochastic`` a run-time flag: inlining a copy per rounding measured no
+    faster and tripled the cold compile time."""
     first, last, m, fm, top_j, w = _aligned_constants(tables, num_levels, uniform_m)
     for k in range(k0, k1):
         s = scales[k]
-        xs, pk, base = _bucket_views(x, packed, k, bucket_size, bits, offset)
+        xs, pk, kb = _bucket_views(x, packed, k, k0, bucket_size, bits)
         if bits == 8:
             for q in range(pk.size):
                 xv = xs[q]
-                c = _uniform_code(xv, s, first, last, fm, top_j, stochastic, key, base + np.uint64(q))
+                c = _uniform_code(xv, s, first, last, fm, top_j, stochastic, run, kb + q)
                 pk[q] = np.uint8(c)
                 xs[q] = xv - _grid_level(c, m, fm) * s
         elif bits == 4:
             for q in range(pk.size):
                 x0, x1 = xs[2 * q], xs[2 * q + 1]
-                c0 = _uniform_code(x0, s, first, last, fm, top_j, stochastic, key, base + np.uint64(2 * q))
-                c1 = _uniform_code(x1, s, first, last, fm, top_j, stochastic, key, base + np.uint64(2 * q + 1))
+                c0 = _uniform_code(x0, s, first, last, fm, top_j, stochastic, run, kb + 2 * q)
+                c1 = _uniform_code(x1, s, first, last, fm, top_j, stochastic, run, kb + 2 * q + 1)
                 pk[q] = np.uint8(c0 | (c1 << 4))
                 xs[2 * q] = x0 - _grid_level(c0, m, fm) * s
                 xs[2 * q + 1] = x1 - _grid_level(c1, m, fm) * s
@@ -1206,37 +1227,37 @@ def _encode_aligned(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_
                 v = np.int32(0)
                 for i in range(8):
                     xv = xs[8 * q + i]
-                    c = _two_level_code(xv, s, first, last, w, stochastic, key, base + np.uint64(8 * q + i))
+                    c = _two_level_code(xv, s, first, last, w, stochastic, run, kb + 8 * q + i)
                     v |= c << i
                     xs[8 * q + i] = xv - (last if c else first) * s
                 pk[q] = np.uint8(v)
 
 
 @njit(**_JIT)
-def _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key, offset,
+def _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, run,
                        packed):
     """_encode_aligned without the residual, for read-only x (a kernel that writes x does not
     compile for a read-only array)."""
     first, last, _, fm, top_j, w = _aligned_constants(tables, num_levels, uniform_m)
     for k in range(k0, k1):
         s = scales[k]
-        xs, pk, base = _bucket_views(x, packed, k, bucket_size, bits, offset)
+        xs, pk, kb = _bucket_views(x, packed, k, k0, bucket_size, bits)
         if bits == 8:
             for q in range(pk.size):
-                pk[q] = np.uint8(_uniform_code(xs[q], s, first, last, fm, top_j, stochastic, key,
-                                               base + np.uint64(q)))
+                pk[q] = np.uint8(_uniform_code(xs[q], s, first, last, fm, top_j, stochastic, run,
+                                               kb + q))
         elif bits == 4:
             for q in range(pk.size):
-                c0 = _uniform_code(xs[2 * q], s, first, last, fm, top_j, stochastic, key, base + np.uint64(2 * q))
-                c1 = _uniform_code(xs[2 * q + 1], s, first, last, fm, top_j, stochastic, key,
-                                   base + np.uint64(2 * q + 1))
+                c0 = _uniform_code(xs[2 * q], s, first, last, fm, top_j, stochastic, run, kb + 2 * q)
+                c1 = _uniform_code(xs[2 * q + 1], s, first, last, fm, top_j, stochastic, run,
+                                   kb + 2 * q + 1)
                 pk[q] = np.uint8(c0 | (c1 << 4))
         else:
             for q in range(pk.size):
                 v = np.int32(0)
                 for i in range(8):
-                    v |= _two_level_code(xs[8 * q + i], s, first, last, w, stochastic, key,
-                                         base + np.uint64(8 * q + i)) << i
+                    v |= _two_level_code(xs[8 * q + i], s, first, last, w, stochastic, run,
+                                         kb + 8 * q + i) << i
                 pk[q] = np.uint8(v)
 
 
@@ -1255,11 +1276,11 @@ def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, sea
                        uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed, residual_table,
                        residual)
     if residual.size:
-        _encode_aligned(residual, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key,
-                        offset, packed)
+        _encode_aligned(residual, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic,
+                        _stream(key, offset + np.uint64(k0 * bucket_size)), packed)
     else:
-        _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, key,
-                           offset, packed)
+        _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic,
+                           _stream(key, offset + np.uint64(k0 * bucket_size)), packed)
     if e1 > k1 * bucket_size:
         _encode_blocks(x, k1 * bucket_size, e1, scales, bucket_size, tables, method, num_levels, search_steps,
                        uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed, residual_table,

@@ -14,8 +14,8 @@ How the output matches the CPU bit for bit:
   * Uniform grids (common.uniform_grid_m) use the reference's grid formula t = r m + m,
     j = min(floor(t), K-2), p = t - j; for other codebooks j (the largest level <= r, clipped
     to 0..K-2) comes from a binary search over the level table itself, so it equals
-    np.searchsorted. The uniforms are the counter-based SplitMix64
-    of :mod:`.rng`, a pure function of (key, element index).
+    np.searchsorted. The uniforms are the counter-based 32-bit
+    hash of :mod:`.rng`, a pure function of (key, element index).
   * Bucket scales are float64 sums in NumPy's own order, rounded once to float32, as on the
     CPU (the shared orders are spelled out in :mod:`.common`): one thread per bucket sums it
     sequentially; long buckets (> 8192) are split where NumPy's order allows it without
@@ -60,11 +60,12 @@ _OPTIONS = ("--std=c++17", "--fmad=false")  # the source uses _rn intrinsics any
 
 def _shared_defines() -> str:
     """The ``#define``s of every constant the CUDA source shares with the Python side."""
-    u64 = "0x{:016X}ULL".format
-    shift1, shift2, shift3 = rng.MIX_SHIFTS
+    u32 = "0x{:08X}u".format
+    shift1, shift2, shift3 = rng.HASH_SHIFTS
     defines = {
-        "HQ_GOLDEN": u64(rng.GOLDEN), "HQ_MIX1": u64(rng.MIX1), "HQ_MIX2": u64(rng.MIX2),
-        "HQ_MIX_SHIFT1": shift1, "HQ_MIX_SHIFT2": shift2, "HQ_MIX_SHIFT3": shift3,
+        "HQ_HASH_A": u32(rng.HASH_A), "HQ_HASH_B": u32(rng.HASH_B), "HQ_HASH_C1": u32(rng.HASH_C1),
+        "HQ_HASH_C2": u32(rng.HASH_C2),
+        "HQ_HASH_SHIFT1": shift1, "HQ_HASH_SHIFT2": shift2, "HQ_HASH_SHIFT3": shift3,
         "HQ_UNIFORM_SHIFT": rng.UNIFORM_SHIFT,
         "HQ_UNIFORM_SCALE": float(rng.UNIFORM_SCALE).hex() + "f",   # exact: a hexadecimal literal
         "HQ_PAIRWISE_LEAF": PAIRWISE_LEAF, "HQ_PIECE": _PIECE,
@@ -130,13 +131,16 @@ HQ_FN float hq_float_from_bits(hq_u32 bits) {
 HQ_FN hq_i64 hq_min(hq_i64 a, hq_i64 b) { return a < b ? a : b; }
 
 // ---------------------------------------------------------------------------- counter-based RNG
-// rng.uniforms: SplitMix64 of key + (index + 1) * GOLDEN, top 24 bits * 2^-24.
+// rng.uniform: the 32-bit counter hash of (key, index), top 24 bits * 2^-24.
 HQ_FN float hq_uniform(hq_u64 key, hq_u64 index) {
-    hq_u64 z = key + (index + 1ULL) * HQ_GOLDEN;
-    z = (z ^ (z >> HQ_MIX_SHIFT1)) * HQ_MIX1;
-    z = (z ^ (z >> HQ_MIX_SHIFT2)) * HQ_MIX2;
-    z = z ^ (z >> HQ_MIX_SHIFT3);
-    return F32_MUL((float)(hq_u32)(z >> HQ_UNIFORM_SHIFT), HQ_UNIFORM_SCALE);
+    hq_u32 x = (hq_u32)index * HQ_HASH_A + (hq_u32)key + (hq_u32)(index >> 32) * HQ_HASH_B;
+    x ^= x >> HQ_HASH_SHIFT1;
+    x *= HQ_HASH_C1;
+    x ^= (hq_u32)(key >> 32);
+    x ^= x >> HQ_HASH_SHIFT2;
+    x *= HQ_HASH_C2;
+    x ^= x >> HQ_HASH_SHIFT3;
+    return F32_MUL((float)(x >> HQ_UNIFORM_SHIFT), HQ_UNIFORM_SCALE);
 }
 
 // ---------------------------------------------------------------------------- bucket scales

@@ -1,22 +1,40 @@
 """Counter-based random numbers for stochastic rounding.
 
-Every uniform draw is a pure function of (stream key, element index): the SplitMix64 finaliser
-applied to ``key + (index + 1) * GOLDEN``. No generator state is carried between calls, so
-any backend (NumPy, numba, CuPy) and any split of a vector into chunks reproduces the same
-draws bit for bit; the numba kernels and the CUDA source take their constants from here. The
-stream key is derived from (seed, rank, step, tensor, direction).
+Every uniform draw is a pure function of (stream key, element index), both 64-bit, split into
+32-bit halves (k_lo, k_hi) and (i_lo, i_hi):
+
+    x = i_lo * A + k_lo + i_hi * B                    (mod 2^32)
+    x ^= x >> 16;  x *= C1;  x ^= k_hi
+    x ^= x >> 15;  x *= C2;  x ^= x >> 15              (mod 2^32)
+    u = (x >> 8) * 2^-24                               (24 bits: exact in float32, in [0, 1))
+
+a Weyl sequence over the index, mixed by a two-multiply 32-bit finaliser (constants from
+Wellons' hash prospector). Only 32-bit multiplies, so the CPU kernels run eight draws per AVX2
+instruction; SplitMix64, used before, needs 64-bit multiplies, which AVX2 emulates with three
+32-bit ones. No generator state is carried between calls, so any backend (NumPy, numba, CuPy)
+and any split of a vector into chunks reproduces the same draws bit for bit; the numba kernels
+and the CUDA source take their constants from here. The stream key is derived from (seed, rank,
+step, tensor, direction) with the SplitMix64 finaliser, once per stream.
 """
 from __future__ import annotations
 
 import numpy as np
 
 MASK64 = (1 << 64) - 1
+MASK32 = (1 << 32) - 1
+# stream keys: SplitMix64
 GOLDEN = 0x9E3779B97F4A7C15
 MIX1 = 0xBF58476D1CE4E5B9
 MIX2 = 0x94D049BB133111EB
 MIX_SHIFTS = (30, 27, 31)   # z ^= z >> s before each multiplication, and once at the end
+# draws: the 32-bit counter hash above (A, B odd, so the index map is a bijection mod 2^32)
+HASH_A = 0x9E3779B9
+HASH_B = 0x85EBCA6B
+HASH_C1 = 0x21F0AAAD
+HASH_C2 = 0xD35A2D97
+HASH_SHIFTS = (16, 15, 15)
 # 24 random bits -> float32 in [0, 1) exactly (float32 has a 24-bit significand).
-UNIFORM_SHIFT = 40
+UNIFORM_SHIFT = 8
 UNIFORM_SCALE = np.float32(2.0 ** -24)
 
 # Directions keep uplink and downlink draws of the same step independent.
@@ -40,13 +58,34 @@ def stream_key(seed: int, rank: int = 0, step: int = 0, tensor: int = 0, directi
     return k
 
 
+def uniform(key: int, index: int) -> float:
+    """The draw for one element, on Python ints: the definition the array forms must match."""
+    s1, s2, s3 = HASH_SHIFTS
+    key &= MASK64
+    index &= MASK64
+    x = ((index & MASK32) * HASH_A + (key & MASK32) + (index >> 32) * HASH_B) & MASK32
+    x ^= x >> s1
+    x = (x * HASH_C1) & MASK32
+    x ^= key >> 32
+    x ^= x >> s2
+    x = (x * HASH_C2) & MASK32
+    x ^= x >> s3
+    return float(np.float32(x >> UNIFORM_SHIFT) * UNIFORM_SCALE)
+
+
 def uniforms(key: int, offset: int, n: int) -> np.ndarray:
     """float32 uniforms in [0, 1) for element indices offset .. offset+n-1 of stream ``key``."""
-    s1, s2, s3 = (np.uint64(s) for s in MIX_SHIFTS)
+    s1, s2, s3 = (np.uint32(s) for s in HASH_SHIFTS)
+    key = int(key) & MASK64
+    idx = np.arange(offset, offset + n, dtype=np.uint64)
+    lo = (idx & np.uint64(MASK32)).astype(np.uint32)
+    hi = (idx >> np.uint64(32)).astype(np.uint32)
     with np.errstate(over="ignore"):
-        idx = np.arange(offset + 1, offset + n + 1, dtype=np.uint64)
-        z = np.uint64(key) + idx * np.uint64(GOLDEN)
-        z = (z ^ (z >> s1)) * np.uint64(MIX1)
-        z = (z ^ (z >> s2)) * np.uint64(MIX2)
-        z = z ^ (z >> s3)
-    return (z >> np.uint64(UNIFORM_SHIFT)).astype(np.float32) * UNIFORM_SCALE
+        x = lo * np.uint32(HASH_A) + np.uint32(key & MASK32) + hi * np.uint32(HASH_B)
+        x ^= x >> s1
+        x *= np.uint32(HASH_C1)
+        x ^= np.uint32(key >> 32)
+        x ^= x >> s2
+        x *= np.uint32(HASH_C2)
+        x ^= x >> s3
+    return (x >> np.uint32(UNIFORM_SHIFT)).astype(np.float32) * UNIFORM_SCALE
