@@ -28,7 +28,8 @@ How the output stays identical to the NumPy reference:
     bucket. maxabs is order-free. Should another NumPy build sum in another order, only the last
     float64 bits can differ, which changes the float32 scale only when the sum lies within those
     bits of a float32 rounding boundary.
-  * Uniforms come from the counter-based SplitMix64 of :mod:`.rng` (uint64 arithmetic).
+  * Uniforms come from the counter-based 32-bit hash of :mod:`.rng` (uint32 arithmetic, eight
+    lanes per AVX2 instruction).
 
 Work is split into tasks of whole buckets that start on a multiple of 8 elements (8 codes of b
 bits fill exactly b bytes, so every task writes its own whole bytes): each task computes its

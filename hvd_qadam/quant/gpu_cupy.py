@@ -30,7 +30,7 @@ to check.
 
 ``KERNEL_SOURCE`` is plain CUDA C++ with ``extern "C"`` kernels that are thin loops over
 ``__host__ __device__`` functions, so a test can compile it with ``nvcc`` and even run those
-functions on the host. Every constant it shares with the Python side (the SplitMix64 constants
+functions on the host. Every constant it shares with the Python side (the hash constants
 of :mod:`.rng`, the scale kinds of :mod:`.codebooks`, NumPy's summation sizes and the level-table
 layout of :mod:`.common`) is written into it from the Python definition (``_shared_defines``).
 """
