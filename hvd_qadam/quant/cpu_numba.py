@@ -1217,26 +1217,6 @@ def _bucket_views(x, packed, k, k0, bucket_size, bits):
             (k - k0) * bucket_size)
 
 
-@njit(**_INLINE)
-def _aligned_codes(xs, pk, s, first, last, fm, top_j, w, bits, stochastic, run, kb):
-    """The codes of one bucket's elements xs into its bytes pk (kb: its first element's index
-    in the random stream's run)."""
-    if bits == 8:
-        for q in range(pk.size):
-            pk[q] = np.uint8(_uniform_code(xs[q], s, first, last, fm, top_j, stochastic, run, kb + q))
-    elif bits == 4:
-        for q in range(pk.size):
-            c0 = _uniform_code(xs[2 * q], s, first, last, fm, top_j, stochastic, run, kb + 2 * q)
-            c1 = _uniform_code(xs[2 * q + 1], s, first, last, fm, top_j, stochastic, run, kb + 2 * q + 1)
-            pk[q] = np.uint8(c0 | (c1 << 4))
-    else:       # 1 bit, two levels
-        for q in range(pk.size):
-            v = np.int32(0)
-            for i in range(8):
-                v |= _two_level_code(xs[8 * q + i], s, first, last, w, stochastic, run, kb + 8 * q + i) << i
-            pk[q] = np.uint8(v)
-
-
 @njit(**_JIT)
 def _encode_aligned(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic, run,
                     packed):
@@ -1283,8 +1263,25 @@ def _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, unifo
     compile for a read-only array)."""
     first, last, _, fm, top_j, w = _aligned_constants(tables, num_levels, uniform_m)
     for k in range(k0, k1):
+        s = scales[k]
         xs, pk, kb = _bucket_views(x, packed, k, k0, bucket_size, bits)
-        _aligned_codes(xs, pk, scales[k], first, last, fm, top_j, w, bits, stochastic, run, kb)
+        if bits == 8:
+            for q in range(pk.size):
+                pk[q] = np.uint8(_uniform_code(xs[q], s, first, last, fm, top_j, stochastic, run,
+                                               kb + q))
+        elif bits == 4:
+            for q in range(pk.size):
+                c0 = _uniform_code(xs[2 * q], s, first, last, fm, top_j, stochastic, run, kb + 2 * q)
+                c1 = _uniform_code(xs[2 * q + 1], s, first, last, fm, top_j, stochastic, run,
+                                   kb + 2 * q + 1)
+                pk[q] = np.uint8(c0 | (c1 << 4))
+        else:
+            for q in range(pk.size):
+                v = np.int32(0)
+                for i in range(8):
+                    v |= _two_level_code(xs[8 * q + i], s, first, last, w, stochastic, run,
+                                         kb + 8 * q + i) << i
+                pk[q] = np.uint8(v)
 
 
 @njit(**_JIT)
