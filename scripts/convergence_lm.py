@@ -66,6 +66,8 @@ STUDY = {
                          ["--algorithm", "efficient_adam", "--lr-scale", "3"] + SIGN2, "study"),
     "effadam_sign_nobc": ("efficient_adam sign/sign, bias_correction=False",
                           ["--algorithm", "efficient_adam", "--no-bias-correction"] + SIGN2, "study"),
+    "onebit_sign_f200": ("onebit_adam sign/sign, freeze 200",
+                         ["--algorithm", "onebit_adam", "--freeze-step", "200"] + SIGN2, "onebit2"),
     "onebit_sign_auto": ("onebit_adam sign/sign, freeze_step auto",
                          ["--algorithm", "onebit_adam", "--freeze-step", "auto"] + SIGN2, "study"),
     # The defaults' 1% target: how far does a harmless perturbation move Horovod itself, and do
