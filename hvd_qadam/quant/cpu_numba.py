@@ -338,7 +338,7 @@ def _stream(key, base):
 
 @njit(**_INLINE)
 def _uniform(run, q):
-    """rng.uniform(key, base + q) for ``run = _stream(key, base)`` and 0 <= q < 2^32. Where
+    """rng.uniforms(key, base + q, 1)[0] for ``run = _stream(key, base)`` and 0 <= q < 2^32. Where
     i_lo wraps past 2^32 inside the run, i_hi is one more: B more in the additive term."""
     k_add, k_hi, lo0 = run
     lo = np.uint32(lo0 + np.uint32(q))
@@ -513,7 +513,7 @@ def _round_loop(r, j, lo, w, top_j, stochastic, run, codes):
 @njit(**_INLINE)
 def _round_from_table(r, j, tables, num_levels, stochastic, run, lo, w, codes):
     """codes from r and j: the level lookups in a loop of their own, so that the rounding loop
-    (with its 64-bit hashing) stays vectorizable."""
+    (with its hashing) stays vectorizable."""
     levels = tables[_LEVELS]
     widths = tables[_WIDTHS]
     for e in range(r.size):
@@ -774,25 +774,12 @@ def _compensate(v, e, p, start, stop):
 
 
 @njit(**_JIT)
-def _any_nonfinite(p_bits, start, stop):
-    """Whether p[start:stop] holds inf or NaN (from its bit patterns)."""
+def _any_nonfinite(bits, start, stop):
+    """Whether float32 values [start, stop) hold inf or NaN (from their bit patterns)."""
     bad = np.uint32(0)
-    pb = p_bits[start:stop]
+    pb = bits[start:stop]
     for i in range(stop - start):
         bad |= np.uint32((pb[i] & _ABS_MASK) >= _INF_BITS)
-    return bad != 0
-
-
-@njit(**_JIT)
-def _nonfinite_scales(scales, k0, k1):
-    """Whether a scale of buckets k0..k1-1 is inf or NaN. Every scale kind turns an inf or NaN
-    element into a non-finite scale (max |x| from the bits, or float64 sums, which finite float32
-    input cannot overflow), so finite scales clear the task without reading p again; a
-    non-finite one (or a float32 L2 scale that overflowed) sends it to the exact check."""
-    bad = np.uint32(0)
-    sb = scales[k0:k1].view(np.uint32)
-    for i in range(k1 - k0):
-        bad |= np.uint32((sb[i] & _ABS_MASK) >= _INF_BITS)
     return bad != 0
 
 
@@ -804,6 +791,7 @@ def _encode_ef_kernel(v, e, p, p_bits, task_buckets, task_elements, tables, meth
     p = v + e over the task's buckets, their scales, then codes of its elements block by block,
     each block followed by p -= decode(codes), which leaves the new residual in p."""
     single_bucket = scales.size == 1
+    scale_bits = scales.view(np.uint32)
     n = p.size
     for t in prange(task_buckets.shape[0]):
         k0, k1 = task_buckets[t, 0], task_buckets[t, 1]
@@ -811,7 +799,11 @@ def _encode_ef_kernel(v, e, p, p_bits, task_buckets, task_elements, tables, meth
             a, b = k0 * bucket_size, min(k1 * bucket_size, n)
             _compensate(v, e, p, a, b)
             _bucket_scales(p, p_bits, k0, k1, bucket_size, scale_kind, single_bucket, scales)
-            nonfinite[t] = _nonfinite_scales(scales, k0, k1) and _any_nonfinite(p_bits, a, b)
+            # Every scale kind turns an inf or NaN element into a non-finite scale (max |x| from
+            # the bits, or float64 sums, which finite float32 input cannot overflow): finite
+            # scales clear the task without reading p again; a non-finite one (or a float32 L2
+            # scale that overflowed) sends it to the exact check.
+            nonfinite[t] = _any_nonfinite(scale_bits, k0, k1) and _any_nonfinite(p_bits, a, b)
         e0, e1 = task_elements[t, 0], task_elements[t, 1]
         if e1 > e0:
             _encode_span(p, e0, e1, scales, bucket_size, tables, method, num_levels, search_steps, uniform_m,
@@ -1298,12 +1290,13 @@ def _encode_span(x, e0, e1, scales, bucket_size, tables, method, num_levels, sea
         _encode_blocks(x, e0, k0 * bucket_size, scales, bucket_size, tables, method, num_levels, search_steps,
                        uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed, residual_table,
                        residual)
+    run = _stream(key, offset + np.uint64(k0 * bucket_size))
     if residual.size:
         _encode_aligned(residual, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic,
-                        _stream(key, offset + np.uint64(k0 * bucket_size)), packed)
+                        run, packed)
     else:
         _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_m, bits, stochastic,
-                           _stream(key, offset + np.uint64(k0 * bucket_size)), packed)
+                           run, packed)
     if e1 > k1 * bucket_size:
         _encode_blocks(x, k1 * bucket_size, e1, scales, bucket_size, tables, method, num_levels, search_steps,
                        uniform_m, cell_index, corrections, bits, stochastic, key, offset, packed, residual_table,

@@ -58,21 +58,6 @@ def stream_key(seed: int, rank: int = 0, step: int = 0, tensor: int = 0, directi
     return k
 
 
-def uniform(key: int, index: int) -> float:
-    """The draw for one element, on Python ints: the definition the array forms must match."""
-    s1, s2, s3 = HASH_SHIFTS
-    key &= MASK64
-    index &= MASK64
-    x = ((index & MASK32) * HASH_A + (key & MASK32) + (index >> 32) * HASH_B) & MASK32
-    x ^= x >> s1
-    x = (x * HASH_C1) & MASK32
-    x ^= key >> 32
-    x ^= x >> s2
-    x = (x * HASH_C2) & MASK32
-    x ^= x >> s3
-    return float(np.float32(x >> UNIFORM_SHIFT) * UNIFORM_SCALE)
-
-
 def uniforms(key: int, offset: int, n: int) -> np.ndarray:
     """float32 uniforms in [0, 1) for element indices offset .. offset+n-1 of stream ``key``."""
     s1, s2, s3 = (np.uint32(s) for s in HASH_SHIFTS)
