@@ -11,6 +11,7 @@ ALGORITHMS = ("qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd", "loc
 TOPOLOGIES = ("allgather", "sharded", "ps")
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 DEFAULT_FREEZE_STEP = 100           # onebit_adam: full-precision Adam steps before v is frozen
+DEFAULT_V_REFRESH_EVERY = 0         # onebit_adam: steps between uncompressed v refreshes after the freeze
 FREEZE_AUTO_NEVER = 2 ** 62         # freeze_step="auto" without a cap: warm up until v is stable
 
 
@@ -62,6 +63,8 @@ class Config:
     level_schedule: tuple = (0, 100, 2000)  # adaptive quantizers: when levels are refit ...
     level_every: int = 10000                # ... and every this many steps after the last
     freeze_step: int | str | None = None    # onebit_adam: warm-up steps (None: DEFAULT_FREEZE_STEP) or "auto"
+    v_refresh_every: int | None = None      # onebit_adam: an uncompressed v-refresh step every this many
+                                            # steps after the freeze (None: DEFAULT_V_REFRESH_EVERY; 0: never)
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -84,12 +87,19 @@ class Config:
         """onebit_adam's warm-up is the engine's uncompressed warm-up: warmup_steps is derived from
         freeze_step (for "auto", warmup_steps, if given, caps the freeze step; the algorithm lowers it
         at run time when it decides to freeze)."""
-        f = self.freeze_step
+        f, k = self.freeze_step, self.v_refresh_every
         if self.algorithm != "onebit_adam":
             if f is not None:
                 raise ValueError(f"freeze_step is an option of algorithm 'onebit_adam', not {self.algorithm!r} "
                                  f"(use warmup_steps for uncompressed steps first)")
+            if k is not None:
+                raise ValueError(f"v_refresh_every is an option of algorithm 'onebit_adam', not {self.algorithm!r}")
             return
+        if k is None:
+            k = DEFAULT_V_REFRESH_EVERY
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"v_refresh_every must be a non-negative integer (0: never refresh v), got {k!r}")
+        object.__setattr__(self, "v_refresh_every", k)
         if f is None:
             f = DEFAULT_FREEZE_STEP
         if f == "auto":

@@ -233,8 +233,9 @@ class Engine:
     def begin(self) -> PendingStep:
         if self.pending is None:
             t = self.step_count
-            self.pending = PendingStep(self.bank, t, t >= self.cfg.warmup_steps,
-                                       StepStats(step=t, compressed=t >= self.cfg.warmup_steps,
+            compress = self.alg.compress_at(self, t)
+            self.pending = PendingStep(self.bank, t, compress,
+                                       StepStats(step=t, compressed=compress,
                                                  totals=self.stats.totals))
             self._flat_params = {}
         return self.pending

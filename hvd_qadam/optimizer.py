@@ -332,7 +332,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          nonfinite: str | None = None, bias_correction: bool = True,
                          momentum_steps: int | None = None, sync_every: int = 1, level_schedule=(0, 100, 2000),
                          level_every: int = 10000, timeout: float | None = None, comm=None,
-                         freeze_step: int | str | None = None):
+                         freeze_step: int | str | None = None, v_refresh_every: int | None = None):
     """Wrap ``optimizer`` so that ``step()`` averages across ranks with quantized communication.
 
     The first ten arguments are ``hvd.DistributedOptimizer``'s, with its meaning:
@@ -393,6 +393,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       v is frozen and compression starts (it sets ``warmup_steps``); ``"auto"``: freeze once the norm
       of the bias-corrected v changed by <= 5% over the last 20 steps (``warmup_steps``, if given,
       is then the latest freeze step). DeepSpeed suggests 15-25% of the run.
+    v_refresh_every (None: DEFAULT_V_REFRESH_EVERY for ``onebit_adam``; 0: never): after the freeze,
+      every this many steps one step exchanges the gradient uncompressed and refreshes v as if it
+      had decayed through the steps since its last update (0/1 Adam's idea; v drifts away from
+      its frozen value as training goes on).
     level_schedule ((0, 100, 2000)) / level_every (10000): ALQ/AMQ refits at these steps, then every
       ``level_every`` after the last.
     timeout (None: HVD_QADAM_TIMEOUT, else 300 s): deadline of every collective. When it expires
@@ -433,7 +437,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                     warmup_steps=warmup_steps, min_compress_numel=min_compress_numel,
                     fusion_threshold_bytes=max(4, int(fusion_threshold_mb * (1 << 20))), nonfinite=nonfinite,
                     bias_correction=bias_correction, momentum_steps=momentum_steps, sync_every=sync_every,
-                    level_schedule=tuple(level_schedule), level_every=level_every, freeze_step=freeze_step)
+                    level_schedule=tuple(level_schedule), level_every=level_every, freeze_step=freeze_step,
+                    v_refresh_every=v_refresh_every)
     _warn_stalling(config)
     if topology == "ps" and comm is None:
         from .ps import ps_worker_comm

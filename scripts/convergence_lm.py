@@ -68,6 +68,12 @@ STUDY = {
                           ["--algorithm", "efficient_adam", "--no-bias-correction"] + SIGN2, "study"),
     "onebit_sign_f200": ("onebit_adam sign/sign, freeze 200",
                          ["--algorithm", "onebit_adam", "--freeze-step", "200"] + SIGN2, "onebit2"),
+    "onebit_sign_f100_r50": ("onebit_adam sign/sign, freeze 100, v refreshed every 50 steps",
+                             ["--algorithm", "onebit_adam", "--freeze-step", "100", "--v-refresh-every", "50"] + SIGN2,
+                             "onebit2"),
+    "onebit_sign_f200_r50": ("onebit_adam sign/sign, freeze 200, v refreshed every 50 steps",
+                             ["--algorithm", "onebit_adam", "--freeze-step", "200", "--v-refresh-every", "50"] + SIGN2,
+                             "onebit2"),
     "onebit_sign_auto": ("onebit_adam sign/sign, freeze_step auto",
                          ["--algorithm", "onebit_adam", "--freeze-step", "auto"] + SIGN2, "study"),
     # The defaults' 1% target: how far does a harmless perturbation move Horovod itself, and do

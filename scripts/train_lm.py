@@ -50,6 +50,7 @@ QADAM_OPTIONS = [  # (flag, type, help); passed to hvd_qadam.DistributedOptimize
     ("--sync-every", int, "local_sgd averaging period"),
     ("--level-every", int, "alq/amq refit period"),
     ("--freeze-step", lambda s: s if s == "auto" else int(s), "onebit_adam: fp32 warm-up steps, or 'auto'"),
+    ("--v-refresh-every", int, "onebit_adam: an uncompressed v refresh every this many steps after the freeze"),
 ]
 
 

@@ -12,7 +12,7 @@ import hvd_qadam
 from hvd_qadam import functional as F
 from hvd_qadam.algorithms import OnebitAdam
 from hvd_qadam.comm import SimWorld
-from hvd_qadam.config import DEFAULT_FREEZE_STEP, FREEZE_AUTO_NEVER, Config
+from hvd_qadam.config import DEFAULT_FREEZE_STEP, DEFAULT_V_REFRESH_EVERY, FREEZE_AUTO_NEVER, Config
 
 import digits  # scripts/digits.py (tests/conftest.py puts scripts/ on sys.path)
 from digits import base_optimizer
@@ -74,6 +74,13 @@ def test_configuration_freeze_step_and_refusals():
         Config(algorithm="onebit_adam", freeze_step=10, warmup_steps=5)
     with pytest.raises(ValueError, match="option of algorithm 'onebit_adam'"):
         Config(algorithm="efficient_adam", freeze_step=10)
+    assert Config(algorithm="onebit_adam").v_refresh_every == DEFAULT_V_REFRESH_EVERY
+    assert Config(algorithm="onebit_adam", v_refresh_every=0).v_refresh_every == 0
+    for bad in (-1, 2.5, True, "often"):
+        with pytest.raises(ValueError, match="v_refresh_every must be"):
+            Config(algorithm="onebit_adam", v_refresh_every=bad)
+    with pytest.raises(ValueError, match="v_refresh_every is an option of algorithm 'onebit_adam'"):
+        Config(algorithm="qadam", v_refresh_every=50)
     model = digits.make_model()
     with pytest.raises(ValueError, match="amsgrad"):
         hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters(), amsgrad=True), model.named_parameters(),
@@ -85,7 +92,8 @@ def test_configuration_freeze_step_and_refusals():
 
 # ---------------------------------------------------------------------------------- equivalences
 @pytest.mark.parametrize("down", [dict(downlink_quantizer="sign"), dict(downlink_quantizer="qsgdinf", downlink_bits=4),
-                                  dict(downlink_quantizer=None)], ids=["sign", "qsgdinf4", "full"])
+                                  dict(downlink_quantizer=None), dict(downlink_quantizer="sign", v_refresh_every=2)],
+                         ids=["sign", "qsgdinf4", "full", "sign-v-refresh"])
 def test_sharded_equals_allgather_bit_for_bit(down, sim_train, assert_same_params):
     kw = dict(SIGN, freeze_step=3, bucket_size=64, min_compress_numel=256, **down)
     a = sim_train(3, 7, topology="allgather", **kw)
@@ -137,6 +145,63 @@ def test_uncompressed_before_the_freeze_equals_torch_adam_on_the_mean_gradient(b
     for n, p in model.named_parameters():
         diff = float((got[0][n] - p.detach()).abs().max())
         assert diff <= 2e-6, f"{n}: max |diff| {diff}"
+
+
+def test_v_refresh_steps_follow_the_written_math():
+    """freeze 3, v refreshed every 2 steps: steps 0-2 Adam, 3 frozen, 4 a refresh (v decayed by
+    b2^2 for the two steps since its last update), 5 frozen, 6 a refresh, ... With
+    quantizer="none" every exchange is exact, so the run must follow this loop on the mean gradient."""
+    steps, world, f, k, lr = 10, 3, 3, 2, 2e-3
+    b1, b2, eps = 0.9, 0.999, 1e-8
+
+    def worker(rank, comm):
+        mk = lambda m: hvd_qadam.DistributedOptimizer(torch.optim.Adam(m.parameters(), lr=lr), m.named_parameters(),
+                                                      comm=comm, algorithm="onebit_adam", quantizer="none",
+                                                      freeze_step=f, v_refresh_every=k, min_compress_numel=256)
+        compressed = []
+        model, _ = digits.train(rank, comm.size, mk, epochs=100, max_steps=steps,
+                                on_step=lambda s, o: compressed.append(o.communication_stats.compressed))
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, compressed
+    got = hvd_qadam.simulate(world, worker)
+    assert got[0][1] == [False, False, False, True, False, True, False, True, False, True], got[0][1]
+
+    x, y, _, _ = digits.load_digits_split(0)
+    model = digits.make_model()
+    params = list(model.parameters())
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    t_v = 0                                       # the step v was last updated at (1-based)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    idx_iter = (idx for epoch in range(100) for idx in digits.batches(len(x), 96, epoch, 0))
+    for s in range(steps):
+        idx = next(idx_iter)
+        grads = []
+        for r in range(world):
+            i = digits.shard(idx, r, world)
+            model.zero_grad()
+            loss_fn(model(x[i]), y[i]).backward()
+            grads.append([p.grad.clone() for p in params])
+        v_step = s < f or (s + 1 - f) % k == 0     # the warm-up, or a refresh: v moves
+        with torch.no_grad():
+            for j, p in enumerate(params):
+                g = (grads[0][j] + grads[1][j] + grads[2][j]) / 3
+                m[j] = b1 * m[j] + (1 - b1) * g
+                if v_step:
+                    t = s + 1
+                    decay = b2 ** (t - t_v)
+                    v[j] = decay * v[j] + (1 - decay) * g * g
+                    u = (m[j] / (1 - b1 ** t)) / ((v[j] / (1 - b2 ** t)).sqrt() + eps)
+                else:                             # frozen: v of its last update, m uncorrected
+                    live = v[j] != 0
+                    m[j] = torch.where(live, m[j], torch.zeros_like(m[j]))
+                    u = torch.where(live, m[j] / ((v[j] / (1 - b2 ** t_v)).sqrt() + eps), torch.zeros_like(m[j]))
+                p -= lr * u
+        if v_step:
+            t_v = s + 1
+    for r in range(world):
+        for n, p in model.named_parameters():
+            diff = float((got[r][0][n] - p.detach()).abs().max())
+            assert diff <= 2e-6, f"rank {r}, {n}: max |diff| {diff}"
 
 
 def test_warmup_is_fp32_then_one_bit_and_momentum_is_replicated():
@@ -218,9 +283,12 @@ def _resume_worker(tmp_path, kw, total, split):
     return worker
 
 
-@pytest.mark.parametrize("split", [2, 6])        # before and after the freeze (step 4)
-def test_checkpoint_resume_continues_identical_trajectory(tmp_path, split, assert_same_params):
-    kw = dict(SIGN, freeze_step=4, topology="sharded", bucket_size=64, min_compress_numel=256)
+@pytest.mark.parametrize("split,refresh", [(2, 0), (6, 0), (6, 2), (7, 2)])
+def test_checkpoint_resume_continues_identical_trajectory(tmp_path, split, refresh, assert_same_params):
+    # freeze at step 4: split before and after it; with v refreshed every 2 steps (5 and 7 are
+    # refreshes), resumed just after one and just before one
+    kw = dict(SIGN, freeze_step=4, topology="sharded", bucket_size=64, min_compress_numel=256,
+              v_refresh_every=refresh)
     straight = hvd_qadam.simulate(3, _resume_worker(tmp_path, kw, 9, None))
     resumed = hvd_qadam.simulate(3, _resume_worker(tmp_path, kw, 9, split))
     for r in range(3):
@@ -285,12 +353,14 @@ def test_onebit_without_error_feedback_is_worse():
 
 
 # ---------------------------------------------------------------------------------- ps under mpirun
-def test_mpi_parameter_server_equals_simulator_bit_for_bit(tmp_path, run_mpi, sim_train, assert_same_params):
-    kwargs = dict(SIGN, freeze_step=3)
+@pytest.mark.parametrize("refresh,steps,checkpoint_at", [(0, 6, 4), (2, 6, 5)])   # with v_refresh_every=2, step 4
+def test_mpi_parameter_server_equals_simulator_bit_for_bit(tmp_path, run_mpi, sim_train, assert_same_params,
+                                                           refresh, steps, checkpoint_at):   # is a refresh
+    kwargs = dict(SIGN, freeze_step=3, v_refresh_every=refresh)
     out = tmp_path / "ps.pt"
-    run_mpi(4, "train_ps.py", "--out", str(out), "--steps", "6", "--checkpoint-at", "4", "--base", "adam",
-            "--kwargs", json.dumps(kwargs))
+    run_mpi(4, "train_ps.py", "--out", str(out), "--steps", str(steps), "--checkpoint-at", str(checkpoint_at),
+            "--base", "adam", "--kwargs", json.dumps(kwargs))
     res = torch.load(out)
     assert res["size"] == 3 and len(set(res["digests"])) == 1 and res["has_server_state"]
     assert 0 < res["stats"]["sent_bytes"] < res["stats"]["fp32_bytes"] / 20      # 1-bit after the freeze
-    assert_same_params(res["params"], sim_train(3, 6, **kwargs)[0], "ps vs simulator")
+    assert_same_params(res["params"], sim_train(3, steps, **kwargs)[0], "ps vs simulator")
