@@ -11,7 +11,7 @@ ALGORITHMS = ("qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd", "loc
 TOPOLOGIES = ("allgather", "sharded", "ps")
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 DEFAULT_FREEZE_STEP = 100           # onebit_adam: full-precision Adam steps before v is frozen
-DEFAULT_V_REFRESH_EVERY = 0         # onebit_adam: steps between uncompressed v refreshes after the freeze
+DEFAULT_V_REFRESH_EVERY = 50        # onebit_adam: steps between uncompressed v refreshes after the freeze
 FREEZE_AUTO_NEVER = 2 ** 62         # freeze_step="auto" without a cap: warm up until v is stable
 
 

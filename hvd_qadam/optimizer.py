@@ -393,10 +393,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       v is frozen and compression starts (it sets ``warmup_steps``); ``"auto"``: freeze once the norm
       of the bias-corrected v changed by <= 5% over the last 20 steps (``warmup_steps``, if given,
       is then the latest freeze step). DeepSpeed suggests 15-25% of the run.
-    v_refresh_every (None: DEFAULT_V_REFRESH_EVERY for ``onebit_adam``; 0: never): after the freeze,
-      every this many steps one step exchanges the gradient uncompressed and refreshes v as if it
-      had decayed through the steps since its last update (0/1 Adam's idea; v drifts away from
-      its frozen value as training goes on).
+    v_refresh_every (None: 50 for ``onebit_adam``; 0: never, DeepSpeed's 1-bit Adam): after the
+      freeze, every this many steps one step exchanges the gradient uncompressed (fp32) and
+      refreshes v as if it had decayed through the steps since its last update: Adam's v keeps
+      moving after the freeze, and a stale v under-steps (see ``algorithms.OnebitAdam``).
     level_schedule ((0, 100, 2000)) / level_every (10000): ALQ/AMQ refits at these steps, then every
       ``level_every`` after the last.
     timeout (None: HVD_QADAM_TIMEOUT, else 300 s): deadline of every collective. When it expires
