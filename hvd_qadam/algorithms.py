@@ -327,17 +327,15 @@ class OnebitAdam(_AdamFamily):
             F.frozen_adam_apply(result, v, x, m_new, d, self.constants(h, max(1, last)))
             return d
         v_new = step.spare(key + ".v", n, dev)
-        if step.step < eng.cfg.warmup_steps:                    # warm-up: torch's Adam step
-            t = last + 1
-            c = self.constants(h, t)
-        else:                      # a v refresh: v has not moved for the t - last steps since
-            t = step.step + 1
-            c = self.constants(h, t)
+        warm = step.step < eng.cfg.warmup_steps                 # warm-up: torch's Adam step
+        t = last + 1 if warm else step.step + 1
+        c = self.constants(h, t)
+        if not warm:               # a v refresh: v has not moved for the t - last steps since
             b2k = h["betas"][1] ** (t - last)
             c["b2"], c["omb2"] = np.float32(b2k), np.float32(1.0 - b2k)
         F.adam_update(result, m, v, x, m_new, v_new, d, c)
         step.worker_adam_step[key] = t
-        if self.auto and step.step < eng.cfg.warmup_steps:
+        if self.auto and warm:
             self._watch(eng, g, h, t, v_new, step)
         return d
 

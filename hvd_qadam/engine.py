@@ -169,7 +169,7 @@ class Engine:
         if not self.alg.overlap or not self.transport.overlaps:
             return False
         lv = self.uplink_levels
-        return lv is None or self.step_count < self.cfg.warmup_steps or not lv.due(self.step_count)
+        return lv is None or not self.alg.compress_at(self, self.step_count) or not lv.due(self.step_count)
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, vec: torch.Tensor, link: LinkSpec, key: int, offset: int, codebook=None):
