@@ -181,10 +181,10 @@ def test_steady_state_step_allocates_nothing_of_the_model_size(kw):
 
 
 @pytest.mark.parametrize("quantizer,bits", [("qsgdinf", 4), ("qsgd", 2), ("qsgdinf", 8), ("terngrad", 2),
-                                            ("sign", 1), ("qsgdinf", 3)])
+                                            ("sign", 1), ("qsgdinf", 3), ("qsgdinf", 6), ("qsgd", 6)])
 @pytest.mark.parametrize("bucket", [8, 128, 136, 520])
 def test_byte_aligned_uniform_path_equals_reference(quantizer, bits, bucket):
-    """The byte-aligned path (whole buckets of a uniform grid at 4 or 8 bits, or of sign's two
+    """The byte-aligned path (whole buckets of a uniform grid at 4, 6 or 8 bits, or of sign's two
     levels at 1 bit) against
     the reference, bit for bit, for every kernel: encode, encode_ef, decode, decode_add with and
     without the divisor, and decode_mean. 136 and 520 do not divide the parallel task size, so
