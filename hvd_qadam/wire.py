@@ -252,7 +252,7 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
     (1, 2, 4, 8 bits) are checked with a per-byte lookup table, the others by unpacking."""
     if n_levels >= 1 << bits or n == 0:
         return None
-    if n_levels == (1 << bits) - 1 and bits in (2, 4, 8):
+    if n_levels == (1 << bits) - 1 and bits in (2, 4, 6, 8):
         # a uniform grid's one invalid code is all ones: rule it out a word at a time first
         from .quant.backend import cpu_backend
         be = cpu_backend()

@@ -241,7 +241,7 @@ def test_byte_aligned_uniform_path_rejects_codes_past_the_codebook():
         numba_kernels.decode_mean(np.empty(n, np.float32), [s, s], [p, p], lv, 4, 128, n)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 4, 6, 8])
 def test_all_ones_code_check_agrees_with_unpacking(bits):
     """The wire parser's word-at-a-time check for a uniform grid's invalid code (all ones)
     against unpacking every code, for a code in every position of the words and of the tail."""
@@ -256,3 +256,7 @@ def test_all_ones_code_check_agrees_with_unpacking(bits):
             assert numba_kernels.any_all_ones_code(pack_codes(bad, bits), bits), (n, pos)
     with pytest.raises(ValueError, match="bits must be"):
         numba_kernels.any_all_ones_code(np.zeros(4, np.uint8), 3)
+    for size in (3, 4, 5):   # 6 bits: the whole fields of a 1- or 2-byte tail, not its padding
+        tail = np.zeros(size, np.uint8)
+        tail[3:] = 0xC0 if size == 4 else 0          # the 2 padding bits of a 1-byte tail: clear
+        assert not numba_kernels.any_all_ones_code(tail, 6)
