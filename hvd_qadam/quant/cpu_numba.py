@@ -1135,14 +1135,29 @@ def _any_all_ones(packed, bits, lanes):
     return acc != 0
 
 
+@njit(**_INLINE)
+def _pack_6(pk, q, c0, c1, c2, c3):
+    """Codes 4q .. 4q+3 (6 bits each) into bytes 3q .. 3q+2, LSB-first: _pack_group's layout."""
+    pk[3 * q] = np.uint8(c0 | ((c1 & 3) << 6))
+    pk[3 * q + 1] = np.uint8((c1 >> 2) | ((c2 & 15) << 4))
+    pk[3 * q + 2] = np.uint8((c2 >> 4) | (c3 << 2))
+
+
+@njit(**_INLINE)
+def _unpack_6(pk, q):
+    """The inverse of _pack_6: codes 4q .. 4q+3 from bytes 3q .. 3q+2."""
+    b0, b1, b2 = np.int32(pk[3 * q]), np.int32(pk[3 * q + 1]), np.int32(pk[3 * q + 2])
+    return b0 & 63, (b0 >> 6) | ((b1 & 15) << 2), (b1 >> 4) | ((b2 & 3) << 4), b2 >> 2
+
+
 @njit(**_JIT)
 def _any_all_ones_6(packed):
-    """Whether some 6-bit field of packed is 63: four fields per 3 bytes (_pack_group's
-    layout), then the whole fields of a 1- or 2-byte tail (the rest of a tail is padding)."""
+    """Whether some 6-bit field of packed is 63: four fields per 3 bytes (_pack_6), then the
+    whole fields of a 1- or 2-byte tail (the rest of a tail is padding)."""
     triples = packed.size // 3
     for q in range(triples):
-        v = np.int32(packed[3 * q]) | (np.int32(packed[3 * q + 1]) << 8) | (np.int32(packed[3 * q + 2]) << 16)
-        if (v & 63) == 63 or ((v >> 6) & 63) == 63 or ((v >> 12) & 63) == 63 or (v >> 18) == 63:
+        c0, c1, c2, c3 = _unpack_6(packed, q)
+        if c0 == 63 or c1 == 63 or c2 == 63 or c3 == 63:
             return True
     tail = packed.size - 3 * triples
     if tail >= 1 and (packed[3 * triples] & 63) == 63:
@@ -1267,9 +1282,7 @@ def _encode_aligned(x, k0, k1, scales, bucket_size, tables, num_levels, uniform_
                 c1 = _uniform_code(x1, s, first, last, fm, top_j, stochastic, run, kb + 4 * q + 1)
                 c2 = _uniform_code(x2, s, first, last, fm, top_j, stochastic, run, kb + 4 * q + 2)
                 c3 = _uniform_code(x3, s, first, last, fm, top_j, stochastic, run, kb + 4 * q + 3)
-                pk[3 * q] = np.uint8(c0 | ((c1 & 3) << 6))
-                pk[3 * q + 1] = np.uint8((c1 >> 2) | ((c2 & 15) << 4))
-                pk[3 * q + 2] = np.uint8((c2 >> 4) | (c3 << 2))
+                _pack_6(pk, q, c0, c1, c2, c3)
                 xs[4 * q] = x0 - _grid_level(c0, m, fm) * s
                 xs[4 * q + 1] = x1 - _grid_level(c1, m, fm) * s
                 xs[4 * q + 2] = x2 - _grid_level(c2, m, fm) * s
@@ -1310,9 +1323,7 @@ def _encode_aligned_ro(x, k0, k1, scales, bucket_size, tables, num_levels, unifo
                 c1 = _uniform_code(xs[4 * q + 1], s, first, last, fm, top_j, stochastic, run, kb + 4 * q + 1)
                 c2 = _uniform_code(xs[4 * q + 2], s, first, last, fm, top_j, stochastic, run, kb + 4 * q + 2)
                 c3 = _uniform_code(xs[4 * q + 3], s, first, last, fm, top_j, stochastic, run, kb + 4 * q + 3)
-                pk[3 * q] = np.uint8(c0 | ((c1 & 3) << 6))
-                pk[3 * q + 1] = np.uint8((c1 >> 2) | ((c2 & 15) << 4))
-                pk[3 * q + 2] = np.uint8((c2 >> 4) | (c3 << 2))
+                _pack_6(pk, q, c0, c1, c2, c3)
         else:
             for q in range(pk.size):
                 v = np.int32(0)
@@ -1381,8 +1392,7 @@ def _decode_aligned_bucket(pk, bits, s, m, fm, l0, l1, os, mode, divisor):
             os[q] = _combine(os[q], _grid_level(c, m, fm), s, mode, divisor)
     elif bits == 6:
         for q in range(pk.size // 3):
-            b0, b1, b2 = np.int32(pk[3 * q]), np.int32(pk[3 * q + 1]), np.int32(pk[3 * q + 2])
-            c0, c1, c2, c3 = b0 & 63, (b0 >> 6) | ((b1 & 15) << 2), (b1 >> 4) | ((b2 & 3) << 4), b2 >> 2
+            c0, c1, c2, c3 = _unpack_6(pk, q)
             seen = max(seen, max(max(c0, c1), max(c2, c3)))
             os[4 * q] = _combine(os[4 * q], _grid_level(c0, m, fm), s, mode, divisor)
             os[4 * q + 1] = _combine(os[4 * q + 1], _grid_level(c1, m, fm), s, mode, divisor)
