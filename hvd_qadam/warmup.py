@@ -36,9 +36,11 @@ def _quantizers(backend) -> None:
     for name, k in KINDS.items():
         if k.passthrough:
             continue
-        bits = 3 if k.adaptive else None
-        codebook = default_adaptive_codebook(bits) if k.adaptive else None
-        for rounding in ("stochastic", "nearest"):
+        # 6 bits as well as the quantizer's default: the pipeline's default width for the grids
+        # (config.LINK_DEFAULT_BITS), whose received payloads take a 6-bit-only wire check
+        widths = (3,) if k.adaptive else (None,) if k.fixed_bits is not None else (None, 6)
+        for bits, rounding in ((b, r) for b in widths for r in ("stochastic", "nearest")):
+            codebook = default_adaptive_codebook(bits) if k.adaptive else None
             sent = quantize(x, name, bits, _BUCKET, rounding=rounding, codebook=codebook)
             received = Payload.from_bytes(sent.to_bytes())      # read-only arrays over the bytes
             decode_flat(sent)

@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from study_output import write_json  # noqa: E402 - this folder's module
 
 CONFIGS = {
-    "defaults (qsgd algorithm, qsgdinf 4-bit + EF)": {},
+    "defaults (qsgd algorithm, qsgdinf 6-bit + EF)": {},
+    "the defaults at 4 bits": dict(bits=4),
     "efficient_adam 4/4-bit": dict(algorithm="efficient_adam", quantizer="qsgdinf", bits=4,
                                    downlink_quantizer="qsgdinf", downlink_bits=4),
     "efficient_adam 1/1-bit sign": dict(algorithm="efficient_adam", quantizer="sign", downlink_quantizer="sign"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set everything up if needed (scripts/install.sh), then run the main job: 3 MPI ranks train an MLP on
-# scikit-learn's digits, uncompressed and with 4-bit QSGD + error feedback, and compare.
+# scikit-learn's digits, uncompressed and with the defaults (6-bit max-abs QSGD + error feedback),
+# and compare.
 #   bash scripts/demo.sh [train_digits.py options, e.g. --algorithm efficient_adam --bits 2]
 #   bash scripts/demo.sh --epochs 2      # a short run (CI runs this)
 # Only rank 0 writes: a progress bar when this script's stdout and stderr are a terminal, plain

@@ -26,6 +26,7 @@ import horovod.torch as hvd
 import torch
 
 import hvd_qadam
+from hvd_qadam.config import LinkSpec
 import digits  # this folder's module (sys.path[0] when run as a script)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -33,7 +34,7 @@ p.add_argument("--algorithm", default="qsgd", choices=["qsgd", "efficient_adam",
                                                        "local_sgd"])
 p.add_argument("--topology", default="allgather", choices=["allgather", "sharded"])
 p.add_argument("--quantizer", default="qsgdinf", help="uplink quantizer (default: the library's, qsgdinf)")
-p.add_argument("--bits", type=int, default=4)
+p.add_argument("--bits", type=int, default=None, help="uplink bits (default: the library's, 6 for qsgdinf)")
 p.add_argument("--bucket-size", type=int, default=None, help="elements per scale (default: the library's, 128)")
 p.add_argument("--downlink-quantizer", default=None)
 p.add_argument("--downlink-bits", type=int, default=None)
@@ -127,7 +128,8 @@ if not args.no_baseline:
     log("== uncompressed: hvd.DistributedOptimizer, fp32 allreduce")
     results["uncompressed"] = run("fp32", baseline)
 
-label = f"{args.algorithm}/{args.quantizer}{args.bits}" + ("" if args.no_error_feedback else "+EF")
+bits = LinkSpec(args.quantizer, args.bits).bits     # the width the library resolves bits=None to
+label = f"{args.algorithm}/{args.quantizer}{bits}" + ("" if args.no_error_feedback else "+EF")
 
 
 def compressed(model):
@@ -140,7 +142,7 @@ def compressed(model):
         error_feedback=not args.no_error_feedback, seed=args.seed)
 
 
-log(f"== compressed: hvd_qadam.DistributedOptimizer({args.algorithm}, {args.quantizer} {args.bits} bits, "
+log(f"== compressed: hvd_qadam.DistributedOptimizer({args.algorithm}, {args.quantizer} {bits} bits, "
     f"bucket {args.bucket_size or 'default'}, {'no EF' if args.no_error_feedback else 'error feedback'}, {args.topology})")
 results[label] = run(label, compressed)
 

@@ -254,7 +254,8 @@ def test_warmup_steps_send_fp32_then_compress():
             sent.append(opt.communication_stats.sent_bytes)
         return sent
     sent = hvd_qadam.simulate(2, worker)[0]
-    assert sent[0] == sent[1] > 4 * 26122 and sent[2] < sent[0] / 6
+    # fp32 for the warm-up, then the default 6-bit codes (6.25 bits per element with bucket 128)
+    assert sent[0] == sent[1] > 4 * 26122 and sent[2] < sent[0] / 4.5
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -176,8 +176,9 @@ def test_steady_state_step_allocates_nothing_of_the_model_size(kw):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # payloads, frames and their copies are ~1/8 of fp32 at 4 bits; a full-size buffer is 1
-    assert peak < full / 2, f"peak {peak} bytes of new allocations in a steady-state step (fp32 size {full})"
+    # the payload, its frame and the gathered copy are ~0.2 of fp32 each at the default 6 bits
+    # (~0.6 in all); one buffer of the model's fp32 size would add 1
+    assert peak < 0.75 * full, f"peak {peak} bytes of new allocations in a steady-state step (fp32 size {full})"
 
 
 @pytest.mark.parametrize("quantizer,bits", [("qsgdinf", 4), ("qsgd", 2), ("qsgdinf", 8), ("terngrad", 2),

@@ -1190,8 +1190,8 @@ def first_flagged_byte(data, flagged):
 
 
 # ----------------------------------------------------------------------------- byte-aligned buckets
-# The common cases skip the 512-element staging above: a uniform grid at 4 or 8 bits (the
-# defaults: 4-bit qsgdinf, buckets of 128) or a two-level codebook at 1 bit (sign, buckets of
+# The common cases skip the 512-element staging above: a uniform grid at 4, 6 or 8 bits (the
+# defaults: 6-bit qsgdinf, buckets of 128) or a two-level codebook at 1 bit (sign, buckets of
 # 512), with buckets of a multiple of 8 elements. Every bucket then starts on a byte, so one loop
 # over a bucket's bytes reads its elements (or codes), computes the codes (or the levels:
 # float32(c - m) / m on a grid, l_0 or l_1 for two levels) and writes one value per element. The
