@@ -367,9 +367,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       width of ``sign``/``terngrad``, and 4 for the others. One fp32 scale per bucket;
       ``bucket_size=None`` is 128 (6.25 bits per element at 6 bits, 5.1x fewer bytes than fp32;
       measured closer to Horovod Adam than 512 on the LM, README), or 512 for the 1-bit ``sign``,
-      whose payload a scale per 128 would grow by a quarter. ``rounding=None`` means nearest where error feedback is on (EF needs a
-      contractive compressor) and the quantizer's own default where it is off.
-    downlink_quantizer (None: full precision) / downlink_bits / downlink_bucket_size (the uplink's) /
+      whose payload a scale per 128 would grow by a quarter. ``rounding=None`` means nearest where
+      error feedback is on (EF needs a contractive compressor) and the quantizer's own default
+      where it is off.
+    downlink_quantizer (None: full precision) / downlink_bits (None: by quantizer, as ``bits``) /
+      downlink_bucket_size (the uplink's) /
       downlink_rounding: server -> workers (updates; weights for ``qadam_weights``). Not used by
       ``qsgd`` under ``allgather``, where every rank averages itself.
     error_feedback (True) / server_error_feedback (True): worker EF on the uplink / server EF on a

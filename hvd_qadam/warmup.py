@@ -22,6 +22,7 @@ import torch
 
 from . import functional as F
 from .api import decode_flat, quantize, quantize_ef
+from .config import LINK_DEFAULT_BITS
 from .quant.backend import cpu_backend, gpu_backend
 from .quant.codebooks import KINDS, default_adaptive_codebook
 from .wire import Payload
@@ -36,9 +37,10 @@ def _quantizers(backend) -> None:
     for name, k in KINDS.items():
         if k.passthrough:
             continue
-        # 6 bits as well as the quantizer's default: the pipeline's default width for the grids
-        # (config.LINK_DEFAULT_BITS), whose received payloads take a 6-bit-only wire check
-        widths = (3,) if k.adaptive else (None,) if k.fixed_bits is not None else (None, 6)
+        # the pipeline's own default width as well as the quantizer's (6-bit payloads take a
+        # wire check of their own)
+        pipeline_bits = (LINK_DEFAULT_BITS[name],) if name in LINK_DEFAULT_BITS else ()
+        widths = (3,) if k.adaptive else (None,) + pipeline_bits
         for bits, rounding in ((b, r) for b in widths for r in ("stochastic", "nearest")):
             codebook = default_adaptive_codebook(bits) if k.adaptive else None
             sent = quantize(x, name, bits, _BUCKET, rounding=rounding, codebook=codebook)
