@@ -105,6 +105,9 @@ class HorovodComm:
         self._kw = kw
         self.rank = hvd.rank() if process_set is None else process_set.rank()
         self.size = hvd.size() if process_set is None else process_set.size()
+        from .transport import Hosts, horovod_hosts
+        # Horovod's local/cross ranks describe the global world; a process set is taken as flat.
+        self.hosts = horovod_hosts(hvd, self.size) if process_set is None else Hosts(self.size, 1)
         from .quant.backend import share_cores
         share_cores(hvd.local_size())
 
@@ -166,6 +169,7 @@ class ExcludedComm:
     optimizer steps locally, as Horovod's does)."""
     excluded = True
     rank, size = 0, 1
+    hosts = None
 
     def __getattr__(self, name):
         raise RuntimeError("this rank is not in the optimizer's process set; it does not communicate")
@@ -174,8 +178,10 @@ class ExcludedComm:
 class SimWorld:
     """Shared state of N simulated ranks that run as threads of one process."""
 
-    def __init__(self, size: int, timeout: float = 120.0):
+    def __init__(self, size: int, timeout: float = 120.0, local_size: int = 1):
+        from .transport import Hosts
         self.size = size
+        self.hosts = Hosts(size, local_size)     # simulated hosts of local_size consecutive ranks
         self._barrier = threading.Barrier(size, timeout=timeout)
         self._slots = [None] * size
 
@@ -201,6 +207,7 @@ class SimComm:
 
     def __init__(self, world: SimWorld, rank: int):
         self.world, self.rank, self.size = world, rank, world.size
+        self.hosts = world.hosts
 
     def allgather_bytes(self, data: bytes, name: str) -> memoryview:
         return memoryview(b"".join(self.world._exchange(self.rank, bytes(data))))

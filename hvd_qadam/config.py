@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from .api import ROUNDINGS, check_bucket_size
 from .quant import codebooks as cb
+from .transport import TOPOLOGIES as _TOPOLOGY_CLASSES
 
 ALGORITHMS = ("qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd", "local_sgd", "onebit_adam")
-TOPOLOGIES = ("allgather", "sharded", "ps")
+TOPOLOGIES = tuple(_TOPOLOGY_CLASSES)      # resolved names; the optimizer also takes "auto"
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 DEFAULT_FREEZE_STEP = 100           # onebit_adam: full-precision Adam steps before v is frozen
 DEFAULT_V_REFRESH_EVERY = 50        # onebit_adam: steps between uncompressed v refreshes after the freeze

@@ -38,12 +38,12 @@ from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exp
 from .api import decode_flat, quantize
 from .comm import CommError
 from .config import NONE_LINK, Config, LinkSpec
-from .layout import Layout, shard_alignment, shard_bounds
+from .layout import Layout, shard_alignment
 from .memory import StateBank, persistent_buffer
 from .quant import codebooks as cb
 from .quant import rng
 from .quant.backend import cpu_backend
-from .transport import make_transport
+from .transport import TOPOLOGIES, Hosts, make_transport
 from .wire import Frame, PayloadError
 
 SERVER_RANK = 2 ** 31 - 1     # the rank used in the server's random-stream keys
@@ -70,6 +70,8 @@ class StepStats:
     levels_s: float = 0.0          # adaptive quantizers: time spent refitting levels this step
     overlapped_groups: int = 0     # groups whose exchange started during backward
     compressed: bool = True
+    topology: str = ""             # the topology that ran the exchange (``topology="auto"``'s choice)
+    topology_reason: str = ""      # why: "given", or the byte counts ``auto`` compared
     totals: dict = field(default_factory=lambda: {"sent_bytes": 0, "received_bytes": 0, "fp32_bytes": 0, "steps": 0,
                                                   "levels_s": 0.0, "level_refits": 0})
 
@@ -127,10 +129,13 @@ class Engine:
         if cb.kind(config.downlink.quantizer).adaptive:
             raise ValueError("adaptive quantizers (alq/amq) are supported on the uplink; use a fixed "
                              "quantizer for the downlink")
-        align = shard_alignment(config.uplink.bucket_size, config.downlink.bucket_size)
-        self.bounds = {g.index: (shard_bounds(g.numel, self.size, align) if config.topology == "sharded"
-                                 else [(0, g.numel)]) for g in layout.groups}
+        # Where ranks sit on hosts (the simulator and Horovod's comm say; one per host otherwise).
+        self.hosts = getattr(comm, "hosts", None) or Hosts(self.size, 1)
+        self.align = shard_alignment(config.uplink.bucket_size, config.downlink.bucket_size)
+        topology = TOPOLOGIES[config.topology]
+        self.bounds = {g.index: topology.served_ranges(g.numel, self.hosts, self.align) for g in layout.groups}
         self.transport = make_transport(config.topology, self)
+        self.topology_reason = "given"
         self._params_source = None
 
     # ------------------------------------------------------------------ small helpers
@@ -235,47 +240,56 @@ class Engine:
             t = self.step_count
             compress = self.alg.compress_at(self, t)
             self.pending = PendingStep(self.bank, t, compress,
-                                       StepStats(step=t, compressed=compress,
+                                       StepStats(step=t, compressed=compress, topology=self.cfg.topology,
+                                                 topology_reason=self.topology_reason,
                                                  totals=self.stats.totals))
             self._flat_params = {}
         return self.pending
 
     def launch(self, g, grad: torch.Tensor, early: bool = False) -> None:
-        """Worker side of group ``g`` from its flat gradient, then start its uplink exchange."""
+        """Worker side of group ``g`` from its flat gradient, then start its uplink exchange
+        (the topology encodes: under ``hierarchical`` only after the host's reduce-scatter)."""
         st = self.begin()
         if g.index in st.launched:
             raise RuntimeError(f"group {g.index} was already exchanged in step {st.step}")
         t0 = time.perf_counter()
-        up, _ = self.links(g, st.compress)
-        error = None
-        payloads = []
         vec = self.alg.worker(self, g, grad, st)
+        st.launched[g.index] = self.transport.start(g, vec, grad, st)
+        st.stats.fp32_bytes += 4 * g.numel
+        st.stats.encode_s += time.perf_counter() - t0
+        st.stats.overlapped_groups += int(early)
+
+    def encode_uplink(self, g, vec: torch.Tensor, st, ranges, base: int = 0, residual: str | None = None):
+        """(payloads, nonfinite): ``vec`` holds elements [base, base + len(vec)) of group ``g``;
+        one uplink payload per (start, stop) in ``ranges`` (global element positions, which key
+        the rounding streams), with worker error feedback on residual ``residual`` (default the
+        group's, ``g<i>.e``; it covers ``vec``). ``nonfinite``: NaN/Inf met (payloads unusable)."""
+        up, _ = self.links(g, st.compress)
         key = self.key(self.rank, g.index, rng.UPLINK)
         if st.codebook is None and self.uplink_levels is not None:
             st.codebook = self.uplink_levels.codebook       # no refit due at this step
         codebook = st.codebook if not up.passthrough else None
         if self.cfg.error_feedback and not up.passthrough:
-            name = f"g{g.index}.e"
-            resid = self.bank.get_or_zeros(name, g.numel, grad.device)
-            resid_new = st.spare(name, g.numel, grad.device)
-            bad = False
-            for a, b in self.bounds[g.index]:
-                q, nonfinite = self.encode_ef(vec[a:b], resid[a:b], resid_new[a:b], up, key, a, codebook)
+            name = residual or f"g{g.index}.e"
+            n = vec.numel()
+            resid = self.bank.get_or_zeros(name, n, vec.device)
+            resid_new = st.spare(name, n, vec.device)
+            payloads, bad = [], False
+            for a, b in ranges:
+                q, nonfinite = self.encode_ef(vec[a - base:b - base], resid[a - base:b - base],
+                                              resid_new[a - base:b - base], up, key, a, codebook)
                 payloads.append(q)
                 bad |= nonfinite
-        else:
-            # A sum is ~5x cheaper than isfinite().all() and non-finite whenever an element is
-            # (or, rarely, when finite values overflow: then the exact check clears it).
-            bad = not np.isfinite(float(vec.sum())) and not bool(torch.isfinite(vec).all())
-            if not bad:
-                payloads = [self.encode(vec[a:b], up, key, a, codebook) for a, b in self.bounds[g.index]]
-        if bad:
-            error = self._nonfinite_message(g, grad)
-            payloads = []
-        st.stats.fp32_bytes += 4 * g.numel
-        st.stats.encode_s += time.perf_counter() - t0
-        st.stats.overlapped_groups += int(early)
-        st.launched[g.index] = self.transport.start(g, payloads, error, st)
+            return payloads, bad
+        # A sum is ~5x cheaper than isfinite().all() and non-finite whenever an element is
+        # (or, rarely, when finite values overflow: then the exact check clears it).
+        if not np.isfinite(float(vec.sum())) and not bool(torch.isfinite(vec).all()):
+            return [], True
+        return [self.encode(vec[a - base:b - base], up, key, a, codebook) for a, b in ranges], False
+
+    def uplink_error(self, g, grad) -> str:
+        """The message every rank raises when this rank's uplink of group ``g`` is not finite."""
+        return self._nonfinite_message(g, grad)
 
     def _nonfinite_message(self, g, grad) -> str:
         if bool(torch.isfinite(grad).all()):

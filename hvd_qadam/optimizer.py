@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from .config import Config, LinkSpec, NONE_LINK
+from .transport import AUTO, TOPOLOGIES as TOPOLOGY_CLASSES, Hosts, choose
 from .engine import OUT_GRAD, OUT_UPDATE, ConsistencyError, Engine, NonFiniteGradientError
 from .layout import Layout
 from .quant import codebooks as cb
@@ -327,7 +328,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          downlink_quantizer: str | None = None, downlink_bits: int | None = None,
                          downlink_bucket_size: int | None = None, downlink_rounding: str | None = None,
                          error_feedback: bool = True, server_error_feedback: bool = True,
-                         topology: str = "allgather", warmup_steps: int = 0, min_compress_numel: int = 1024,
+                         topology: str = "auto", hierarchical: bool | None = None, warmup_steps: int = 0,
+                         min_compress_numel: int = 1024,
                          fusion_threshold_mb: float = 25, overlap: bool = True, seed: int = 0,
                          nonfinite: str | None = None, bias_correction: bool = True,
                          momentum_steps: int | None = None, sync_every: int = 1, level_schedule=(0, 100, 2000),
@@ -370,14 +372,26 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       whose payload a scale per 128 would grow by a quarter. ``rounding=None`` means nearest where
       error feedback is on (EF needs a contractive compressor) and the quantizer's own default
       where it is off.
-    downlink_quantizer (None: full precision) / downlink_bits (None: by quantizer, as ``bits``) /
-      downlink_bucket_size (the uplink's) /
-      downlink_rounding: server -> workers (updates; weights for ``qadam_weights``). Not used by
-      ``qsgd`` under ``allgather``, where every rank averages itself.
+    downlink_quantizer (None: the topology's default) / downlink_bits (None: by quantizer, as
+      ``bits``) / downlink_bucket_size (the uplink's) / downlink_rounding: server -> workers
+      (averaged gradients, updates; weights for ``qadam_weights``). ``None``: where the downlink
+      crosses the network (``sharded``, ``hierarchical``, ``ps``) the uplink's quantizer at the
+      uplink's width (``qsgdinf`` for an adaptive uplink), with server error feedback, so the bytes
+      a rank moves stay flat in N; under ``allgather`` nothing travels down (every rank computes
+      the result itself), so it is full precision. ``"none"``: full precision everywhere.
     error_feedback (True) / server_error_feedback (True): worker EF on the uplink / server EF on a
       quantized downlink (update-type algorithms).
-    topology ("allgather"): ``allgather``, ``sharded`` (alltoall + allgather; per-rank traffic
-      constant in N) or ``ps`` (a dedicated mpi4py server rank, see :mod:`hvd_qadam.ps`).
+    topology ("auto"): ``allgather`` (every rank gathers every payload: bytes per rank grow as
+      N - 1 payloads), ``sharded`` (alltoall + allgather, each rank serves 1/N of the model: bytes
+      per rank flat in N), ``hierarchical`` (a full-precision reduce-scatter inside each host, the
+      sharded exchange only between hosts: 1/L of the host's inter-host bytes per rank),
+      ``ps`` (a dedicated mpi4py server rank, see :mod:`hvd_qadam.ps`), or ``auto``: the one
+      whose ranks send the fewest bytes across hosts (:func:`hvd_qadam.transport.choose`):
+      ``allgather`` up to 2 ranks, ``sharded`` beyond, ``hierarchical`` where several ranks share
+      each of several hosts. ``communication_stats.topology`` / ``.topology_reason`` say which and why.
+    hierarchical (None): whether ``auto`` may pick the two-level exchange (None: where hosts hold
+      several ranks; False: never; True: always, as ``topology="hierarchical"``). Hosts are
+      Horovod's ``local_size`` ranks (``HVD_QADAM_LOCAL_SIZE`` overrides it).
     warmup_steps (0): uncompressed steps first.
     min_compress_numel (1024): smaller tensors (biases, norms) travel as fp32.
     fusion_threshold_mb (25): size of a fused group; groups are formed in reverse registration
@@ -433,9 +447,41 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     # rounding is never worse than rounding to 0, so it is the default wherever EF is on.
     uplink = LinkSpec(quantizer, bits, _bucket_size_for(quantizer, bucket_size),
                       rounding or ("nearest" if error_feedback else None))
-    downlink = NONE_LINK if downlink_quantizer in (None, "none") else LinkSpec(
-        downlink_quantizer, downlink_bits, _bucket_size_for(downlink_quantizer, downlink_bucket_size, bucket_size),
-        downlink_rounding or ("nearest" if server_error_feedback and algorithm != "qadam_weights" else None))
+
+    def downlink_for(topology_class) -> LinkSpec:
+        if downlink_quantizer == "none" or (downlink_quantizer is None and not topology_class.downlink_travels):
+            return NONE_LINK
+        if downlink_quantizer is None:       # the topology's default: the uplink's quantizer and width
+            q = "qsgdinf" if cb.kind(uplink.quantizer).adaptive else uplink.quantizer
+            q_bits = downlink_bits if downlink_bits is not None else bits
+        else:
+            q, q_bits = downlink_quantizer, downlink_bits
+        if cb.kind(q).passthrough:
+            return NONE_LINK if q == "none" else LinkSpec(q, q_bits, _bucket_size_for(q, downlink_bucket_size))
+        return LinkSpec(q, q_bits, _bucket_size_for(q, downlink_bucket_size, bucket_size),
+                        downlink_rounding or ("nearest" if server_error_feedback and algorithm != "qadam_weights"
+                                              else None))
+
+    if hierarchical is not None and not isinstance(hierarchical, bool):
+        raise ValueError(f"hierarchical must be None, True or False, got {hierarchical!r}")
+    if topology not in TOPOLOGY_CLASSES and topology != AUTO:
+        raise ValueError(f"unknown topology {topology!r}; choose one of {(AUTO,) + tuple(TOPOLOGY_CLASSES)}")
+    if hierarchical and topology not in (AUTO, "hierarchical"):
+        raise ValueError(f"hierarchical=True asks for the two-level exchange, but topology={topology!r}; pass "
+                         f"topology='auto' or 'hierarchical'")
+    if topology == "ps" and comm is None:
+        from .ps import ps_worker_comm
+        comm = ps_worker_comm()
+    if comm is None:
+        from .comm import ExcludedComm, HorovodComm
+        ps_ = _process_set(process_set)
+        comm = ExcludedComm() if ps_ is not None and not ps_.included() else HorovodComm(ps_, timeout=timeout)
+    hosts = getattr(comm, "hosts", None) or Hosts(comm.size, 1)
+    if topology == AUTO:
+        topology, topology_reason = choose(hosts, uplink, downlink_for, hierarchical)
+    else:
+        topology_reason = "given"
+    downlink = downlink_for(TOPOLOGY_CLASSES[topology])
     config = Config(algorithm=algorithm, topology=topology, uplink=uplink, downlink=downlink,
                     error_feedback=error_feedback, server_error_feedback=server_error_feedback, seed=seed,
                     warmup_steps=warmup_steps, min_compress_numel=min_compress_numel,
@@ -444,16 +490,12 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                     level_schedule=tuple(level_schedule), level_every=level_every, freeze_step=freeze_step,
                     v_refresh_every=v_refresh_every)
     _warn_stalling(config)
-    if topology == "ps" and comm is None:
-        from .ps import ps_worker_comm
-        comm = ps_worker_comm()
-    if comm is None:
-        from .comm import ExcludedComm, HorovodComm
-        ps_ = _process_set(process_set)
-        comm = ExcludedComm() if ps_ is not None and not ps_.included() else HorovodComm(ps_, timeout=timeout)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_QuantizedDistributedOptimizer.__dict__))
-    return cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap, op_sum)
+    opt = cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap, op_sum)
+    opt._engine.topology_reason = opt._engine.stats.topology_reason = topology_reason
+    opt._engine.stats.topology = topology
+    return opt
 
 
 def _check_op(op, predivide: float, algorithm: str) -> bool:

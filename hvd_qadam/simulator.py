@@ -14,13 +14,14 @@ import torch
 from .comm import SimWorld
 
 
-def simulate(world_size: int, worker, timeout: float = 300.0) -> list:
+def simulate(world_size: int, worker, timeout: float = 300.0, local_size: int = 1) -> list:
     """Run ``worker(rank, comm)`` for every rank concurrently; return their results in rank order.
 
     The first exception raised by any rank is re-raised here (the others are released from
-    their collectives instead of hanging).
+    their collectives instead of hanging). ``local_size``: simulated hosts of that many
+    consecutive ranks (what the ``hierarchical`` topology and ``topology="auto"`` see).
     """
-    world = SimWorld(world_size, timeout=timeout)
+    world = SimWorld(world_size, timeout=timeout, local_size=local_size)
     results, errors = [None] * world_size, [None] * world_size
     torch_threads = torch.get_num_threads()
 

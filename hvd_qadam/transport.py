@@ -1,33 +1,144 @@
-"""Topologies: how one group's frames travel and where its server side runs.
+"""Topologies: how one group's frames travel, where its server side runs, and which to choose.
 
-  allgather  every rank gathers every rank's frame (one asynchronous Horovod allgather per group)
-             and runs the server side of the whole group itself (same seeds: same result).
-  sharded    chunk c of every group goes to rank c (alltoall); rank c serves its chunk and the
-             downlink chunks are allgathered. Per-rank traffic stays about constant in N.
-  ps         one frame of every group goes point to point to a dedicated server rank, which
-             answers with the downlink frame (:mod:`hvd_qadam.ps`); no overlap.
+  allgather     every rank gathers every rank's frame (one asynchronous Horovod allgather per
+                group) and runs the server side of the whole group itself (same seeds: same
+                result). Per-rank bytes grow as (N - 1) payloads.
+  sharded       chunk c of every group goes to rank c (alltoall); rank c averages its chunk, runs
+                the server side on it and quantizes the result with server error feedback; the
+                downlink chunks are allgathered. Per-rank bytes ~ (N - 1)/N (uplink + downlink):
+                flat in N, as a ring allreduce's 2 (N - 1)/N of the model.
+  hierarchical  two levels for hosts with several ranks (L per host, H hosts, N = H L): the ranks
+                of a host reduce-scatter in full precision over the host's fast links (chunk l of
+                the host's mean to local rank l); local rank l of every host then runs the
+                sharded exchange above on chunk l, with its peers of the same local rank on the
+                other hosts; the downlink frames come back to the column (alltoall) and then to
+                the host's other ranks. Each rank carries 1/L of its host's inter-host traffic:
+                (H - 1)/H (uplink + downlink) / L of the model, L times less than ``sharded``.
+  ps            one frame of every group goes point to point to a dedicated server rank, which
+                answers with the downlink frame (:mod:`hvd_qadam.ps`); no overlap.
 
-A transport has three calls: ``start`` (a group's payloads are ready: send), ``complete`` (wait
-for everything, serve, return each group's result) and ``cancel`` (drain what is in flight after
-an error). Results are written into persistent per-group buffers.
+Every collective is a Horovod allgather or alltoall on stable names (Horovod's response cache
+hits); the two-level exchange needs no process sets: its host and column exchanges are alltoalls
+in which every other rank gets zero bytes.
+
+A topology has three calls: ``start`` (a group's uplink vector is ready: encode, send),
+``complete`` (wait for everything, serve, return each group's result) and ``cancel`` (drain what
+is in flight after an error). Results are written into persistent per-group buffers. Its policy
+(which element ranges a rank serves, whether a downlink travels, how many bytes a rank moves) is
+on its class; :func:`choose` picks one for ``topology="auto"`` from those byte counts.
 """
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 
 import torch
 
-from .wire import split_frames
+from .layout import shard_bounds
+from .wire import Frame, PayloadError, split_frames
+
+LOCAL_SIZE_ENV = "HVD_QADAM_LOCAL_SIZE"
+
+
+class TopologyError(ValueError):
+    """A topology cannot run on this world (wrong layout of ranks over hosts, missing MPI, ...)."""
+
+
+@dataclass(frozen=True)
+class Hosts:
+    """How the ``size`` ranks sit on hosts: ``local_size`` consecutive ranks per host (rank
+    r = host * local_size + local rank, the order Open MPI and horovodrun give by default)."""
+    size: int
+    local_size: int = 1
+
+    def __post_init__(self):
+        if self.local_size < 1 or self.size % self.local_size:
+            raise TopologyError(f"{self.size} ranks cannot sit {self.local_size} per host")
+
+    @property
+    def count(self) -> int:
+        return self.size // self.local_size
+
+    def host(self, rank: int) -> int:
+        return rank // self.local_size
+
+    def local(self, rank: int) -> int:
+        return rank % self.local_size
+
+    def rank(self, host: int, local: int) -> int:
+        return host * self.local_size + local
+
+    def same_host(self, rank: int) -> list:
+        h = self.host(rank)
+        return [self.rank(h, l) for l in range(self.local_size)]
+
+    def column(self, rank: int) -> list:
+        """The ranks with ``rank``'s local rank, one per host, in host order."""
+        loc = self.local(rank)
+        return [self.rank(h, loc) for h in range(self.count)]
+
+
+def horovod_hosts(hvd, size: int) -> Hosts:
+    """The host layout Horovod sees (``HVD_QADAM_LOCAL_SIZE`` overrides it: e.g. containers
+    that hide their host, or a test that runs several "hosts" on one machine). Ranks must be
+    numbered host by host with the same count on every host; otherwise one rank per host is
+    assumed (the flat topologies)."""
+    forced = os.environ.get(LOCAL_SIZE_ENV)
+    if forced:
+        loc = int(forced)
+        if loc < 1 or size % loc:
+            raise TopologyError(f"{LOCAL_SIZE_ENV}={forced} does not divide the {size} ranks")
+        return Hosts(size, loc)
+    try:
+        loc = hvd.local_size()
+        contiguous = hvd.rank() == hvd.cross_rank() * loc + hvd.local_rank()
+        # every host holds loc ranks (Horovod's own test, where this Horovod exposes it)
+        homogeneous = hvd.cross_size() * loc == size
+        basics = getattr(getattr(hvd, "mpi_ops", None), "_basics", None)
+        if basics is not None and hasattr(basics, "is_homogeneous"):
+            homogeneous = homogeneous and bool(basics.is_homogeneous())
+    except Exception:  # noqa: BLE001 - an older Horovod or a process set: treat as flat
+        return Hosts(size, 1)
+    if loc <= 1 or not homogeneous or not contiguous or size % loc:
+        return Hosts(size, 1)
+    return Hosts(size, loc)
+
+
+# ------------------------------------------------------------------------------ byte model
+def payload_bytes_per_element(link) -> float:
+    """Wire bytes per element of a link's payloads (codes plus one fp32 scale per bucket)."""
+    if link.passthrough:
+        return {"none": 4.0, "fp16": 2.0, "bf16": 2.0}.get(link.quantizer, 4.0)
+    return link.bits / 8.0 + 4.0 / link.bucket_size
 
 
 class Transport:
+    name = ""
     overlaps = True          # groups may be started during backward
     local_downlink = False   # a full-precision downlink needs no message (every rank has it)
+    downlink_travels = True  # whether the server's result crosses the network (so a downlink
+                             # quantizer saves bytes; under allgather every rank computes it)
 
     def __init__(self, eng):
         self.eng = eng
 
-    def start(self, g, payloads: list, error, st):
+    # --------------------------------------------------------------- policy
+    @classmethod
+    def served_ranges(cls, numel: int, hosts: Hosts, align: int) -> list:
+        """[(start, stop)] of group elements each rank serves (runs the server side of)."""
+        return [(0, numel)]
+
+    @classmethod
+    def bytes_per_rank(cls, numel: int, up: float, down: float, hosts: Hosts) -> dict:
+        """Bytes one rank sends per step (``total``) and how many of them leave its host
+        (``inter_host``: the bytes that leave its host, divided by the ranks on the host: its
+        share of the host's link), for ``numel`` elements at ``up``/``down`` bytes per element; a ring
+        collective's count (what Open MPI's and NCCL's large-message algorithms move)."""
+        raise NotImplementedError
+
+    # --------------------------------------------------------------- protocol
+    def start(self, g, vec, grad, st):
         raise NotImplementedError
 
     def complete(self, st) -> dict:
@@ -35,12 +146,22 @@ class Transport:
 
     def cancel(self, st) -> None:
         for h in st.launched.values():
-            if h is not None and h.get("handle") is not None:
-                try:
-                    self.eng.comm.wait(h["handle"])
-                except Exception:  # noqa: BLE001 - draining after an error that is being raised
-                    pass
-                h["handle"] = None
+            if h is None:
+                continue
+            for k, v in list(h.items()):
+                if k.startswith("handle") and v is not None:
+                    try:
+                        self.eng.comm.wait(v)
+                    except Exception:  # noqa: BLE001 - draining after an error that is being raised
+                        pass
+                    h[k] = None
+
+    # --------------------------------------------------------------- helpers
+    def _uplink(self, g, vec, grad, st, ranges, base: int = 0, residual: str | None = None):
+        """(payloads, error): the uplink payloads of ``vec`` (elements [base, base + len) of the
+        group) for ``ranges``, with worker error feedback; error is a message on NaN/Inf."""
+        payloads, bad = self.eng.encode_uplink(g, vec, st, ranges, base, residual)
+        return ([], self.eng.uplink_error(g, grad)) if bad else (payloads, None)
 
     def _wait(self, h: dict, key: str, st):
         """The result of the collective ``h[key]`` (then forgotten), its wait timed as exchange."""
@@ -60,17 +181,27 @@ class Transport:
                 st.errors.append(e)
         return bool(errs)
 
-    def _check(self, frames, what: str) -> None:
-        for src, f in enumerate(frames):
+    def _check(self, frames, what: str, sources=None) -> None:
+        for i, f in enumerate(frames):
             if f is not None:
-                self.eng.check_frame(src, f, what)
+                self.eng.check_frame(i if sources is None else sources[i], f, what)
 
 
 class AllgatherTransport(Transport):
+    name = "allgather"
     local_downlink = True
+    downlink_travels = False
 
-    def start(self, g, payloads, error, st):
+    @classmethod
+    def bytes_per_rank(cls, numel, up, down, hosts):
+        # A ring allgather forwards every other rank's frame once; the ring crosses between
+        # hosts H times, so a host's link carries N - 1 frames (1/L of that per rank).
+        total = (hosts.size - 1) * numel * up
+        return {"total": total, "inter_host": total / hosts.local_size if hosts.count > 1 else 0.0}
+
+    def start(self, g, vec, grad, st):
         eng = self.eng
+        payloads, error = self._uplink(g, vec, grad, st, eng.bounds[g.index])
         data = eng.frame(payloads, error)
         st.stats.sent_bytes += len(data)
         return {"handle": eng.comm.allgather_async(data, f"hvd_qadam.up.{g.index}"), "data": data,
@@ -110,8 +241,22 @@ class AllgatherTransport(Transport):
 
 
 class ShardedTransport(Transport):
-    def start(self, g, payloads, error, st):
+    name = "sharded"
+
+    @classmethod
+    def served_ranges(cls, numel, hosts, align):
+        return shard_bounds(numel, hosts.size, align)
+
+    @classmethod
+    def bytes_per_rank(cls, numel, up, down, hosts):
+        n = hosts.size
+        total = (n - 1) / n * numel * (up + down)
+        # of the N - 1 peers, N - L are on other hosts
+        return {"total": total, "inter_host": (n - hosts.local_size) / n * numel * (up + down)}
+
+    def start(self, g, vec, grad, st):
         eng = self.eng
+        payloads, error = self._uplink(g, vec, grad, st, eng.bounds[g.index])
         per_dest = [eng.frame([payloads[c]] if error is None else [], error) for c in range(eng.size)]
         st.stats.sent_bytes += sum(len(b) for i, b in enumerate(per_dest) if i != eng.rank)
         return {"handle": eng.comm.alltoall_async(per_dest, f"hvd_qadam.up.{g.index}"), "error": error}
@@ -131,15 +276,15 @@ class ShardedTransport(Transport):
             down = eng.serve(g, a, b, [f.payloads[0] for f in frames], st)
             data = eng.frame([down], None)
             st.stats.sent_bytes += len(data)
-            h["down"] = eng.comm.allgather_async(data, f"hvd_qadam.down.{g.index}")
+            h["handle_down"] = eng.comm.allgather_async(data, f"hvd_qadam.down.{g.index}")
             h["down_len"] = len(data)
             st.stats.decode_s += time.perf_counter() - t1
         results = {}
         for g in eng.layout.groups:
             h = st.launched[g.index]
-            if h.get("down") is None:
+            if h.get("handle_down") is None:
                 continue
-            gathered = self._wait(h, "down", st)
+            gathered = self._wait(h, "handle_down", st)
             t1 = time.perf_counter()
             st.stats.received_bytes += len(gathered) - h["down_len"]
             frames = eng.parse(split_frames(gathered), "downlink")
@@ -152,20 +297,171 @@ class ShardedTransport(Transport):
             st.stats.decode_s += time.perf_counter() - t1
         return results
 
-    def cancel(self, st) -> None:
-        super().cancel(st)
-        for h in st.launched.values():
-            if h is not None and h.get("down") is not None:
-                try:
-                    self.eng.comm.wait(h.pop("down"))
-                except Exception:  # noqa: BLE001
-                    pass
+
+class HierarchicalTransport(Transport):
+    """The two-level exchange (module docstring). With N = H L ranks, rank (h, l) = h L + l:
+
+        host reduce-scatter  m_{h,l} = (1/L) sum_{l'} v_{h,l'}[chunk l]          fp32, intra-host
+        uplink               send Q_w(m_{h,l}[part h'] + e_{h,l}) to (h', l)     inter-host
+        server               u[part h of chunk l] = S((1/H) sum_{h'} Q_w(...))   on rank (h, l)
+                             d = Q_s(u + e_s)                                    server EF
+        downlink             d to every (h', l) (column), then every host's ranks
+                             forward their column's H frames to each other       intra-host
+
+    Chunk l of a group is the union of the served ranges of column l, so (1/H) sum of host
+    means is the mean over all N ranks. Every rank decodes the same N downlink frames, so
+    replicas stay identical. The worker residual e_{h,l} covers chunk l only (the host's mean
+    is what the rank quantizes); it is this rank's state, as under the flat topologies."""
+    name = "hierarchical"
+
+    def __init__(self, eng):
+        super().__init__(eng)
+        self.hosts = eng.hosts
+
+    @classmethod
+    def _split(cls, numel, hosts, align):
+        return shard_bounds(numel, hosts.size, align)
+
+    @classmethod
+    def served_ranges(cls, numel, hosts, align):
+        split = cls._split(numel, hosts, align)
+        return [split[hosts.local(r) * hosts.count + hosts.host(r)] for r in range(hosts.size)]
+
+    @classmethod
+    def bytes_per_rank(cls, numel, up, down, hosts):
+        L, H = hosts.local_size, hosts.count
+        inter = (H - 1) / H * numel * (up + down) / L
+        # host reduce-scatter (fp32) and the forwarding of the column's downlink frames
+        intra = (L - 1) / L * numel * (4.0 + down)
+        return {"total": inter + intra, "inter_host": inter}
+
+    def _chunk(self, g, local: int) -> tuple:
+        split = self._split(g.numel, self.hosts, self.eng.align)
+        H = self.hosts.count
+        return split[local * H][0], split[local * H + H - 1][1]
+
+    def _send(self, peers: dict, name: str, st):
+        """Alltoall where only ``peers`` ({rank: bytes}) get anything."""
+        eng = self.eng
+        per_dest = [peers.get(r, b"") for r in range(eng.size)]
+        st.stats.sent_bytes += sum(len(b) for r, b in peers.items() if r != eng.rank)
+        return eng.comm.alltoall_async(per_dest, name)
+
+    def _receive(self, h, key, sources: list, what: str, st) -> list:
+        """The frames ``sources`` sent in the collective ``h[key]`` (in that order), checked;
+        every other rank must have sent nothing."""
+        eng = self.eng
+        received = self._wait(h, key, st)
+        want = set(sources)
+        for r, b in enumerate(received):
+            if r not in want and len(b):
+                raise PayloadError(f"rank {eng.rank}: {what} exchange: rank {r} sent {len(b)} bytes, expected none")
+        st.stats.received_bytes += sum(len(received[r]) for r in sources if r != eng.rank)
+        return [received[r] for r in sources]
+
+    def _parse(self, views, sources, what):
+        eng, frames = self.eng, []
+        for r, v in zip(sources, views):
+            try:
+                frames.append(Frame.from_bytes(v, source=f"{what} frame from rank {r}"))
+            except PayloadError as e:
+                raise PayloadError(f"rank {eng.rank}: {e}") from None
+        self._check(frames, f"{what} frame", sources)
+        return frames
+
+    def start(self, g, vec, grad, st):
+        from .config import NONE_LINK
+        eng, hs = self.eng, self.hosts
+        # NaN/Inf anywhere in this rank's vector: every local peer hears it, and they tell the
+        # other hosts in the uplink, so every rank fails the step together.
+        bad = not torch.isfinite(vec.sum()) and not bool(torch.isfinite(vec).all())
+        error = eng.uplink_error(g, grad) if bad else None
+        peers = {}
+        for r in hs.same_host(eng.rank):
+            a, b = self._chunk(g, hs.local(r))
+            peers[r] = eng.frame([] if error else [eng.encode(vec[a:b], NONE_LINK, 0, a)], error)
+        return {"handle": self._send(peers, f"hvd_qadam.host.{g.index}", st)}
+
+    def complete(self, st) -> dict:
+        eng, hs = self.eng, self.hosts
+        me, groups = eng.rank, eng.layout.groups
+        local, column = hs.same_host(me), hs.column(me)
+        H, loc = hs.count, hs.local(me)
+        # 1. host means of chunk `loc`, quantized to the column peers (worker EF)
+        for g in groups:
+            h = st.launched[g.index]
+            frames = self._parse(self._receive(h, "handle", local, "host", st), local, "host")
+            t0 = time.perf_counter()
+            ca, cb = self._chunk(g, loc)
+            errors = [f.error for f in frames if f.error is not None]
+            payloads = []
+            if not errors:
+                host_mean = eng.mean_into([f.payloads[0] for f in frames],
+                                          eng.scratch(f"g{g.index}#{ca}.hostmean", cb - ca, g.device))
+                split = self._split(g.numel, hs, eng.align)
+                parts = [split[loc * H + k] for k in range(H)]
+                payloads, bad = eng.encode_uplink(g, host_mean, st, parts, ca, f"g{g.index}#{ca}.e")
+                if bad:
+                    errors = [f"rank {me}, step {st.step}: the host mean of group {g.index} overflowed "
+                              f"(non-finite after error feedback)"]
+            msg = "; ".join(errors) if errors else None
+            peers = {r: eng.frame([] if msg else [payloads[k]], msg) for k, r in enumerate(column)}
+            h["handle_up"] = self._send(peers, f"hvd_qadam.up.{g.index}", st)
+            st.stats.encode_s += time.perf_counter() - t0
+        # 2. serve this rank's part; its downlink frame to the column
+        for g in groups:
+            h = st.launched[g.index]
+            frames = self._parse(self._receive(h, "handle_up", column, "uplink", st), column, "uplink")
+            t0 = time.perf_counter()
+            if self._errors(frames, st):
+                h["failed"] = True             # every rank learns this group's errors here
+                continue
+            a, b = eng.bounds[g.index][me]
+            down = eng.frame([eng.serve(g, a, b, [f.payloads[0] for f in frames], st)], None)
+            h["handle_col"] = self._send({r: down for r in column}, f"hvd_qadam.down.{g.index}", st)
+            st.stats.decode_s += time.perf_counter() - t0
+        # 3. the column's frames to the host's other ranks
+        for g in groups:
+            h = st.launched[g.index]
+            if h.get("failed"):
+                continue
+            views = self._receive(h, "handle_col", column, "downlink", st)
+            blob = b"".join(bytes(v) for v in views)
+            h["handle_host"] = self._send({r: blob for r in local}, f"hvd_qadam.fwd.{g.index}", st)
+        # 4. decode every rank's part
+        results = {}
+        for g in groups:
+            h = st.launched[g.index]
+            if h.get("failed"):
+                continue
+            blobs = self._receive(h, "handle_host", local, "forwarded downlink", st)
+            t0 = time.perf_counter()
+            out = self._out(g)
+            for l2, blob in zip(range(hs.local_size), blobs):
+                sources = hs.column(hs.rank(0, l2))
+                views = split_frames(blob)
+                if len(views) != H:
+                    raise PayloadError(f"rank {me}: forwarded downlink of local rank {l2} holds {len(views)} "
+                                       f"frames, expected {H}")
+                for r, f in zip(sources, self._parse(views, sources, "downlink")):
+                    a, b = eng.bounds[g.index][r]
+                    eng.decode_into(f.payloads[0], out[a:b])
+            results[g.index] = out
+            st.stats.decode_s += time.perf_counter() - t0
+        return results
 
 
 class PSTransport(Transport):
+    name = "ps"
     overlaps = False
 
-    def start(self, g, payloads, error, st):
+    @classmethod
+    def bytes_per_rank(cls, numel, up, down, hosts):
+        total = numel * (up + down)
+        return {"total": total, "inter_host": total}
+
+    def start(self, g, vec, grad, st):
+        payloads, error = self._uplink(g, vec, grad, st, self.eng.bounds[g.index])
         return {"payloads": payloads, "error": error}
 
     def complete(self, st) -> dict:
@@ -200,5 +496,35 @@ class PSTransport(Transport):
         return results
 
 
+TOPOLOGIES = {cls.name: cls for cls in (AllgatherTransport, ShardedTransport, HierarchicalTransport, PSTransport)}
+AUTO = "auto"
+
+
 def make_transport(topology: str, eng) -> Transport:
-    return {"allgather": AllgatherTransport, "sharded": ShardedTransport, "ps": PSTransport}[topology](eng)
+    return TOPOLOGIES[topology](eng)
+
+
+def choose(hosts: Hosts, uplink, downlink_for, hierarchical: bool | None = None) -> tuple[str, str]:
+    """(topology, reason) for ``topology="auto"``: the one whose ranks send the fewest bytes
+    across hosts per element (then in all), preferring ``allgather`` on a tie (one collective,
+    and a downlink computed locally, without a second quantization).
+    ``downlink_for(topology_class)`` is the downlink link that topology would run with.
+    ``hierarchical``: None lets the two-level exchange compete where hosts hold several ranks,
+    False leaves it out, True requires it."""
+    if hierarchical:
+        return "hierarchical", "hierarchical=True"
+    candidates = ["allgather", "sharded"]
+    if hierarchical is None and hosts.local_size > 1 and hosts.count > 1:
+        candidates.append("hierarchical")
+    up = payload_bytes_per_element(uplink)
+    costs = {}
+    for name in candidates:
+        cls = TOPOLOGIES[name]
+        down = payload_bytes_per_element(downlink_for(cls)) if cls.downlink_travels else 0.0
+        b = cls.bytes_per_rank(1, up, down, hosts)
+        costs[name] = (round(b["inter_host"], 9), round(b["total"], 9))
+    best = min(candidates, key=lambda n: costs[n])
+    where = (f"{hosts.size} ranks" if hosts.local_size == 1 else
+             f"{hosts.size} ranks on {hosts.count} hosts of {hosts.local_size}")
+    detail = ", ".join(f"{n} {c[0]:.3g}" for n, c in costs.items())
+    return best, f"{where}: fewest bytes per element sent across hosts per rank ({detail})"

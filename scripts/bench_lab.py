@@ -46,9 +46,15 @@ sys.path.insert(0, HERE)
 # name -> (label, hvd compression or None, hvd_qadam kwargs or None)
 _SHARDED44 = dict(quantizer="qsgdinf", bits=4, downlink_quantizer="qsgdinf", downlink_bits=4, topology="sharded")
 CONFIGS = {
+    # the same job with no exchange at all: the compute floor
+    "no_exchange": ("no exchange (compute floor)", "local", None),
     "hvd_fp32": ("Horovod fp32", "none", None),
     "hvd_fp16": ("Horovod fp16", "fp16", None),
     "qadam_default": ("hvd_qadam defaults (6 bits)", None, {}),
+    # the defaults without the two-level exchange (what "auto" picks with one rank per host)
+    "qadam_default_flat": ("hvd_qadam defaults, flat (hierarchical=False)", None, dict(hierarchical=False)),
+    # the defaults before topology="auto": every rank gathers every payload
+    "qadam_allgather": ("hvd_qadam 6 bits, allgather (the old default)", None, dict(topology="allgather")),
     # the default width until the 10M-parameter LM showed it 1.9 % above Horovod Adam (README)
     "qadam_4bit": ("hvd_qadam defaults at 4 bits", None, dict(bits=4)),
     "qadam_4_4_sharded": ("qadam qsgdinf 4/4 sharded", None, dict(algorithm="qadam", **_SHARDED44)),
@@ -222,7 +228,9 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
     numel = sum(p.numel() for p in model.parameters())
     base = torch.optim.Adam(model.parameters(), lr=1e-4)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    if kwargs is None:
+    if kwargs is None and compression == "local":
+        opt = base
+    elif kwargs is None:
         comp = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(), compression=comp)
     else:
@@ -257,6 +265,7 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
                 rec[k] = float(getattr(st, k, 0.0) or 0.0)
             rec["sent_bytes"] = int(getattr(st, "sent_bytes", 0) or 0)
             rec["received_bytes"] = int(getattr(st, "received_bytes", 0) or 0)
+            rec["topology"] = getattr(st, "topology", "")
         per_step.append(rec)
     wall = time.perf_counter() - t_cfg
     everyone = comm.gather(per_step, root=0)
@@ -278,9 +287,16 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
             row[k] = slowest_median(k)
         row["stat_keys"] = sorted(k for k in keys if k not in ("step_s", "fb_s", "opt_s"))
         row["all_step_s"] = [max(recs[i]["step_s"] for recs in everyone) for i in range(args.steps)]
-        row["wire_tx_bytes"] = max_rank_median("wire_tx")
-        row["wire_rx_bytes"] = max_rank_median("wire_rx")
-        if kwargs is None:
+        # eth0 is the host's: with several ranks per host, each rank's share is 1/per_host of it
+        per_host = int(os.environ.get("HQ_NETLAB_PER_HOST", "1"))
+        row["per_host"] = per_host
+        row["wire_tx_bytes"] = max_rank_median("wire_tx") / per_host
+        row["wire_rx_bytes"] = max_rank_median("wire_rx") / per_host
+        row["topology"] = everyone[0][-1].get("topology") if everyone[0] else None
+        if kwargs is None and compression == "local":
+            row["sent_bytes"] = row["received_bytes"] = 0
+            row["measured_bytes"] = True
+        elif kwargs is None:
             elem = 2 if compression == "fp16" else 4
             row["sent_bytes"] = row["received_bytes"] = int(2 * (size - 1) / size * numel * elem)
             row["measured_bytes"] = False
@@ -289,7 +305,7 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
             row["received_bytes"] = max_rank_median("received_bytes")
             row["measured_bytes"] = True
         row["final_loss"] = float(np.mean([recs[-1]["loss"] for recs in everyone]))
-        print(f"[{row['rate']}] {label:<36} step {1e3 * row['step_s']:8.1f} ms  (fwd+bwd {1e3 * row['fb_s']:.1f}, "
+        print(f"[{row['rate']}] {label:<36} {row['topology'] or '':<12} step {1e3 * row['step_s']:8.1f} ms  (fwd+bwd {1e3 * row['fb_s']:.1f}, "
               f"opt {1e3 * row['opt_s']:.1f})  sent {row['sent_bytes'] / 1e6:.2f} MB  "
               f"wire tx {row['wire_tx_bytes'] / 1e6:.2f} MB", flush=True)
     return row
@@ -297,7 +313,8 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
 
 # ================================================================================== driver side
 def _netlab(rate: str, args, py_args: list[str], timeout: float) -> tuple[int, str]:
-    cmd = ["bash", os.path.join(HERE, "netlab.sh"), "--ranks", str(args.ranks), "--rate", rate]
+    cmd = ["bash", os.path.join(HERE, "netlab.sh"), "--ranks", str(args.ranks), "--rate", rate,
+           "--per-host", str(getattr(args, "per_host", 1))]
     if args.delay:
         cmd += ["--delay", args.delay]
     cmd += ["--", sys.executable, os.path.abspath(__file__), *py_args]
@@ -485,6 +502,7 @@ def main():
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--rates", nargs="+", default=RATES, help="tc rates for --sweep ('none' = unshaped)")
     p.add_argument("--ranks", type=int, default=3)
+    p.add_argument("--per-host", type=int, default=1, help="ranks per emulated host (netlab --per-host)")
     p.add_argument("--delay", default=None, help="netem one-way delay per host (needs sch_netem)")
     p.add_argument("--ompi-allreduce", choices=["default", "ring"], default="default",
                    help="--sweep: Open MPI's allreduce algorithm under Horovod (default: its own decision, which "

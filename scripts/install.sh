@@ -44,16 +44,17 @@ if [ ${#need[@]} -gt 0 ]; then
   "$PY" -m pip install -q "${need[@]}"
 fi
 
-# --- Horovod 0.28.1 with PyTorch + MPI ------------------------------------------------------------
+# --- Horovod 0.28.1 with PyTorch, MPI and Gloo (horovodrun --gloo, elastic) ------------------------------------------------------------
 horovod_ok() {
   py_here - <<'PYEOF' >/dev/null 2>&1
 import horovod, horovod.torch as hvd
-assert horovod.__version__ == "0.28.1" and hvd.mpi_built()
+assert horovod.__version__ == "0.28.1" and hvd.mpi_built() and hvd.gloo_built()
 PYEOF
 }
 if ! horovod_ok; then
-  mkdir -p "$CACHE/wheels"
-  whl=$(ls "$CACHE"/wheels/horovod-$HOROVOD_VERSION-*.whl 2>/dev/null | head -n1 || true)
+  mkdir -p "$CACHE/wheels/gloo"
+  # Gloo builds live in wheels/gloo, so a cached MPI-only wheel from an older install is not reused.
+  whl=$(ls "$CACHE"/wheels/gloo/horovod-$HOROVOD_VERSION-*.whl 2>/dev/null | head -n1 || true)
   if [ -z "$whl" ]; then
     log "building Horovod $HOROVOD_VERSION (one-off, ~5-8 min; cached in $CACHE/wheels)"
     build="$(mktemp -d)"
@@ -66,11 +67,11 @@ if ! horovod_ok; then
     grep -q '#include <stdexcept>' "$src/horovod/common/common.h" || sed -i '0,/#include <string>/s//#include <stdexcept>\n#include <string>/' "$src/horovod/common/common.h"
     grep -q '#include <string>' "$src/horovod/common/group_table.h" || sed -i '0,/#include <vector>/s//#include <string>\n#include <vector>/' "$src/horovod/common/group_table.h"
     ( cd "$src" && \
-      HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITHOUT_GLOO=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
+      HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_TENSORFLOW=1 \
       HOROVOD_WITHOUT_MXNET=1 HOROVOD_WITHOUT_NVTX=1 MAKEFLAGS="-j$(nproc)" \
-      "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$CACHE/wheels" . )
+      "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$CACHE/wheels/gloo" . )
     rm -rf "$build"
-    whl=$(ls "$CACHE"/wheels/horovod-$HOROVOD_VERSION-*.whl | head -n1)
+    whl=$(ls "$CACHE"/wheels/gloo/horovod-$HOROVOD_VERSION-*.whl | head -n1)
   fi
   log "installing $(basename "$whl")"
   "$PY" -m pip install -q --force-reinstall --no-deps "$whl"

@@ -3,13 +3,15 @@
 # Open MPI job across them.
 #
 #   sudo bash scripts/netlab.sh --ranks 3 --rate 1gbit [--delay 1ms] -- python3 scripts/bench_lab.py ...
+#   sudo bash scripts/netlab.sh --ranks 8 --per-host 2 --rate 100mbit -- ...     # 4 hosts x 2 ranks
 #
-# Builds N network namespaces hq0..hq{N-1}, each with a veth ("eth0" inside) into one bridge
+# Builds H = N / per-host network namespaces hq0..hq{H-1} (per-host ranks in each, like the GPUs
+# of one machine; they talk over the namespace's loopback and shared memory, unshaped), each with a veth ("eth0" inside) into one bridge
 # (hqbr) on a private subnet (default 10.77.0.0/24: hq<i> is 10.77.0.<i+1>, the bridge, where
 # mpirun's HNP listens, is .254). Each namespace is one "host" with a full-duplex NIC of rate R:
 # tc tbf shapes its egress (inside the namespace) and its ingress (the bridge side of its veth);
 # --delay adds netem one-way delay on the egress (needs sch_netem in the kernel).
-# Then it writes an Open MPI hostfile of those IPs (one slot each) and an rsh agent that runs
+# Then it writes an Open MPI hostfile of those IPs (per-host slots each) and an rsh agent that runs
 # `ip netns exec hq<i> sh -c <cmd>` for host 10.77.0.<i+1>, and runs, from the root namespace,
 #
 #   mpirun --allow-run-as-root --oversubscribe -np N --hostfile H --mca plm_rsh_agent AGENT
@@ -20,8 +22,9 @@
 # crosses two shaped veths. Everything is torn down on exit (also on failure, Ctrl-C, TERM); stale
 # namespaces of a crashed earlier run are removed first. A lock serialises concurrent netlabs.
 #
-# Inside the job: HQ_NETLAB_RATE, HQ_NETLAB_DELAY, HQ_NETLAB_RANKS are set; each rank's own
-# interface is eth0 (/proc/self/net/dev there counts the real wire bytes of that rank).
+# Inside the job: HQ_NETLAB_RATE, HQ_NETLAB_DELAY, HQ_NETLAB_RANKS, HQ_NETLAB_PER_HOST are set; each
+# host's interface is eth0 (/proc/self/net/dev there counts the real wire bytes of that host: with
+# several ranks per host, of all of them together).
 #
 # Pitfalls:
 # * local_size: Open MPI treats every namespace as a separate node (the hostfile names differ),
@@ -37,7 +40,8 @@
 # * --delay needs the sch_netem kernel module (not every VM kernel has it: netlab then says so).
 #
 # Options:
-#   --ranks N        number of namespaces/ranks (default 3)
+#   --ranks N        number of ranks (default 3)
+#   --per-host R     ranks per namespace ("host"; default 1); N must be a multiple of R
 #   --rate R         tc rate per direction per host, e.g. 100mbit, 1gbit, 10gbit; "none" = unshaped (default 1gbit)
 #   --delay D        netem one-way delay on each host's egress, e.g. 1ms (default: none)
 #   --egress-only    shape only each host's egress (the receive side is then limited by the senders only)
@@ -51,6 +55,7 @@
 set -euo pipefail
 
 ranks=3
+per_host=1
 rate=1gbit
 delay=""
 egress_only=0
@@ -64,6 +69,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --ranks) ranks=$2; shift 2 ;;
+    --per-host) per_host=$2; shift 2 ;;
     --rate) rate=$2; shift 2 ;;
     --delay) delay=$2; shift 2 ;;
     --egress-only) egress_only=1; shift ;;
@@ -86,6 +92,9 @@ for tool in ip tc mpirun flock; do
 done
 [[ "$ranks" =~ ^[0-9]+$ ]] && [ "$ranks" -ge 1 ] && [ "$ranks" -le 250 ] \
   || { echo "netlab: --ranks 1..250" >&2; exit 2; }
+[[ "$per_host" =~ ^[0-9]+$ ]] && [ "$per_host" -ge 1 ] && [ $(( ranks % per_host )) -eq 0 ] \
+  || { echo "netlab: --per-host must divide --ranks" >&2; exit 2; }
+hosts=$(( ranks / per_host ))
 [[ "$subnet" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "netlab: --subnet wants A.B.C" >&2; exit 2; }
 cidr="$subnet.0/24"
 hnp_ip="$subnet.254"
@@ -208,7 +217,7 @@ hostfile="$workdir/hostfile"
   echo 'host=$1; shift'
   echo 'case "$host" in'
 } >"$agent"
-for ((i = 0; i < ranks; i++)); do
+for ((i = 0; i < hosts; i++)); do
   ns=$(ns_name "$i"); ip_=$(ns_ip "$i")
   ip netns add "$ns"
   ip link add "hqv$i" type veth peer name "hqv${i}p"
@@ -223,7 +232,7 @@ for ((i = 0; i < ranks; i++)); do
   ip link set "hqv$i" up
   shape "$ns" eth0 1                              # the host's uplink (its sends)
   [ "$egress_only" = 1 ] || shape "" "hqv$i" 0    # its downlink (what it receives)
-  echo "$ip_ slots=1" >>"$hostfile"
+  echo "$ip_ slots=$per_host" >>"$hostfile"
   echo "  $ip_) ns=$ns ;;" >>"$agent"
 done
 {
@@ -236,7 +245,7 @@ chmod +x "$agent"
 
 # Fail early if the namespaces cannot reach each other or the HNP.
 if command -v ping >/dev/null; then
-  for ((i = 0; i < ranks; i++)); do
+  for ((i = 0; i < hosts; i++)); do
     ip netns exec "$(ns_name "$i")" ping -c 1 -W 2 "$hnp_ip" >/dev/null \
       || { echo "netlab: $(ns_name "$i") cannot reach $hnp_ip" >&2; exit 1; }
   done
@@ -245,14 +254,18 @@ fi
 shaping="rate $rate"
 [ "$rate" = none ] || shaping+=" per direction"
 if [ "$egress_only" = 1 ]; then shaping+=" (egress only)"; fi
-echo "netlab: $ranks hosts hq0..hq$((ranks - 1)) on $cidr, $shaping${delay:+, one-way delay $delay}" >&2
+echo "netlab: $ranks ranks on $hosts hosts hq0..hq$((hosts - 1)) ($per_host per host) on $cidr, $shaping${delay:+, one-way delay $delay}" >&2
 
-export HQ_NETLAB_RATE="$rate" HQ_NETLAB_DELAY="${delay:-0}" HQ_NETLAB_RANKS="$ranks"
+export HQ_NETLAB_RATE="$rate" HQ_NETLAB_DELAY="${delay:-0}" HQ_NETLAB_RANKS="$ranks" HQ_NETLAB_PER_HOST="$per_host"
 # numba's on-disk kernel cache that scripts/install.sh fills (else every rank compiles for minutes)
 export NUMBA_CACHE_DIR="${NUMBA_CACHE_DIR:-${HVD_QADAM_CACHE:-$HOME/.cache/hvd_qadam}/numba}"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NUMBA_NUM_THREADS=1 HVD_QADAM_THREADS=1 OPENBLAS_NUM_THREADS=1
 env_args=(-x OMP_NUM_THREADS -x MKL_NUM_THREADS -x NUMBA_NUM_THREADS -x HVD_QADAM_THREADS -x OPENBLAS_NUM_THREADS
-          -x HQ_NETLAB_RATE -x HQ_NETLAB_DELAY -x HQ_NETLAB_RANKS -x PATH -x NUMBA_CACHE_DIR)
+          -x HQ_NETLAB_RATE -x HQ_NETLAB_DELAY -x HQ_NETLAB_RANKS -x HQ_NETLAB_PER_HOST -x PATH -x NUMBA_CACHE_DIR)
+# Ranks of one host talk TCP to the host's own address, which the kernel carries over the
+# namespace's loopback: unshaped, the fast links inside a node. (Open MPI's shared-memory btl,
+# vader, crashes in MPI_Comm_dup across these namespaces.)
+btls=tcp,self
 for v in PYTHONPATH PYTHONUNBUFFERED HVD_QADAM_CACHE VIRTUAL_ENV; do
   [ -z "${!v:-}" ] || env_args+=(-x "$v")
 done
@@ -260,7 +273,7 @@ while read -r v; do env_args+=(-x "$v"); done < <(env | sed -n 's/^\(HOROVOD_[A-
 
 mpirun --allow-run-as-root --oversubscribe -np "$ranks" --hostfile "$hostfile" \
   --mca plm_rsh_agent "$agent" --mca plm_rsh_no_tree_spawn 1 \
-  --mca pml ob1 --mca btl tcp,self --mca osc '^ucx' \
+  --mca pml ob1 --mca btl "$btls" --mca osc '^ucx' \
   --mca btl_tcp_if_include "$cidr" --mca oob_tcp_if_include "$cidr" \
   --bind-to none "${env_args[@]}" "${extra_env[@]}" "${extra_mpirun[@]}" "$@" &
 mpirun_pid=$!

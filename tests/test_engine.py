@@ -23,8 +23,9 @@ ALGOS = [("qsgd", "adam", {}), ("efficient_adam", "adam", {"downlink_quantizer":
 
 @pytest.mark.parametrize("algorithm,base,kw", ALGOS, ids=[a[0] for a in ALGOS])
 def test_sharded_equals_allgather_bit_for_bit(algorithm, base, kw, sim_train, assert_same_params):
-    # small buckets so that every rank owns several buckets of every fused buffer
-    kw = dict(kw, bucket_size=64, min_compress_numel=256)
+    # small buckets so that every rank owns several buckets of every fused buffer; the same
+    # downlink on both (sharded's default would quantize one that allgather computes locally)
+    kw = dict({"downlink_quantizer": "none"}, **kw, bucket_size=64, min_compress_numel=256)
     a = sim_train(3, 4, base, algorithm=algorithm, topology="allgather", **kw)  # local_sgd syncs at 2, 4
     s = sim_train(3, 4, base, algorithm=algorithm, topology="sharded", **kw)
     for r in range(3):
@@ -223,7 +224,7 @@ def test_bytes_counter_counts_real_frame_bytes():
     def worker(rank, comm):
         model = digits.make_model()
         opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=comm, bits=4,
-                                             bucket_size=512, min_compress_numel=1024)
+                                             bucket_size=512, min_compress_numel=1024, topology="allgather")
         x, y, _, _ = digits.load_digits_split()
         torch.nn.functional.cross_entropy(model(x[:8]), y[:8]).backward()
         opt.step()
@@ -403,7 +404,8 @@ def test_compression_objects_for_plain_horovod():
 def test_adaptive_levels_agree_across_ranks_and_topologies(quantizer, assert_same_params):
     """Levels are refit from allgathered statistics at the scheduled steps: every rank and both
     topologies end bit-identical, and the learned codebook differs from the starting grid."""
-    kw = dict(quantizer=quantizer, bits=3, bucket_size=128, min_compress_numel=256, level_schedule=(0, 2, 4))
+    kw = dict(quantizer=quantizer, bits=3, bucket_size=128, min_compress_numel=256, level_schedule=(0, 2, 4),
+              downlink_quantizer="none")
 
     def worker(rank, comm, topology):
         def mk(m):

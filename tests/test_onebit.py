@@ -92,7 +92,7 @@ def test_configuration_freeze_step_and_refusals():
 
 # ---------------------------------------------------------------------------------- equivalences
 @pytest.mark.parametrize("down", [dict(downlink_quantizer="sign"), dict(downlink_quantizer="qsgdinf", downlink_bits=4),
-                                  dict(downlink_quantizer=None), dict(downlink_quantizer="sign", v_refresh_every=2)],
+                                  dict(downlink_quantizer="none"), dict(downlink_quantizer="sign", v_refresh_every=2)],
                          ids=["sign", "qsgdinf4", "full", "sign-v-refresh"])
 def test_sharded_equals_allgather_bit_for_bit(down, sim_train, assert_same_params):
     kw = dict(SIGN, freeze_step=3, bucket_size=64, min_compress_numel=256, **down)
