@@ -50,16 +50,18 @@ def run_mpi(np_: int, script: str, *args: str, timeout: float = 180, env: dict |
 
 # ----------------------------------------------------------------------------- simulated ranks
 
-def sim_train(world_size: int, steps: int, base: str = "adam", dtype=torch.float32, **kwargs) -> list:
+def sim_train(world_size: int, steps: int, base: str = "adam", dtype=torch.float32, local_size: int = 1,
+              **kwargs) -> list:
     """Final {name: tensor} of every simulated rank after ``steps`` steps of digits training (model
-    and inputs in ``dtype``) with ``hvd_qadam.DistributedOptimizer(digits.base_optimizer(model, base), **kwargs)``."""
+    and inputs in ``dtype``) with ``hvd_qadam.DistributedOptimizer(digits.base_optimizer(model, base), **kwargs)``,
+    ``local_size`` simulated ranks per host."""
     def worker(rank, comm):
         def make(m):
             return hvd_qadam.DistributedOptimizer(digits.base_optimizer(m, base), m.named_parameters(), comm=comm,
                                                   **kwargs)
         model, _ = digits.train(rank, comm.size, make, epochs=1000, max_steps=steps, dtype=dtype)
         return {n: p.detach().clone() for n, p in model.named_parameters()}
-    return hvd_qadam.simulate(world_size, worker)
+    return hvd_qadam.simulate(world_size, worker, local_size=local_size)
 
 
 def sim_resume(world_size: int, tmp_path, steps: int, split: int | None, **kwargs) -> list:

@@ -43,9 +43,17 @@ def _ranks(stdout: str, what: str) -> dict:
             for m in re.finditer(rf"RANK (\d+) {what}(.*?)(?=RANK \d+ |$)", stdout, re.M)}
 
 
-@pytest.mark.parametrize("topology", ["allgather", "sharded"])
+# hierarchical:L runs the two-level exchange with hosts of L ranks (HVD_QADAM_LOCAL_SIZE): with
+# L = 3 the bad rank's host peers hear of it in the host exchange, with L = 1 in the uplink.
+def _topology_env(topology: str, env: dict | None = None) -> tuple:
+    name, _, local = topology.partition(":")
+    return name, dict(env or {}, **({"HVD_QADAM_LOCAL_SIZE": local} if local else {}))
+
+
+@pytest.mark.parametrize("topology", ["allgather", "sharded", "hierarchical:3", "hierarchical:1"])
 def test_mpi_nonfinite_gradient_fails_on_every_rank_with_state_untouched(topology):
-    proc = run_mpi(3, "failures.py", "nan", "--topology", topology, check=False, timeout=120)
+    topology, env = _topology_env(topology)
+    proc = run_mpi(3, "failures.py", "nan", "--topology", topology, check=False, timeout=120, env=env)
     errors = _ranks(proc.stdout, "ERROR")
     assert proc.returncode != 0
     assert sorted(errors) == [0, 1, 2], proc.stdout + proc.stderr
@@ -104,6 +112,23 @@ def test_mpi_parameter_server_equals_simulator_bit_for_bit(base, kwargs, tmp_pat
     assert_same_params(res["params"], sim[0], "ps vs simulator")
 
 
+@pytest.mark.parametrize("local_size,kwargs", [
+    (2, {}),                                                            # the defaults: auto -> hierarchical
+    (2, {"algorithm": "qadam", "topology": "hierarchical", "bucket_size": 64, "downlink_bits": 4}),
+    (4, {"algorithm": "efficient_adam", "topology": "hierarchical", "quantizer": "sign"}),
+], ids=["defaults-2x2", "qadam-2x2", "efficient_adam-sign-1x4"])
+def test_mpi_hierarchical_four_ranks_equals_simulator(local_size, kwargs, tmp_path):
+    """Four real ranks as hosts of ``local_size`` (HVD_QADAM_LOCAL_SIZE): the two-level exchange
+    equals the simulator's hosts bit for bit, and every rank ends identical."""
+    out = tmp_path / "params.pt"
+    run_mpi(4, "train_ranks.py", "--out", str(out), "--steps", "4", "--kwargs", json.dumps(kwargs),
+            env={"HVD_QADAM_LOCAL_SIZE": str(local_size)})
+    res = torch.load(out)
+    assert len(set(res["digests"])) == 1
+    assert_same_params(res["params"], sim_train(4, 4, local_size=local_size, **kwargs)[0],
+                       f"hierarchical {4 // local_size}x{local_size} vs simulator")
+
+
 def test_mpi_sharded_four_ranks_equals_simulator(tmp_path):
     kwargs = {"algorithm": "qadam", "topology": "sharded", "bucket_size": 64, "downlink_quantizer": "qsgd",
               "downlink_bits": 4}
@@ -147,12 +172,12 @@ def test_ps_without_mpi_launch_refuses_clearly():
 # ---------------------------------------------------------------- the fault suite: every case ends
 
 
-@pytest.mark.parametrize("topology", ["allgather", "sharded", "ps"])
+@pytest.mark.parametrize("topology", ["allgather", "sharded", "ps", "hierarchical:3"])
 def test_mpi_hung_peer_ends_the_job_within_the_deadline(topology):
     import time
     t0 = time.time()
-    proc = run_mpi(3, "failures.py", "hang", "--topology", topology, check=False, timeout=120,
-                   env=PS_FAULT_ENV if topology == "ps" else FAULT_ENV)
+    topology, env = _topology_env(topology, PS_FAULT_ENV if topology == "ps" else FAULT_ENV)
+    proc = run_mpi(3, "failures.py", "hang", "--topology", topology, check=False, timeout=120, env=env)
     took = time.time() - t0
     assert "RANK 1 HANGING" in proc.stdout
     assert proc.returncode != 0 and "FINISHED" not in proc.stdout
@@ -171,9 +196,10 @@ def test_mpi_hung_peer_ends_the_job_within_the_deadline(topology):
     assert took < (90 if topology == "ps" else 60), took
 
 
-@pytest.mark.parametrize("topology", ["allgather", "sharded"])
+@pytest.mark.parametrize("topology", ["allgather", "sharded", "hierarchical:3"])
 def test_mpi_step_mismatch_is_a_consistency_error_not_a_hang(topology):
-    proc = run_mpi(3, "failures.py", "mismatch", "--topology", topology, check=False, timeout=90, env=FAULT_ENV)
+    topology, env = _topology_env(topology, FAULT_ENV)
+    proc = run_mpi(3, "failures.py", "mismatch", "--topology", topology, check=False, timeout=90, env=env)
     errors = _ranks(proc.stdout, "ERROR")
     assert proc.returncode != 0 and sorted(errors) == [0, 1, 2], proc.stdout + proc.stderr[-3000:]
     for msg in errors.values():

@@ -1,0 +1,195 @@
+"""Topologies: what ``topology="auto"`` picks and why, the two-level exchange's math, and the
+bytes a rank sends, counted on the simulator's real frames against each topology's byte model
+and against Horovod's ring allreduce."""
+import pytest
+import torch
+
+import hvd_qadam
+from hvd_qadam.comm import SimWorld
+from hvd_qadam.config import LinkSpec, NONE_LINK
+from hvd_qadam.transport import TOPOLOGIES, Hosts, TopologyError, choose, payload_bytes_per_element
+
+import digits  # scripts/digits.py (tests/conftest.py puts scripts/ on sys.path)
+from conftest import assert_same_params, sim_train
+
+UP = LinkSpec("qsgdinf", 6, 128, "nearest")
+
+
+def _same_as_uplink(cls):
+    return UP if cls.downlink_travels else NONE_LINK
+
+
+@pytest.mark.parametrize("size,local,expected", [
+    (1, 1, "allgather"), (2, 1, "allgather"), (3, 1, "sharded"), (16, 1, "sharded"), (256, 1, "sharded"),
+    (8, 8, "sharded"),                       # one host: nothing crosses hosts, fewest bytes in all
+    (8, 2, "hierarchical"), (256, 8, "hierarchical"), (4, 4, "sharded")])
+def test_auto_picks_the_fewest_bytes_across_hosts(size, local, expected):
+    name, reason = choose(Hosts(size, local), UP, _same_as_uplink)
+    assert name == expected, reason
+    assert f"{size} ranks" in reason and "allgather" in reason and "sharded" in reason
+
+
+def test_auto_weighs_the_downlink_the_user_asked_for():
+    """With a full-precision downlink (4 bytes per element) sharded pays for it in every step,
+    so gathering 6-bit payloads stays cheaper up to N - 1 <= (N - 1)/N (1 + 4/0.78): N <= 6."""
+    def fp32_down(cls):
+        return NONE_LINK
+    picks = {n: choose(Hosts(n, 1), UP, fp32_down)[0] for n in range(2, 10)}
+    assert [n for n, t in picks.items() if t == "allgather"] == [2, 3, 4, 5, 6], picks
+
+
+def test_hierarchical_option():
+    assert choose(Hosts(8, 2), UP, _same_as_uplink, hierarchical=False)[0] == "sharded"
+    assert choose(Hosts(8, 1), UP, _same_as_uplink, hierarchical=True)[0] == "hierarchical"
+    model = digits.make_model()
+    with pytest.raises(ValueError, match="hierarchical=True asks for the two-level exchange"):
+        hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters()), model.named_parameters(),
+                                       topology="sharded", hierarchical=True, comm=SimWorld(1).comm(0))
+    with pytest.raises(ValueError, match="hierarchical must be None, True or False"):
+        hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters()), model.named_parameters(),
+                                       hierarchical="yes", comm=SimWorld(1).comm(0))
+    with pytest.raises(ValueError, match="unknown topology 'ring'"):
+        hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters()), model.named_parameters(),
+                                       topology="ring", comm=SimWorld(1).comm(0))
+    with pytest.raises(TopologyError, match="cannot sit 2 per host"):
+        Hosts(3, 2)
+
+
+def _one_step_stats(world, local=1, steps=2, **kw):
+    def worker(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(), comm=comm, **kw)
+        x, y, _, _ = digits.load_digits_split()
+        for s in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[rank::world][:16]), y[rank::world][:16]).backward()
+            opt.step()
+        st = opt.communication_stats
+        return {"sent": st.sent_bytes, "received": st.received_bytes, "fp32": st.fp32_bytes,
+                "topology": st.topology, "reason": st.topology_reason,
+                "numel": sum(g.numel for g in opt.engine.layout.groups if g.compressed),
+                "small": sum(g.numel for g in opt.engine.layout.groups if not g.compressed),
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    return hvd_qadam.simulate(world, worker, local_size=local)
+
+
+@pytest.mark.parametrize("world,local", [(2, 1), (3, 1), (4, 1), (8, 1), (16, 1), (4, 2), (8, 2), (8, 4)])
+def test_defaults_bytes_per_rank_match_the_model_and_beat_horovods_ring(world, local):
+    """The defaults' frames, counted by the optimizer on every rank: the byte model of the
+    topology auto picked (frame headers aside), at most 2 payloads per rank whatever N (a ring
+    allreduce's shape), >= 4x fewer than Horovod's fp32 ring and >= 2x fewer than its fp16 ring."""
+    res = _one_step_stats(world, local)
+    r0 = res[0]
+    topo = TOPOLOGIES[r0["topology"]]
+    hosts = Hosts(world, local)
+    up = payload_bytes_per_element(LinkSpec("qsgdinf", None, 128, "nearest"))
+    model = topo.bytes_per_rank(r0["numel"], up, up if topo.downlink_travels else 0.0, hosts)
+    small = topo.bytes_per_rank(r0["small"], 4.0, 4.0 if topo.downlink_travels else 0.0, hosts)["total"]
+    # headers: one frame per peer and collective (~100 bytes each); ranks whose chunk is empty send less
+    n_msgs = 4 * world * len(r0["params"])
+    for r in res:
+        assert r["topology"] == r0["topology"] and r["reason"] == r0["reason"]
+        assert r["sent"] <= model["total"] + small + 120 * n_msgs, (r["sent"], model)
+    mean_sent = sum(r["sent"] for r in res) / world
+    assert abs(mean_sent - model["total"] - small) <= 0.03 * model["total"] + 120 * n_msgs, (mean_sent, model)
+    # Horovod's ring allreduce: 2 (N - 1)/N of the model per rank; across hosts, each host's link
+    # carries that much (the ring crosses it once each way), 1/L of it per rank
+    ring_elems = 2 * (world - 1) / world * (r0["numel"] + r0["small"]) / local
+    ours = (model["inter_host"] + topo.bytes_per_rank(r0["small"], 4.0, 4.0 if topo.downlink_travels else 0.0,
+                                                      hosts)["inter_host"]) if hosts.count > 1 else mean_sent
+    assert 4 * ring_elems / ours >= 4.0 and 2 * ring_elems / ours >= 2.0, (ring_elems, ours)
+    assert model["inter_host"] <= 2 * up * r0["numel"]
+
+
+@pytest.mark.parametrize("world", [4, 16, 64, 256])
+def test_bytes_per_rank_stay_bounded_out_to_256_ranks(world):
+    """By counting (each topology's byte model, checked against real frames above): the
+    defaults' bytes per rank never exceed 2 payloads, and stay >= 4x under Horovod's fp32 ring and
+    >= 2x under its fp16 ring, flat or with 8 ranks per host."""
+    up = payload_bytes_per_element(UP)
+    for local in (1, 8):
+        if world % local or world == local:
+            continue
+        hosts = Hosts(world, local)
+        name, _ = choose(hosts, UP, _same_as_uplink)
+        b = TOPOLOGIES[name].bytes_per_rank(1, up, up, hosts)
+        ring32 = 2 * (world - 1) / world * 4.0
+        assert b["inter_host"] <= 2 * up
+        assert ring32 / b["inter_host"] >= 4.0 and (ring32 / 2) / b["inter_host"] >= 2.0
+
+
+def test_hierarchical_with_one_rank_per_host_is_the_sharded_exchange(assert_same_params):
+    """Hosts of one rank: the host exchange is a rank's own vector, so the two-level exchange
+    quantizes, serves and decodes exactly what ``sharded`` does, bit for bit."""
+    kw = dict(algorithm="qadam", bucket_size=64, min_compress_numel=256, downlink_bits=4)
+    s = sim_train(4, 4, topology="sharded", **kw)
+    h = sim_train(4, 4, topology="hierarchical", local_size=1, **kw)
+    for r in range(4):
+        assert_same_params(s[0], h[r], f"hierarchical 4x1 rank {r} vs sharded")
+
+
+@pytest.mark.parametrize("local", [2, 4])
+def test_hierarchical_full_precision_is_the_mean_gradient(local):
+    """With nothing quantized, the two-level exchange averages exactly what allgather averages
+    (host means, then the mean of host means: only the summation order differs)."""
+    kw = dict(quantizer="none", downlink_quantizer="none", min_compress_numel=256)
+    a = sim_train(8, 4, topology="allgather", **kw)
+    h = sim_train(8, 4, topology="hierarchical", local_size=local, **kw)
+    for r in range(8):
+        for n in a[0]:
+            assert torch.equal(h[0][n], h[r][n])
+            torch.testing.assert_close(h[r][n], a[0][n], rtol=1e-5, atol=1e-6)
+    init = {n: p.detach() for n, p in digits.make_model().named_parameters()}
+    assert any(not torch.equal(init[n], h[0][n]) for n in init)
+
+
+def test_hierarchical_defaults_train_like_allgather():
+    """The defaults on 2 hosts x 4 ranks (quantized both ways, server EF) land close to the
+    uncompressed mean-gradient run after 30 steps, and every rank is identical."""
+    full = sim_train(8, 30, quantizer="none", downlink_quantizer="none", topology="allgather")
+    hier = sim_train(8, 30, local_size=4)
+    x, y, _, _ = digits.load_digits_split()
+
+    def loss(params):
+        model = digits.make_model()
+        model.load_state_dict(params)
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(x), y))
+    for r in range(8):
+        assert_same_params(hier[0], hier[r], f"rank {r}")
+    l_full, l_hier, l_init = loss(full[0]), loss(hier[0]), loss(dict(digits.make_model().named_parameters()))
+    assert l_hier < 0.5 * l_init
+    assert abs(l_hier - l_full) < 0.05 * l_full, (l_hier, l_full)
+
+
+def test_hierarchical_nan_on_one_rank_fails_every_rank_in_every_host():
+    """A NaN on one rank reaches its host peers in the host exchange and the other hosts in the
+    uplink: every rank raises and nothing changed (weights, residuals, step)."""
+    def worker(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(), comm=comm,
+                                             topology="hierarchical", nonfinite="raise", overlap=False)
+        x, y, _, _ = digits.load_digits_split()
+
+        def step(poison):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+            if poison:
+                model[0].weight.grad[0, 0] = float("nan")
+            opt.step()
+        step(False)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        state = {k: v.clone() for k, v in opt.engine.bank.current.items()}
+        try:
+            step(rank == 5)
+            err = None
+        except hvd_qadam.NonFiniteGradientError as e:
+            err = str(e)
+        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return err, before, after, state, dict(opt.engine.bank.current), opt.engine.step_count
+    for rank, (err, before, after, state, state_after, step) in enumerate(hvd_qadam.simulate(8, worker, local_size=4)):
+        assert err is not None and "rank 5" in err, (rank, err)
+        assert_same_params(before, after, f"rank {rank} weights")
+        assert state.keys() == state_after.keys() and any(k.endswith(".e") for k in state)
+        assert all(torch.equal(state[k], state_after[k]) for k in state), rank
+        assert step == 1
