@@ -328,9 +328,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          downlink_quantizer: str | None = None, downlink_bits: int | None = None,
                          downlink_bucket_size: int | None = None, downlink_rounding: str | None = None,
                          error_feedback: bool = True, server_error_feedback: bool = True,
-                         topology: str = "auto", hierarchical: bool | None = None, warmup_steps: int = 0,
+                         topology: str = "auto", hierarchical: bool = False, warmup_steps: int = 0,
                          min_compress_numel: int = 1024,
-                         fusion_threshold_mb: float = 25, overlap: bool = True, seed: int = 0,
+                         fusion_threshold_mb: float | None = None, overlap: bool = True, seed: int = 0,
                          nonfinite: str | None = None, bias_correction: bool = True,
                          momentum_steps: int | None = None, sync_every: int = 1, level_schedule=(0, 100, 2000),
                          level_every: int = 10000, timeout: float | None = None, comm=None,
@@ -386,16 +386,19 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       per rank flat in N), ``hierarchical`` (a full-precision reduce-scatter inside each host, the
       sharded exchange only between hosts: 1/L of the host's inter-host bytes per rank),
       ``ps`` (a dedicated mpi4py server rank, see :mod:`hvd_qadam.ps`), or ``auto``: the one
-      whose ranks send the fewest bytes across hosts (:func:`hvd_qadam.transport.choose`):
-      ``allgather`` up to 2 ranks, ``sharded`` beyond, ``hierarchical`` where several ranks share
-      each of several hosts. ``communication_stats.topology`` / ``.topology_reason`` say which and why.
-    hierarchical (None): whether ``auto`` may pick the two-level exchange (None: where hosts hold
-      several ranks; False: never; True: always, as ``topology="hierarchical"``). Hosts are
-      Horovod's ``local_size`` ranks (``HVD_QADAM_LOCAL_SIZE`` overrides it).
+      of ``allgather``/``sharded`` whose ranks send the fewest bytes across hosts
+      (:func:`hvd_qadam.transport.choose`): ``allgather`` up to 2 ranks, ``sharded`` beyond.
+      ``communication_stats.topology`` / ``.topology_reason`` say which and why.
+    hierarchical (False): True makes ``auto`` run the two-level exchange (as
+      ``topology="hierarchical"``): 1/L of the inter-host bytes, but four collective rounds per
+      group instead of two; worth it where a round is cheap and intra-host links are fast.
+      Hosts are Horovod's ``local_size`` ranks (``HVD_QADAM_LOCAL_SIZE`` overrides it).
     warmup_steps (0): uncompressed steps first.
     min_compress_numel (1024): smaller tensors (biases, norms) travel as fp32.
-    fusion_threshold_mb (25): size of a fused group; groups are formed in reverse registration
+    fusion_threshold_mb (None): size of a fused group; groups are formed in reverse registration
       order and each starts its exchange from a backward hook as soon as its gradients are ready.
+      None: a quarter of the model's fp32 size, between 2 and 25 MB, so that a model of any size
+      has a few groups whose exchanges overlap backward and each other (one group cannot).
     overlap (True): start exchanges from backward hooks (False: everything happens in ``step()``).
       Gradients changed between ``backward()`` and ``step()`` are not seen once their group has
       started, exactly as with Horovod; use ``synchronize()`` for clipping or unscaling.
@@ -437,9 +440,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         quantizer = _quantizer_from_compression(compression)
     elif compression is not None and _quantizer_from_compression(compression) != "qsgdinf":
         raise ValueError(f"both compression={compression!r} and quantizer={quantizer!r} given; pass one")
+    total = sum(p.numel() for pg in optimizer.param_groups for p in pg["params"] if p.requires_grad)
     if num_groups:
-        total = sum(p.numel() for pg in optimizer.param_groups for p in pg["params"] if p.requires_grad)
         fusion_threshold_mb = max(4 * total / num_groups, 4.0) / (1 << 20)
+    elif fusion_threshold_mb is None:
+        fusion_threshold_mb = min(25.0, max(2.0, total / (1 << 20)))      # 4 bytes x total / 4
     if nonfinite is None:
         nonfinite = "propagate" if algorithm == "qsgd" else "raise"
     # Error feedback needs a contractive compressor: an unbiased quantizer whose variance factor
@@ -462,8 +467,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                         downlink_rounding or ("nearest" if server_error_feedback and algorithm != "qadam_weights"
                                               else None))
 
-    if hierarchical is not None and not isinstance(hierarchical, bool):
-        raise ValueError(f"hierarchical must be None, True or False, got {hierarchical!r}")
+    if not isinstance(hierarchical, bool):
+        raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
     if topology not in TOPOLOGY_CLASSES and topology != AUTO:
         raise ValueError(f"unknown topology {topology!r}; choose one of {(AUTO,) + tuple(TOPOLOGY_CLASSES)}")
     if hierarchical and topology not in (AUTO, "hierarchical"):

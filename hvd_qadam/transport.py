@@ -203,7 +203,9 @@ class AllgatherTransport(Transport):
         eng = self.eng
         payloads, error = self._uplink(g, vec, grad, st, eng.bounds[g.index])
         data = eng.frame(payloads, error)
-        st.stats.sent_bytes += len(data)
+        # whatever the allgather's algorithm, N - 1 frames of this size leave every rank (its own
+        # to each peer, or a ring's N - 1 forwarded ones)
+        st.stats.sent_bytes += (eng.size - 1) * len(data)
         return {"handle": eng.comm.allgather_async(data, f"hvd_qadam.up.{g.index}"), "data": data,
                 "payloads": payloads, "error": error}
 
@@ -275,7 +277,7 @@ class ShardedTransport(Transport):
             a, b = eng.bounds[g.index][eng.rank]
             down = eng.serve(g, a, b, [f.payloads[0] for f in frames], st)
             data = eng.frame([down], None)
-            st.stats.sent_bytes += len(data)
+            st.stats.sent_bytes += (eng.size - 1) * len(data)      # an allgather: as above
             h["handle_down"] = eng.comm.allgather_async(data, f"hvd_qadam.down.{g.index}")
             h["down_len"] = len(data)
             st.stats.decode_s += time.perf_counter() - t1
@@ -504,18 +506,18 @@ def make_transport(topology: str, eng) -> Transport:
     return TOPOLOGIES[topology](eng)
 
 
-def choose(hosts: Hosts, uplink, downlink_for, hierarchical: bool | None = None) -> tuple[str, str]:
-    """(topology, reason) for ``topology="auto"``: the one whose ranks send the fewest bytes
-    across hosts per element (then in all), preferring ``allgather`` on a tie (one collective,
-    and a downlink computed locally, without a second quantization).
+def choose(hosts: Hosts, uplink, downlink_for, hierarchical: bool = False) -> tuple[str, str]:
+    """(topology, reason) for ``topology="auto"``: of the flat topologies, the one whose ranks
+    send the fewest bytes across hosts per element (then in all), preferring ``allgather`` on a
+    tie (one collective, and a downlink computed locally, without a second quantization).
     ``downlink_for(topology_class)`` is the downlink link that topology would run with.
-    ``hierarchical``: None lets the two-level exchange compete where hosts hold several ranks,
-    False leaves it out, True requires it."""
+    ``hierarchical=True`` asks for the two-level exchange. It is not chosen by bytes alone: it
+    moves 1/L of the flat exchange's bytes across hosts but runs four collective rounds per
+    group instead of two, and where a round is expensive that costs more than it saves
+    (docs/scaling.md)."""
     if hierarchical:
         return "hierarchical", "hierarchical=True"
     candidates = ["allgather", "sharded"]
-    if hierarchical is None and hosts.local_size > 1 and hosts.count > 1:
-        candidates.append("hierarchical")
     up = payload_bytes_per_element(uplink)
     costs = {}
     for name in candidates:

@@ -53,6 +53,9 @@ CONFIGS = {
     "qadam_default": ("hvd_qadam defaults (6 bits)", None, {}),
     # the defaults without the two-level exchange (what "auto" picks with one rank per host)
     "qadam_default_flat": ("hvd_qadam defaults, flat (hierarchical=False)", None, dict(hierarchical=False)),
+    # the defaults with smaller fused groups (more exchanges overlap backward and each other)
+    "qadam_default_fusion4": ("hvd_qadam defaults, 4 MB groups", None, dict(fusion_threshold_mb=4)),
+    "qadam_default_fusion1": ("hvd_qadam defaults, 1 MB groups", None, dict(fusion_threshold_mb=1)),
     # the defaults before topology="auto": every rank gathers every payload
     "qadam_allgather": ("hvd_qadam 6 bits, allgather (the old default)", None, dict(topology="allgather")),
     # the default width until the 10M-parameter LM showed it 1.9 % above Horovod Adam (README)

@@ -113,7 +113,7 @@ def test_mpi_parameter_server_equals_simulator_bit_for_bit(base, kwargs, tmp_pat
 
 
 @pytest.mark.parametrize("local_size,kwargs", [
-    (2, {}),                                                            # the defaults: auto -> hierarchical
+    (2, {"hierarchical": True}),                                        # the defaults, two levels
     (2, {"algorithm": "qadam", "topology": "hierarchical", "bucket_size": 64, "downlink_bits": 4}),
     (4, {"algorithm": "efficient_adam", "topology": "hierarchical", "quantizer": "sign"}),
 ], ids=["defaults-2x2", "qadam-2x2", "efficient_adam-sign-1x4"])
