@@ -115,7 +115,8 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
     def _start(self):
         """First step: check that every rank has the same model and configuration (no hang, a clear error)."""
         mine = {"layout": self._layout.signature, "params": self._layout.param_signature,
-                "config": self._qcfg.as_dict(), "step": self._engine.step_count}
+                "config": dict(self._qcfg.as_dict(), ranks_per_host=self._engine.hosts.local_size),
+                "step": self._engine.step_count}
         everyone = self._comm.allgather_object(mine, name="hvd_qadam.handshake")
         for r, theirs in enumerate(everyone):
             if theirs["config"] != mine["config"]:

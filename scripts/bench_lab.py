@@ -51,8 +51,8 @@ CONFIGS = {
     "hvd_fp32": ("Horovod fp32", "none", None),
     "hvd_fp16": ("Horovod fp16", "fp16", None),
     "qadam_default": ("hvd_qadam defaults (6 bits)", None, {}),
-    # the defaults without the two-level exchange (what "auto" picks with one rank per host)
-    "qadam_default_flat": ("hvd_qadam defaults, flat (hierarchical=False)", None, dict(hierarchical=False)),
+    # the defaults with the two-level exchange (hosts of several ranks)
+    "qadam_hierarchical": ("hvd_qadam defaults, hierarchical=True", None, dict(hierarchical=True)),
     # the defaults with smaller fused groups (more exchanges overlap backward and each other)
     "qadam_default_fusion4": ("hvd_qadam defaults, 4 MB groups", None, dict(fusion_threshold_mb=4)),
     "qadam_default_fusion1": ("hvd_qadam defaults, 1 MB groups", None, dict(fusion_threshold_mb=1)),
@@ -187,6 +187,8 @@ def bench_worker(args):
     rank = hvd.rank()
     ident = comm.gather(_identity(hvd), root=0)
     corpus = lm.load_corpus() if args.workload == "lm" else None
+    if rank == 0:
+        print("[ready] every rank started", flush=True)   # the driver's launch watchdog waits for it
     rows = []
     for name in args.configs:
         try:
@@ -315,7 +317,19 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
 
 
 # ================================================================================== driver side
-def _netlab(rate: str, args, py_args: list[str], timeout: float) -> tuple[int, str]:
+def _netlab(rate: str, args, py_args: list[str], timeout: float, start_timeout: float = 300,
+            tries: int = 3) -> tuple[int, str]:
+    """Run the worker under netlab; a launch whose ranks are not all up within ``start_timeout``
+    (an Open MPI launcher hang across namespaces) is ended and tried again."""
+    for attempt in range(tries):
+        rc, out = _netlab_once(rate, args, py_args, timeout, start_timeout)
+        if rc != 125:
+            return rc, out
+        print(f"    launch not up after {start_timeout:.0f} s; retrying ({attempt + 1}/{tries})", file=sys.stderr)
+    return rc, out
+
+
+def _netlab_once(rate: str, args, py_args: list[str], timeout: float, start_timeout: float) -> tuple[int, str]:
     cmd = ["bash", os.path.join(HERE, "netlab.sh"), "--ranks", str(args.ranks), "--rate", rate,
            "--per-host", str(getattr(args, "per_host", 1))]
     if args.delay:
@@ -333,11 +347,20 @@ def _netlab(rate: str, args, py_args: list[str], timeout: float) -> tuple[int, s
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
                                 start_new_session=True)
         out_lines = []
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
+        ready = "--worker" not in py_args
         import selectors
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)
         while True:
+            if not ready and time.monotonic() > started + start_timeout:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                return 125, "".join(out_lines)
             if time.monotonic() > deadline:
                 proc.terminate()
                 try:
@@ -350,7 +373,8 @@ def _netlab(rate: str, args, py_args: list[str], timeout: float) -> tuple[int, s
                 if not line:
                     break
                 out_lines.append(line)
-                if args.verbose or line.startswith("["):
+                ready = ready or line.startswith("[ready]")
+                if args.verbose or (line.startswith("[") and not line.startswith("[ready]")):
                     sys.stderr.write("    " + line)
         return proc.wait(), "".join(out_lines)
     except KeyboardInterrupt:

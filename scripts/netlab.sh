@@ -37,6 +37,8 @@
 #   OMPI_MCA_coll_tuned_use_dynamic_rules=1 OMPI_MCA_coll_tuned_allreduce_algorithm=4 for the ring.
 # * One TCP stream over a veth tops out at a few Gbit/s of CPU here, so "10gbit" is CPU-bound,
 #   like "none"; with more ranks than cores, all rates are partly CPU-bound.
+# * Open MPI's default routed component sometimes never starts the second daemon across these
+#   namespaces (the launch hangs; seen 1 launch in 4): `--mca routed direct` (set below) avoids it.
 # * --delay needs the sch_netem kernel module (not every VM kernel has it: netlab then says so).
 #
 # Options:
@@ -272,7 +274,7 @@ done
 while read -r v; do env_args+=(-x "$v"); done < <(env | sed -n 's/^\(HOROVOD_[A-Za-z0-9_]*\)=.*/\1/p')
 
 mpirun --allow-run-as-root --oversubscribe -np "$ranks" --hostfile "$hostfile" \
-  --mca plm_rsh_agent "$agent" --mca plm_rsh_no_tree_spawn 1 \
+  --mca plm_rsh_agent "$agent" --mca plm_rsh_no_tree_spawn 1 --mca routed direct \
   --mca pml ob1 --mca btl "$btls" --mca osc '^ucx' \
   --mca btl_tcp_if_include "$cidr" --mca oob_tcp_if_include "$cidr" \
   --bind-to none "${env_args[@]}" "${extra_env[@]}" "${extra_mpirun[@]}" "$@" &

@@ -221,3 +221,24 @@ def test_hierarchical_nan_on_one_rank_fails_every_rank_in_every_host():
         assert state.keys() == state_after.keys() and any(k.endswith(".e") for k in state)
         assert all(torch.equal(state[k], state_after[k]) for k in state), rank
         assert step == 1
+
+
+def test_ranks_that_disagree_about_hosts_fail_at_the_first_step():
+    """One rank believes in hosts of 2 (say, another HVD_QADAM_LOCAL_SIZE): every rank raises a
+    ConsistencyError naming ranks_per_host at the first step, instead of exchanging with the
+    wrong peers."""
+    def worker(rank, comm):
+        if rank == 3:
+            comm.hosts = Hosts(4, 2)
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(), comm=comm,
+                                             topology="hierarchical")
+        x, y, _, _ = digits.load_digits_split()
+        try:       # the handshake runs where the first exchange starts: in backward's hooks
+            torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+            opt.step()
+        except hvd_qadam.ConsistencyError as e:
+            return str(e)
+        return None
+    for rank, err in enumerate(hvd_qadam.simulate(4, worker)):
+        assert err is not None and "ranks_per_host" in err, (rank, err)
