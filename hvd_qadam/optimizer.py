@@ -329,7 +329,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          downlink_quantizer: str | None = None, downlink_bits: int | None = None,
                          downlink_bucket_size: int | None = None, downlink_rounding: str | None = None,
                          error_feedback: bool = True, server_error_feedback: bool = True,
-                         topology: str = "auto", hierarchical: bool = False, warmup_steps: int = 0,
+                         topology: str = "auto", hierarchical: bool | None = None, warmup_steps: int = 0,
                          min_compress_numel: int = 1024,
                          fusion_threshold_mb: float | None = None, overlap: bool = True, seed: int = 0,
                          nonfinite: str | None = None, bias_correction: bool = True,
@@ -388,11 +388,13 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       sharded exchange only between hosts: 1/L of the host's inter-host bytes per rank),
       ``ps`` (a dedicated mpi4py server rank, see :mod:`hvd_qadam.ps`), or ``auto``: the one
       of ``allgather``/``sharded`` whose ranks send the fewest bytes across hosts
-      (:func:`hvd_qadam.transport.choose`): ``allgather`` up to 2 ranks, ``sharded`` beyond.
+      (:func:`hvd_qadam.transport.choose`): ``allgather`` up to 2 ranks, ``sharded`` beyond, and
+      ``hierarchical`` where the flat exchange would load each host's link more than Horovod's
+      fp16 ring does (several ranks per host: from 4 per host at 12 ranks).
       ``communication_stats.topology`` / ``.topology_reason`` say which and why.
-    hierarchical (False): True makes ``auto`` run the two-level exchange (as
-      ``topology="hierarchical"``): 1/L of the inter-host bytes, but four collective rounds per
-      group instead of two; worth it where a round is cheap and intra-host links are fast.
+    hierarchical (None): whether ``auto`` runs the two-level exchange: None by the rule above,
+      True always (as ``topology="hierarchical"``), False never. It moves 1/L of the inter-host
+      bytes but runs four collective rounds per group instead of two.
       Hosts are Horovod's ``local_size`` ranks (``HVD_QADAM_LOCAL_SIZE`` overrides it).
     warmup_steps (0): uncompressed steps first.
     min_compress_numel (1024): smaller tensors (biases, norms) travel as fp32.
@@ -468,8 +470,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                         downlink_rounding or ("nearest" if server_error_feedback and algorithm != "qadam_weights"
                                               else None))
 
-    if not isinstance(hierarchical, bool):
-        raise ValueError(f"hierarchical must be True or False, got {hierarchical!r}")
+    if hierarchical is not None and not isinstance(hierarchical, bool):
+        raise ValueError(f"hierarchical must be None, True or False, got {hierarchical!r}")
     if topology not in TOPOLOGY_CLASSES and topology != AUTO:
         raise ValueError(f"unknown topology {topology!r}; choose one of {(AUTO,) + tuple(TOPOLOGY_CLASSES)}")
     if hierarchical and topology not in (AUTO, "hierarchical"):

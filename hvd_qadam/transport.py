@@ -506,15 +506,19 @@ def make_transport(topology: str, eng) -> Transport:
     return TOPOLOGIES[topology](eng)
 
 
-def choose(hosts: Hosts, uplink, downlink_for, hierarchical: bool = False) -> tuple[str, str]:
+def choose(hosts: Hosts, uplink, downlink_for, hierarchical: bool | None = None) -> tuple[str, str]:
     """(topology, reason) for ``topology="auto"``: of the flat topologies, the one whose ranks
     send the fewest bytes across hosts per element (then in all), preferring ``allgather`` on a
     tie (one collective, and a downlink computed locally, without a second quantization).
     ``downlink_for(topology_class)`` is the downlink link that topology would run with.
-    ``hierarchical=True`` asks for the two-level exchange. It is not chosen by bytes alone: it
-    moves 1/L of the flat exchange's bytes across hosts but runs four collective rounds per
-    group instead of two, and where a round is expensive that costs more than it saves
-    (docs/scaling.md)."""
+
+    The two-level exchange moves 1/L of the flat exchange's bytes across hosts but runs four
+    collective rounds per group instead of two, which costs more than it saves where a round is
+    expensive (docs/scaling.md). So ``hierarchical=None`` takes it only where the flat exchange
+    would load a host's link more than Horovod's fp16 ring allreduce does (2 (N - 1)/N x 2 bytes
+    per element: a ring crosses each host's link once), which happens with several ranks per host
+    (from 4 per host at 12 ranks, 3 per host at 15: the multi-GPU nodes). True always takes it,
+    False never."""
     if hierarchical:
         return "hierarchical", "hierarchical=True"
     candidates = ["allgather", "sharded"]
@@ -529,4 +533,15 @@ def choose(hosts: Hosts, uplink, downlink_for, hierarchical: bool = False) -> tu
     where = (f"{hosts.size} ranks" if hosts.local_size == 1 else
              f"{hosts.size} ranks on {hosts.count} hosts of {hosts.local_size}")
     detail = ", ".join(f"{n} {c[0]:.3g}" for n, c in costs.items())
+    if hierarchical is None and hosts.local_size > 1 and hosts.count > 1:
+        n = hosts.size
+        host_link = costs[best][0] * hosts.local_size
+        fp16_ring = 2 * (n - 1) / n * 2.0
+        if host_link > fp16_ring:
+            two = TOPOLOGIES["hierarchical"].bytes_per_rank(1, up, payload_bytes_per_element(downlink_for(
+                TOPOLOGIES["hierarchical"])), hosts)["inter_host"] * hosts.local_size
+            return "hierarchical", (f"{where}: {best} would put {host_link:.3g} bytes per element on each host's "
+                                    f"link, more than Horovod's fp16 ring ({fp16_ring:.3g}); the two-level "
+                                    f"exchange puts {two:.3g}")
+        detail += f"; per host link {host_link:.3g} <= Horovod fp16 ring {fp16_ring:.3g}"
     return best, f"{where}: fewest bytes per element sent across hosts per rank ({detail})"

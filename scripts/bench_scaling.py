@@ -90,6 +90,25 @@ def markdown(rows: list) -> str:
     return "\n".join(out)
 
 
+def summary(rows: list) -> str:
+    """The compact table: per point, the floors, Horovod's rings and the defaults."""
+    out = ["| ranks | link | compute floor | Horovod fp32 (ring) | Horovod fp16 (ring) | hvd_qadam defaults | "
+           "vs fp32 / fp16 | interface MB per rank: fp32 / defaults |", "|---|---|---|---|---|---|---|---|"]
+    for point in dict.fromkeys(r["point"] for r in rows):
+        same = {x["config"]: x for x in rows if x["point"] == point}
+        if not all(k in same for k in ("no_exchange", "hvd_fp32", "hvd_fp16", "qadam_default")):
+            continue
+        d, f32, f16 = same["qadam_default"], same["hvd_fp32"], same["hvd_fp16"]
+        hosts = f"{d['ranks']}" + (f" ({d['hosts']} hosts x {d['per_host']})" if d["per_host"] > 1 else "")
+        rate = {"100mbit": "100 Mbit/s", "1gbit": "1 Gbit/s", "10gbit": "10 Gbit/s"}.get(d["rate"], d["rate"])
+        out.append(f"| {hosts} | {rate} | {same['no_exchange']['step_s']:.2f} s | {f32['step_s']:.2f} s | "
+                   f"{f16['step_s']:.2f} s | **{d['step_s']:.2f} s** ({d.get('topology')}) | "
+                   f"**{f32['step_s'] / d['step_s']:.2f}x** / {f16['step_s'] / d['step_s']:.2f}x | "
+                   f"{max(f32['wire_tx_bytes'], f32['wire_rx_bytes']) / 1e6:.1f} / "
+                   f"{max(d['wire_tx_bytes'], d['wire_rx_bytes']) / 1e6:.1f} |")
+    return "\n".join(out)
+
+
 def plot(rows: list, path: str, rate: str = "100mbit") -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -139,6 +158,8 @@ def main():
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         rows = run(args)
     print(markdown(rows))
+    print()
+    print(summary(rows))
     if args.plot and rows:
         plot(rows, args.plot)
 

@@ -4,18 +4,20 @@
     step = compute + wire + codec + latency                (nothing hidden behind backward)
     wire    = bytes leaving the rank's host per rank / (link rate x efficiency)
     codec   = elements the rank encodes and decodes per step / codec throughput
-    latency = collective rounds x peers per round x alpha
+    latency = message rounds of the collectives x alpha
 
 Bytes per rank come from each topology's own byte model (``hvd_qadam.transport``, checked against
 real frames in the tests and against interface counters in the lab). From the lab
 (``scripts/bench_scaling.py``'s JSON) it fits, by least squares over every point:
   efficiency  the share of the link rate TCP delivers (Horovod's rows and ours),
-  alpha       seconds per message round,
-  codec       seconds per element of the CPU codec, per rank, times the CPU oversubscription
-              (ranks per core) measured in the same lab,
+  alpha       seconds per message round, and
+  codec       seconds per element of the CPU codec, per rank,
+both times the lab's CPU oversubscription (ranks per core: with 16 ranks on 2 cores a rank waits
+for its turn at every round and every pass),
 and reports the model's error at every lab point. Then it predicts step time and bytes per rank
-for 32-256 ranks at 10-100 Gbit/s, for a model size and compute time you give and a GPU codec
-throughput you assume (the defaults are stated in the output; no GPU was measured).
+for 32-256 ranks at 10-100 Gbit/s, for a model size and compute time you give, a GPU codec
+throughput and a per-round latency you assume (stated in the output: no GPU and no real cluster
+was measured); only the link efficiency carries over from the lab.
 
     python3 scripts/cost_model.py --lab results/scaling.json [--params 350e6 --compute 0.30 \
         --codec-gelems 100 --per-host 8] [--json docs/cost_model.json]
@@ -87,7 +89,7 @@ def lab_points(rows: list) -> list:
 
 def fit(pts: list) -> dict:
     """Least squares on step - floor = inter / (rate eff) + alpha rounds + c oversub codec."""
-    A = np.array([[8 * p["inter"] / p["rate"], p["rounds"], p["oversub"] * p["codec"]] for p in pts])
+    A = np.array([[8 * p["inter"] / p["rate"], p["oversub"] * p["rounds"], p["oversub"] * p["codec"]] for p in pts])
     y = np.array([p["step"] - p["floor"] for p in pts])
     coef, *_ = np.linalg.lstsq(A, y, rcond=None)
     inv_eff, alpha, c = (max(v, 0.0) for v in coef)
@@ -95,7 +97,7 @@ def fit(pts: list) -> dict:
 
 
 def predict_lab(p: dict, m: dict) -> float:
-    return (p["floor"] + 8 * p["inter"] / (p["rate"] * m["efficiency"]) + m["alpha_s"] * p["rounds"]
+    return (p["floor"] + 8 * p["inter"] / (p["rate"] * m["efficiency"]) + m["alpha_s"] * p["oversub"] * p["rounds"]
             + m["codec_s_per_elem"] * p["oversub"] * p["codec"])
 
 
@@ -112,7 +114,7 @@ def cluster_table(m: dict, args) -> list:
                 wire = 8 * t["inter"] / (rate * m["efficiency"])
                 intra = t["intra"] / (args.intra_gbyte * 1e9)
                 codec = t["codec"] / (args.codec_gelems * 1e9)
-                step = args.compute + wire + intra + codec + m["alpha_s"] * t["rounds"]
+                step = args.compute + wire + intra + codec + args.alpha_us * 1e-6 * t["rounds"]
                 row[kind] = {"step_s": step, "inter_host_bytes_per_rank": t["inter"], "wire_s": wire}
             out.append(row)
     return out
@@ -126,6 +128,8 @@ def main():
     p.add_argument("--codec-gelems", type=float, default=100.0,
                    help="assumed GPU codec throughput, G elements/s per rank (not measured: no GPU)")
     p.add_argument("--intra-gbyte", type=float, default=100.0, help="assumed intra-host bandwidth, GB/s per rank")
+    p.add_argument("--alpha-us", type=float, default=30.0,
+                   help="assumed latency of one message round on the cluster, microseconds")
     p.add_argument("--per-host", type=int, default=8)
     p.add_argument("--ranks", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--rates-gbit", type=float, nargs="+", default=[10, 25, 100])
@@ -136,7 +140,7 @@ def main():
     pts = lab_points(rows)
     m = fit(pts)
     print(f"fitted on {len(pts)} lab points: link efficiency {m['efficiency']:.3f}, alpha {1e3 * m['alpha_s']:.2f} ms "
-          f"per round, CPU codec {1e9 * m['codec_s_per_elem']:.2f} ns per element per rank (x ranks per core)\n")
+          f"per round and CPU codec {1e9 * m['codec_s_per_elem']:.2f} ns per element per rank (both x ranks per core)\n")
     print("| point | configuration | measured s | model s | error |\n|---|---|---|---|---|")
     errs = []
     for q in pts:
@@ -147,7 +151,8 @@ def main():
     table = cluster_table(m, args)
     print(f"Predicted: {args.params / 1e6:.0f}M parameters, compute {args.compute:.2f} s per step (not hidden), "
           f"{args.per_host} ranks per host, intra-host {args.intra_gbyte:.0f} GB/s per rank, codec "
-          f"{args.codec_gelems:.0f} G elements/s per rank (assumed GPU), link efficiency and alpha as fitted\n")
+          f"{args.codec_gelems:.0f} G elements/s per rank (assumed GPU), {args.alpha_us:.0f} us per message round "
+          f"(assumed), link efficiency {m['efficiency']:.2f} (fitted)\n")
     print("| ranks | link Gbit/s | Horovod fp32 ring s | fp16 ring s | defaults flat (sharded) s | defaults hierarchical s "
           "| speed-up vs fp32 | inter-host MB per rank: fp32 / ours |\n|---|---|---|---|---|---|---|---|")
     for r in table:

@@ -23,11 +23,18 @@ def _same_as_uplink(cls):
 @pytest.mark.parametrize("size,local,expected", [
     (1, 1, "allgather"), (2, 1, "allgather"), (3, 1, "sharded"), (16, 1, "sharded"), (256, 1, "sharded"),
     (8, 8, "sharded"),                       # one host: nothing crosses hosts, fewest bytes in all
-    (8, 2, "sharded"), (256, 8, "sharded"), (4, 4, "sharded")])
+    (8, 2, "sharded"), (64, 2, "sharded"), (8, 4, "sharded"), (4, 4, "sharded"),
+    # several ranks per host: the flat exchange would load a host link more than an fp16 ring
+    (12, 4, "hierarchical"), (16, 4, "hierarchical"), (256, 8, "hierarchical"), (15, 3, "hierarchical"),
+    (12, 3, "sharded")])
 def test_auto_picks_the_fewest_bytes_across_hosts(size, local, expected):
     name, reason = choose(Hosts(size, local), UP, _same_as_uplink)
     assert name == expected, reason
-    assert f"{size} ranks" in reason and "allgather" in reason and "sharded" in reason
+    assert f"{size} ranks" in reason
+    if expected == "hierarchical":
+        assert "more than Horovod's fp16 ring" in reason, reason
+    else:
+        assert "allgather" in reason and "sharded" in reason, reason
 
 
 def test_auto_weighs_the_downlink_the_user_asked_for():
@@ -41,6 +48,7 @@ def test_auto_weighs_the_downlink_the_user_asked_for():
 
 def test_hierarchical_option():
     assert choose(Hosts(8, 2), UP, _same_as_uplink, hierarchical=True)[0] == "hierarchical"
+    assert choose(Hosts(256, 8), UP, _same_as_uplink, hierarchical=False)[0] == "sharded"
     assert choose(Hosts(8, 1), UP, _same_as_uplink, hierarchical=True)[0] == "hierarchical"
     # bytes alone would favour it: 1/L of the flat exchange's across hosts
     up = payload_bytes_per_element(UP)
@@ -51,7 +59,7 @@ def test_hierarchical_option():
     with pytest.raises(ValueError, match="hierarchical=True asks for the two-level exchange"):
         hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters()), model.named_parameters(),
                                        topology="sharded", hierarchical=True, comm=SimWorld(1).comm(0))
-    with pytest.raises(ValueError, match="hierarchical must be True or False"):
+    with pytest.raises(ValueError, match="hierarchical must be None, True or False"):
         hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters()), model.named_parameters(),
                                        hierarchical="yes", comm=SimWorld(1).comm(0))
     with pytest.raises(ValueError, match="unknown topology 'ring'"):
