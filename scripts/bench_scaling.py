@@ -116,13 +116,16 @@ def plot(rows: list, path: str, rate: str = "100mbit") -> None:
     flat = [r for r in rows if r["rate"] == rate and r["per_host"] == 1]
     configs = [c for c in dict.fromkeys(r["config"] for r in flat)]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for c in configs:
-        pts = sorted((r["ranks"], r["step_s"], r["wire_tx_bytes"], r["label"]) for r in flat if r["config"] == c)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, c in enumerate(configs):
+        pts = sorted((r["ranks"], r["step_s"], max(r["wire_tx_bytes"], r["wire_rx_bytes"]), r["label"])
+                     for r in flat if r["config"] == c)
         if not pts:
             continue
-        a1.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pts[0][3])
+        style = dict(marker="o", color=colors[i % len(colors)], label=pts[0][3])
+        a1.plot([p[0] for p in pts], [p[1] for p in pts], **style)
         if c != "no_exchange":
-            a2.plot([p[0] for p in pts], [p[2] / 1e6 for p in pts], marker="o", label=pts[0][3])
+            a2.plot([p[0] for p in pts], [p[2] / 1e6 for p in pts], **style)
     a1.set(xlabel="ranks (one per emulated host)", ylabel="step time, s (slowest rank, median)",
            title=f"step time at {rate}")
     a2.set(xlabel="ranks", ylabel="MB per rank per step through the interface", title="bytes per rank")
@@ -130,6 +133,8 @@ def plot(rows: list, path: str, rate: str = "100mbit") -> None:
         a.set_xscale("log", base=2)
         a.grid(alpha=0.3)
     a1.legend(fontsize=7)
+    a2.legend(fontsize=7)
+    a2.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
