@@ -56,7 +56,7 @@ if ! horovod_ok; then
   # Gloo builds live in wheels/gloo, so a cached MPI-only wheel from an older install is not reused.
   whl=$(ls "$CACHE"/wheels/gloo/horovod-$HOROVOD_VERSION-*.whl 2>/dev/null | head -n1 || true)
   if [ -z "$whl" ]; then
-    log "building Horovod $HOROVOD_VERSION (one-off, ~5-8 min; cached in $CACHE/wheels)"
+    log "building Horovod $HOROVOD_VERSION with MPI and Gloo (one-off, a few minutes; cached in $CACHE/wheels/gloo)"
     build="$(mktemp -d)"
     "$PY" -m pip download -q --no-deps --no-binary :all: -d "$build" "horovod==$HOROVOD_VERSION"
     tar -xzf "$build"/horovod-$HOROVOD_VERSION.tar.gz -C "$build"

@@ -218,7 +218,8 @@ def test_warmup_is_fp32_then_one_bit_and_momentum_is_replicated():
     res = hvd_qadam.simulate(3, worker)
     sent = res[0][0]
     n = sum(p.numel() for p in digits.make_model().parameters())
-    assert sent[0] == sent[1] > 4 * n and sent[2] == sent[3] < sent[0] / 20, sent
+    # (sharded at 3 ranks: fp32 both ways, then 1-bit both ways; the 266 bias values stay fp32)
+    assert sent[0] == sent[1] > 4 * n and sent[2] == sent[3] < sent[0] / 15, sent
     for _, state, counters in res:
         assert counters == res[0][2] and all(t == 2 for t in counters.values()), counters   # v frozen after 2
         assert state.keys() == res[0][1].keys() and len(state) >= 4
