@@ -127,11 +127,29 @@ class Engine:
         if cb.kind(config.downlink.quantizer).adaptive:
             raise ValueError("adaptive quantizers (alq/amq) are supported on the uplink; use a fixed "
                              "quantizer for the downlink")
-        align = shard_alignment(config.uplink.bucket_size, config.downlink.bucket_size)
-        self.bounds = {g.index: (shard_bounds(g.numel, self.size, align) if config.topology == "sharded"
-                                 else [(0, g.numel)]) for g in layout.groups}
+        self.bounds = self._shard_bounds()
         self.transport = make_transport(config.topology, self)
         self._params_source = None
+
+    def _shard_bounds(self) -> dict:
+        """{group index: [(start, stop)] per rank} (one whole-group range where nothing is sharded)."""
+        cfg = self.cfg
+        align = shard_alignment(cfg.uplink.bucket_size, cfg.downlink.bucket_size)
+        return {g.index: (shard_bounds(g.numel, self.size, align) if cfg.topology == "sharded"
+                          else [(0, g.numel)]) for g in self.layout.groups}
+
+    def set_world(self, rank: int, size: int) -> None:
+        """This rank's place after an elastic reset (Horovod re-initialised on another world): the
+        step in flight is forgotten and the shards recomputed. The server state keyed by the old
+        shards is the caller's to re-partition (:mod:`hvd_qadam.elastic`)."""
+        self.abort(drain=False)
+        self.rank, self.size = rank, size
+        self.bounds = self._shard_bounds()
+
+    def served_range(self, g) -> tuple:
+        """(start, stop) of group ``g`` whose server side this rank runs."""
+        bounds = self.bounds[g.index]
+        return bounds[self.rank] if len(bounds) > 1 else bounds[0]
 
     # ------------------------------------------------------------------ small helpers
     @property
