@@ -81,6 +81,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._started = False
         self._reshard = False             # server state to re-partition at the next start (elastic)
         self._committed_server = None     # the whole server state of the last elastic commit
+        # Elastic resets this optimizer went through: step, new rank and size, and how the server
+        # state was carried over ("live", "committed", "none": nothing to carry, "reset": lost).
+        self.elastic_resets = []
         self._should_synchronize = True
         self._synchronized = False
         self._local_iterations = 0
@@ -164,7 +167,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                           f"trajectory", RuntimeWarning, stacklevel=3)
             self._engine.reset_state(steps[0])
         elif any(theirs["elastic"]["reshard"] for theirs in everyone):
-            elastic.reshard(self, everyone)
+            how = elastic.reshard(self, everyone)
+            self.elastic_resets.append({"step": self._engine.step_count, "rank": self._comm.rank,
+                                        "size": self._comm.size, "server_state": how})
         self._reshard = False
         params = {name: p.detach() for name, p in self._layout.params()}
         self._engine.start(params)

@@ -191,3 +191,57 @@ def test_gloo_horovodrun_trains_with_identical_replicas(topology):
     assert len(set(res["digests"])) == 1, res
     assert res["last_loss"] < 0.7 * res["first_loss"], res
     assert res["ps_refused"] and "needs MPI" in res["ps_refused"], res
+
+
+def _elastic_run(tmp_path, name: str, *script_args: str, timeout: float = 150) -> list:
+    """One ``horovodrun`` elastic job on localhost (2 slots at first; the script resizes it through
+    the file the discovery script prints). Returns rank 0's events."""
+    exe = _horovodrun()
+    slots = tmp_path / f"{name}.slots"
+    slots.write_text("localhost:2\n")
+    discover = tmp_path / f"{name}.discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat '{slots}'\n")
+    discover.chmod(0o755)
+    events = tmp_path / f"{name}.events"
+    cmd = [exe, "-np", "2", "--min-np", "2", "--max-np", "3", "--host-discovery-script", str(discover),
+           "--network-interface", "lo", "--elastic-timeout", "60",
+           sys.executable, os.path.join(HERE, "mpi", "elastic_train.py"), "--slots-file", str(slots),
+           "--events-file", str(events), *script_args]
+    env = dict(_env(), HVD_QADAM_TIMEOUT="60", HVD_QADAM_TIMEOUT_EXIT_GRACE="2")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"elastic job {name} did not finish within {timeout} s\n{e.stdout}\n{e.stderr}") from None
+    out = proc.stdout[-6000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0, f"elastic job {name} failed ({proc.returncode}):\n{out}"
+    assert events.exists(), out
+    return [json.loads(line) for line in events.read_text().splitlines()]
+
+
+@pytest.mark.timeout(480)
+def test_elastic_horovodrun_resize_2_3_2_keeps_compression_state(tmp_path):
+    """A real elastic job grows from 2 to 3 ranks at step 30 and shrinks back at step 70: with the
+    one-line swap it trains through both resizes, every replica is identical after each reset,
+    the sharded server state is carried over (live at the growth, from the commit at the
+    shrink), and the final loss is within 2 % of hvd.DistributedOptimizer on the same schedule.
+    The same job dropping the compression state at each reset is run for comparison."""
+    results = {}
+    for name, args in [("horovod", ["--impl", "horovod"]), ("keep", ["--impl", "hvd_qadam"]),
+                       ("reset", ["--impl", "hvd_qadam", "--state", "reset"])]:
+        events = _elastic_run(tmp_path, name, *args)
+        steps = [e for e in events if e["event"] != "resets"]
+        assert [(e["event"], e["step"], e["size"]) for e in steps if e["event"] == "start"] == \
+            [("start", 0, 2), ("start", 30, 3), ("start", 70, 2)], events
+        assert all(e["identical"] for e in steps), [e for e in steps if not e["identical"]]
+        assert [e["step"] for e in steps if e["event"] == "after_start"] == [1, 2, 31, 32, 71, 72]
+        assert steps[-1]["event"] == "end" and steps[-1]["step"] == 100
+        results[name] = {"events": events, "final_loss": steps[-1]["loss"]}
+    resets = next(e for e in results["keep"]["events"] if e["event"] == "resets")["resets"]
+    assert [(r["step"], r["size"], r["server_state"]) for r in resets] == \
+        [(0, 2, "none"), (30, 3, "live"), (70, 2, "committed")], resets
+    ref = results["horovod"]["final_loss"]
+    summary = {k: v["final_loss"] for k, v in results.items()}
+    print("ELASTIC_FINAL_LOSS " + json.dumps(summary))
+    assert abs(results["keep"]["final_loss"] - ref) <= 0.02 * ref, summary
+    # the comparison run also trains through the resizes (it only forgets the compression state)
+    assert results["reset"]["final_loss"] < 0.5 * results["reset"]["events"][0]["loss"], summary
