@@ -203,8 +203,9 @@ def _elastic_run(tmp_path, name: str, *script_args: str, timeout: float = 150) -
     discover.write_text(f"#!/bin/sh\ncat '{slots}'\n")
     discover.chmod(0o755)
     events = tmp_path / f"{name}.events"
+    # --gloo-timeout-seconds: how long Gloo waits for a peer that died before Horovod gives up
     cmd = [exe, "-np", "2", "--min-np", "2", "--max-np", "3", "--host-discovery-script", str(discover),
-           "--network-interface", "lo", "--elastic-timeout", "60",
+           "--network-interface", "lo", "--elastic-timeout", "60", "--gloo-timeout-seconds", "10",
            sys.executable, os.path.join(HERE, "mpi", "elastic_train.py"), "--slots-file", str(slots),
            "--events-file", str(events), *script_args]
     env = dict(_env(), HVD_QADAM_TIMEOUT="60", HVD_QADAM_TIMEOUT_EXIT_GRACE="2")
@@ -245,3 +246,31 @@ def test_elastic_horovodrun_resize_2_3_2_keeps_compression_state(tmp_path):
     assert abs(results["keep"]["final_loss"] - ref) <= 0.02 * ref, summary
     # the comparison run also trains through the resizes (it only forgets the compression state)
     assert results["reset"]["final_loss"] < 0.5 * results["reset"]["events"][0]["loss"], summary
+
+
+@pytest.mark.timeout(360)
+def test_elastic_worker_killed_mid_exchange_rolls_back_to_the_commit(tmp_path):
+    """The third rank (on a host of its own for Horovod's driver, 127.0.0.1) exits while the others
+    wait for its payloads at step 35: they get HorovodInternalError from optimizer.step() within
+    Gloo's timeout (10 s here; not hvd_qadam's 300 s deadline), roll back to the commit of step 30
+    and go on as 2 ranks, with the server shards cut from that commit. The run then equals, bit for
+    bit, the run whose third rank left gracefully at step 30: the rollback restored exactly the
+    committed compression state."""
+    common = ["--impl", "hvd_qadam", "--steps", "60", "--extra-host", "127.0.0.1"]
+    failed = _elastic_run(tmp_path, "failed", *common, "--schedule", "20:3", "--die-at", "35",
+                          "--die-marker", str(tmp_path / "died"))
+    graceful = _elastic_run(tmp_path, "graceful", *common, "--schedule", "20:3,30:2")
+    errors = [e for e in failed if e["event"] == "error"]
+    assert len(errors) == 1 and errors[0]["type"] == "HorovodInternalError" and errors[0]["step"] == 35, errors
+    assert errors[0]["seconds"] < 30, errors
+    for events in (failed, graceful):
+        steps = [e for e in events if e["event"] not in ("resets", "error")]
+        assert all(e["identical"] for e in steps), [e for e in steps if not e["identical"]]
+        assert [(e["step"], e["size"]) for e in steps if e["event"] == "start"] == [(0, 2), (20, 3), (30, 2)]
+        resets = next(e for e in events if e["event"] == "resets")["resets"]
+        assert [(r["step"], r["size"], r["server_state"]) for r in resets] == \
+            [(0, 2, "none"), (20, 3, "live"), (30, 2, "committed")], resets
+    end_failed = next(e for e in failed if e["event"] == "end")
+    end_graceful = next(e for e in graceful if e["event"] == "end")
+    assert end_failed["step"] == end_graceful["step"] == 60
+    assert end_failed["digest"] == end_graceful["digest"], (end_failed, end_graceful)

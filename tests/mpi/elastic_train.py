@@ -5,7 +5,10 @@ The resizes are driven by this script so that they happen at fixed steps, whatev
 machine: at each step of ``--schedule`` (``STEP:SLOTS,...``) rank 0 writes the slot count into
 ``--slots-file`` (which the discovery script prints), every rank commits, and all of them call
 ``state.check_host_updates()`` until Horovod's driver announces the change (HostsUpdatedInterrupt:
-the elastic loop resets and every rank, old and new, carries on from the commit).
+the elastic loop resets and every rank, old and new, carries on from the commit). ``--die-at STEP``
+makes the last rank exit in the middle of that step's exchange, once: the others must get
+HorovodInternalError from ``optimizer.step()`` (logged as an "error" event) and roll back to the
+last commit; Horovod's driver starts a replacement.
 
 The global batch of a step is the same in every world (30 samples, split over 2 or 3 ranks), so
 the run is comparable with the same schedule under ``hvd.DistributedOptimizer``. Rank 0 appends
@@ -35,6 +38,12 @@ parser.add_argument("--slots-file", required=True)
 parser.add_argument("--commit-every", type=int, default=10)
 parser.add_argument("--events-file", required=True)
 parser.add_argument("--lr", type=float, default=0.01)
+parser.add_argument("--extra-host", default="localhost",
+                    help="slots beyond the first 2 are on this host name (127.0.0.1: another host for Horovod's "
+                         "driver, so that a failed worker's host can be blacklisted without the first 2 slots)")
+parser.add_argument("--die-at", type=int, default=None,
+                    help="the last rank exits in the middle of this step's exchange, once (a failure)")
+parser.add_argument("--die-marker", default=None, help="file that says the failure happened already")
 parser.add_argument("--wait", type=float, default=90, help="seconds to wait for the driver to announce a resize")
 args = parser.parse_args()
 
@@ -65,6 +74,13 @@ schedule = {int(s): int(n) for s, n in (item.split(":") for item in args.schedul
 state = hvd.elastic.TorchState(model=model, optimizer=opt, step=0)
 
 
+def hosts_spec(slots: int) -> str:
+    """What the discovery script prints for ``slots`` slots: 2 on localhost, the rest on --extra-host."""
+    if args.extra_host == "localhost" or slots <= 2:
+        return f"localhost:{slots}\n"
+    return f"localhost:2\n{args.extra_host}:{slots - 2}\n"
+
+
 def drop_compression_state():
     """--state reset: what a world-size change did to hvd_qadam's state before it was elastic."""
     eng = opt.engine
@@ -89,7 +105,7 @@ def report(event: str) -> None:
     if hvd.rank() == 0:
         with open(args.events_file, "a") as f:
             f.write(json.dumps({"event": event, "step": state.step, "size": hvd.size(),
-                                "identical": len(set(digests)) == 1, "loss": full_loss(),
+                                "identical": len(set(digests)) == 1, "digest": digests[0], "loss": full_loss(),
                                 "time": time.time()}) + "\n")
 
 
@@ -113,8 +129,19 @@ def train(state):
         per = GLOBAL_BATCH // hvd.size()
         i = idx[hvd.rank() * per:(hvd.rank() + 1) * per]
         opt.zero_grad()
-        torch.nn.functional.mse_loss(model(X[i]), Y[i]).backward()
-        opt.step()
+        torch.nn.functional.mse_loss(model(X[i]), Y[i]).backward()   # starts the exchange (hooks)
+        if s == args.die_at and hvd.rank() == hvd.size() - 1 and not os.path.exists(args.die_marker):
+            open(args.die_marker, "w").close()
+            os._exit(1)            # the others are waiting for this rank's payloads now
+        t0 = time.monotonic()
+        try:
+            opt.step()
+        except Exception as e:
+            if hvd.rank() == 0:
+                with open(args.events_file, "a") as f:
+                    f.write(json.dumps({"event": "error", "step": s, "size": hvd.size(), "type": type(e).__name__,
+                                        "seconds": time.monotonic() - t0, "message": str(e)[:300]}) + "\n")
+            raise
         state.step += 1
         since += 1
         if since <= 2:
@@ -122,7 +149,7 @@ def train(state):
         if state.step in schedule and hvd.size() != schedule[state.step]:
             if hvd.rank() == 0:
                 with open(args.slots_file, "w") as f:
-                    f.write(f"localhost:{schedule[state.step]}\n")
+                    f.write(hosts_spec(schedule[state.step]))
             wait_for_resize()
         elif state.step % args.commit_every == 0:
             state.commit()
