@@ -35,7 +35,7 @@ def collective_timeout(timeout: float | None = None) -> float:
     return float(os.environ.get(TIMEOUT_ENV, "300"))
 
 
-def _gloo_controller() -> bool:
+def gloo_controller() -> bool:
     """Whether Horovod runs its Gloo controller (``horovodrun --gloo``, elastic): then there is no
     MPI world to ask or to abort, and mpi4py would only start a singleton of its own."""
     try:
@@ -48,7 +48,7 @@ def _gloo_controller() -> bool:
 def _missing_ranks(size: int, grace: float = 2.0):
     """Ranks of MPI_COMM_WORLD that do not answer within ``grace`` seconds (None if unknown):
     every live rank that timed out announces itself to every other."""
-    if _gloo_controller():
+    if gloo_controller():
         return None
     try:
         from mpi4py import MPI
@@ -78,7 +78,7 @@ def _end_job(message: str) -> None:
     print(f"hvd_qadam: {message}; ending the job", file=sys.stderr, flush=True)
     sys.stdout.flush()
     try:
-        if not _gloo_controller():      # under Gloo the launcher sees the exit (elastic: a failure)
+        if not gloo_controller():      # under Gloo the launcher sees the exit (elastic: a failure)
             from mpi4py import MPI
             MPI.COMM_WORLD.Abort(1)
     finally:

@@ -148,7 +148,10 @@ def committed_server_state(opt) -> dict:
     if not opt._started:
         if held is not None and held["step"] == eng.step_count:
             return held
-        return assemble([server_pieces(eng)], eng.layout, eng.step_count)
+        # Only this rank's pieces: whole only where the server state is not sharded.
+        whole = assemble([server_pieces(eng)], eng.layout, eng.step_count)
+        whole["complete"] = whole["complete"] and not _sharded(eng) and bool(whole["values"] or not eng.step_count)
+        return whole
     mine = server_pieces(eng)
     parts = (opt._comm.allgather_object(mine, name="hvd_qadam.elastic.commit")
              if _sharded(eng) and eng.size > 1 else [mine])

@@ -498,12 +498,8 @@ def _on_horovod(comm) -> bool:
 
 def _refuse_ps_under_gloo() -> None:
     """``ps`` talks to its server rank over MPI (mpi4py), which a Gloo launch does not have."""
-    try:
-        import horovod.torch as hvd
-        gloo = hvd.is_initialized() and hvd.gloo_enabled()
-    except ImportError:  # pragma: no cover - Horovod is installed with hvd_qadam
-        gloo = False
-    if gloo:
+    from .comm import gloo_controller
+    if gloo_controller():
         raise ValueError("topology='ps' needs MPI: its server rank is reached with mpi4py, and Horovod runs its "
                          "Gloo controller here (horovodrun --gloo, or elastic), where there is no MPI world. "
                          "Launch with mpirun (or horovodrun --mpi), or use topology='sharded', which also "
