@@ -35,9 +35,21 @@ def collective_timeout(timeout: float | None = None) -> float:
     return float(os.environ.get(TIMEOUT_ENV, "300"))
 
 
+def gloo_controller() -> bool:
+    """Whether Horovod runs its Gloo controller (``horovodrun --gloo``, elastic): then there is no
+    MPI world to ask or to abort, and mpi4py would only start a singleton of its own."""
+    try:
+        import horovod.torch as hvd
+        return hvd.is_initialized() and hvd.gloo_enabled()
+    except Exception:  # noqa: BLE001 - Horovod absent or shut down: not Gloo as far as we know
+        return False
+
+
 def _missing_ranks(size: int, grace: float = 2.0):
     """Ranks of MPI_COMM_WORLD that do not answer within ``grace`` seconds (None if unknown):
     every live rank that timed out announces itself to every other."""
+    if gloo_controller():
+        return None
     try:
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
@@ -66,8 +78,9 @@ def _end_job(message: str) -> None:
     print(f"hvd_qadam: {message}; ending the job", file=sys.stderr, flush=True)
     sys.stdout.flush()
     try:
-        from mpi4py import MPI
-        MPI.COMM_WORLD.Abort(1)
+        if not gloo_controller():      # under Gloo the launcher sees the exit (elastic: a failure)
+            from mpi4py import MPI
+            MPI.COMM_WORLD.Abort(1)
     finally:
         os._exit(1)
 
@@ -95,7 +108,12 @@ def _abort_later(message: str) -> None:
 
 
 class HorovodComm:
-    """Collectives over Horovod (MPI controller), optionally on a process set."""
+    """Collectives over Horovod (MPI or Gloo controller), optionally on a process set.
+
+    Under Horovod Elastic the world changes at every reset (``hvd.shutdown(); hvd.init()``):
+    :meth:`refresh_world` re-reads this rank's place, and a collective that a reset or a lost peer
+    interrupts raises Horovod's own ``HorovodInternalError`` (what ``hvd.elastic.run`` recovers
+    from), from ``hvd.synchronize`` as soon as ``hvd.poll`` sees the failed operation."""
 
     def __init__(self, process_set=None, timeout: float | None = None):
         import horovod.torch as hvd
@@ -103,13 +121,36 @@ class HorovodComm:
         self.timeout = collective_timeout(timeout)
         kw = {} if process_set is None else {"process_set": process_set}
         self._kw = kw
-        self.rank = hvd.rank() if process_set is None else process_set.rank()
-        self.size = hvd.size() if process_set is None else process_set.size()
-        from .transport import Hosts, horovod_hosts
-        # Horovod's local/cross ranks describe the global world; a process set is taken as flat.
-        self.hosts = horovod_hosts(hvd, self.size) if process_set is None else Hosts(self.size, 1)
+        self._process_set = process_set
+        self.rank, self.size = self._place()
+        self.hosts = self._hosts()
         from .quant.backend import share_cores
         share_cores(hvd.local_size())
+
+    def _place(self) -> tuple:
+        ps_ = self._process_set
+        return (self.hvd.rank(), self.hvd.size()) if ps_ is None else (ps_.rank(), ps_.size())
+
+    def _hosts(self):
+        from .transport import Hosts, horovod_hosts
+        # Horovod's local/cross ranks describe the global world; a process set is taken as flat.
+        return horovod_hosts(self.hvd, self.size) if self._process_set is None else Hosts(self.size, 1)
+
+    def world_changed(self) -> bool:
+        """Whether Horovod now runs another world than the one this comm last read (an elastic
+        reset that removed or added ranks). Two calls into Horovod: cheap enough for every step."""
+        return self._place() != (self.rank, self.size)
+
+    def refresh_world(self) -> bool:
+        """Re-read rank and size from Horovod (after an elastic reset); True if they changed."""
+        place = self._place()
+        changed = place != (self.rank, self.size)
+        self.rank, self.size = place
+        if changed:
+            self.hosts = self._hosts()
+            from .quant.backend import share_cores
+            share_cores(self.hvd.local_size())
+        return changed
 
     @staticmethod
     def _tensor(data: bytes) -> torch.Tensor:

@@ -134,14 +134,43 @@ class Engine:
         if cb.kind(config.downlink.quantizer).adaptive:
             raise ValueError("adaptive quantizers (alq/amq) are supported on the uplink; use a fixed "
                              "quantizer for the downlink")
-        # Where ranks sit on hosts (the simulator and Horovod's comm say; one per host otherwise).
-        self.hosts = getattr(comm, "hosts", None) or Hosts(self.size, 1)
         self.align = shard_alignment(config.uplink.bucket_size, config.downlink.bucket_size)
-        topology = TOPOLOGIES[config.topology]
-        self.bounds = {g.index: topology.served_ranges(g.numel, self.hosts, self.align) for g in layout.groups}
+        self.hosts = None
+        self.bounds = self._shard_bounds()
         self.transport = make_transport(config.topology, self)
         self.topology_reason = "given"
         self._params_source = None
+
+    def _shard_bounds(self) -> dict:
+        """{group index: [(start, stop)] per rank}: the elements each rank serves, as the topology
+        lays them out over the hosts (one whole-group range where nothing is sharded)."""
+        # Where ranks sit on hosts (the simulator and Horovod's comm say; one per host otherwise).
+        hosts = getattr(self.comm, "hosts", None)
+        self.hosts = hosts if hosts is not None and hosts.size == self.size else Hosts(self.size, 1)
+        topology = TOPOLOGIES[self.cfg.topology]
+        return {g.index: topology.served_ranges(g.numel, self.hosts, self.align) for g in self.layout.groups}
+
+    def set_world(self, rank: int, size: int) -> None:
+        """This rank's place after an elastic reset (Horovod re-initialised on another world): the
+        step in flight is forgotten and the shards recomputed. The server state keyed by the old
+        shards is the caller's to re-partition (:mod:`hvd_qadam.elastic`)."""
+        self.abort(drain=False)
+        self.rank, self.size = rank, size
+        self.bounds = self._shard_bounds()
+        # The two-level exchange's worker residuals cover this rank's chunk of its host's mean;
+        # in another world the chunks differ, so they cannot be carried over: said, not dropped.
+        host_residuals = [k for k in self.bank.current if "#" in k and k.endswith(".e")]
+        if host_residuals:
+            import warnings
+            warnings.warn(f"rank {rank}: the world changed under topology 'hierarchical'; this rank's "
+                          f"error-feedback residuals of its host's chunks ({len(host_residuals)} groups) "
+                          f"cannot be mapped onto the new chunks and are reset", RuntimeWarning, stacklevel=2)
+            self.bank.clear(lambda k: k in host_residuals)
+
+    def served_range(self, g) -> tuple:
+        """(start, stop) of group ``g`` whose server side this rank runs."""
+        bounds = self.bounds[g.index]
+        return bounds[self.rank] if len(bounds) > 1 else bounds[0]
 
     # ------------------------------------------------------------------ small helpers
     @property

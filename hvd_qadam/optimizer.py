@@ -80,6 +80,11 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                           f"float64; train in float32 otherwise", RuntimeWarning, stacklevel=3)
         self._engine.set_params_source(lambda g: [s.param for s in g.slots])
         self._started = False
+        self._reshard = False             # server state to re-partition at the next start (elastic)
+        self._committed_server = None     # the whole server state of the last elastic commit
+        # Elastic resets this optimizer went through: step, new rank and size, and how the server
+        # state was carried over ("live", "committed", "none": nothing to carry, "reset": lost).
+        self.elastic_resets = []
         self._should_synchronize = True
         self._synchronized = False
         self._local_iterations = 0
@@ -112,11 +117,32 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
     def _hyper(self, param_group: int) -> dict:
         return self.param_groups[param_group]
 
+    def _check_world(self) -> None:
+        """A resize that reached this optimizer without TorchState.sync() (Horovod skips the sync
+        when hosts were only removed): the next step starts over with the handshake."""
+        changed = getattr(self._comm, "world_changed", None)
+        if self._started and changed is not None and changed():
+            self._started = False
+            self._reshard = True
+
+    def _ensure_started(self) -> None:
+        self._check_world()
+        if not self._started:
+            self._start()
+
     def _start(self):
-        """First step: check that every rank has the same model and configuration (no hang, a clear error)."""
+        """First step, and first step after an elastic reset: check that every rank has the same
+        model, configuration and step (no hang, a clear error); after a reset, with the rank and
+        size Horovod has now, and the server state re-partitioned over them (:mod:`hvd_qadam.elastic`)."""
+        from . import elastic
+        refresh = getattr(self._comm, "refresh_world", None)
+        if refresh is not None and refresh():
+            self._reshard = True
+        if (self._engine.rank, self._engine.size) != (self._comm.rank, self._comm.size):
+            self._engine.set_world(self._comm.rank, self._comm.size)
         mine = {"layout": self._layout.signature, "params": self._layout.param_signature,
                 "config": dict(self._qcfg.as_dict(), ranks_per_host=self._engine.hosts.local_size),
-                "step": self._engine.step_count}
+                "step": self._engine.step_count, "elastic": elastic.reshard_summary(self)}
         everyone = self._comm.allgather_object(mine, name="hvd_qadam.handshake")
         for r, theirs in enumerate(everyone):
             if theirs["config"] != mine["config"]:
@@ -141,6 +167,11 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                           f"step {steps[0]}. Restore every rank from its own file to resume the exact "
                           f"trajectory", RuntimeWarning, stacklevel=3)
             self._engine.reset_state(steps[0])
+        elif any(theirs["elastic"]["reshard"] for theirs in everyone):
+            how = elastic.reshard(self, everyone)
+            self.elastic_resets.append({"step": self._engine.step_count, "rank": self._comm.rank,
+                                        "size": self._comm.size, "server_state": how})
+        self._reshard = False
         params = {name: p.detach() for name, p in self._layout.params()}
         self._engine.start(params)
         if self._qcfg.topology == "ps":
@@ -174,8 +205,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._copy_grad(g, s)
         self._filled[g.index].add(p)
         if len(self._filled[g.index]) == len(g.slots) and self._engine.can_launch_early():
-            if not self._started:
-                self._start()
+            self._ensure_started()
             if self._engine.pending is None or g.index not in self._engine.pending.launched:
                 self._engine.launch(g, self._grad_bufs[g.index], early=True)
 
@@ -212,8 +242,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         if getattr(self._comm, "excluded", False):
             self._synchronized = True
             return True
-        if not self._started:
-            self._start()
+        self._ensure_started()
         try:
             out = self._engine.finish(self._grads_for)
         except NonFiniteGradientError:
@@ -272,8 +301,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             super(self.__class__, self).step()      # not in the process set: a local step, as Horovod
             return loss
         if self._qcfg.algorithm == "local_sgd":
-            if not self._started:
-                self._start()
+            self._ensure_started()
             super(self.__class__, self).step()          # local step on local gradients
             self._reset_round()
             self._local_iterations += 1
@@ -478,6 +506,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         raise ValueError(f"hierarchical=True asks for the two-level exchange, but topology={topology!r}; pass "
                          f"topology='auto' or 'hierarchical'")
     if topology == "ps" and comm is None:
+        _refuse_ps_under_gloo()
         from .ps import ps_worker_comm
         comm = ps_worker_comm()
     if comm is None:
@@ -500,10 +529,30 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     _warn_stalling(config)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_QuantizedDistributedOptimizer.__dict__))
+    if _on_horovod(comm):
+        from .elastic import QuantizedOptimizer, register_state_handler
+        QuantizedOptimizer.register(cls)      # hvd.elastic.TorchState picks hvd_qadam's state handler
+        register_state_handler()
     opt = cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap, op_sum)
     opt._engine.topology_reason = opt._engine.stats.topology_reason = topology_reason
     opt._engine.stats.topology = topology
     return opt
+
+
+def _on_horovod(comm) -> bool:
+    """Whether ``comm`` runs on Horovod's collectives (elastic training applies to these only)."""
+    from .comm import HorovodComm
+    return isinstance(comm, HorovodComm)
+
+
+def _refuse_ps_under_gloo() -> None:
+    """``ps`` talks to its server rank over MPI (mpi4py), which a Gloo launch does not have."""
+    from .comm import gloo_controller
+    if gloo_controller():
+        raise ValueError("topology='ps' needs MPI: its server rank is reached with mpi4py, and Horovod runs its "
+                         "Gloo controller here (horovodrun --gloo, or elastic), where there is no MPI world. "
+                         "Launch with mpirun (or horovodrun --mpi), or use topology='sharded', which also "
+                         "spreads the server work, over Horovod's own collectives")
 
 
 def _check_op(op, predivide: float, algorithm: str) -> bool:

@@ -316,9 +316,9 @@ class HierarchicalTransport(Transport):
     is what the rank quantizes); it is this rank's state, as under the flat topologies."""
     name = "hierarchical"
 
-    def __init__(self, eng):
-        super().__init__(eng)
-        self.hosts = eng.hosts
+    @property
+    def hosts(self) -> Hosts:
+        return self.eng.hosts          # re-read: an elastic reset may move the ranks
 
     @classmethod
     def _split(cls, numel, hosts, align):
