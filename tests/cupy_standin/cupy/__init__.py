@@ -323,6 +323,14 @@ def _only_device(a):
     return a
 
 
+def may_share_memory(a, b, max_work=None):
+    return bool(np.may_share_memory(_only_device(a)._a, _only_device(b)._a))
+
+
+def shares_memory(a, b, max_work=None):
+    return bool(np.shares_memory(_only_device(a)._a, _only_device(b)._a))
+
+
 def from_dlpack(obj):
     raise NotImplementedError("from_dlpack needs a tensor on a CUDA device; the CuPy stand-in has none")
 

@@ -1,0 +1,164 @@
+"""The fused CUDA kernels (error feedback + encode in one pass, the mean of N payloads in one pass,
+decode into / add / add-and-divide) against the numba CPU path, bit for bit.
+
+They run on a CUDA device when there is one, else through the CuPy stand-in (tests/cupy_standin),
+which executes gpu_cupy's launches with the CUDA kernels compiled for the host.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from hvd_qadam.quant import codebooks as cb
+from hvd_qadam.quant import gpu_cupy
+from hvd_qadam.quant.codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
+
+pytest.importorskip("numba")
+from hvd_qadam.quant import cpu_numba  # noqa: E402
+
+KEY = 0x0123456789ABCDEF
+BIG_OFFSET = (1 << 33) + 5          # stream indices past 2^32: the hash's high word counts
+
+
+def same_bits(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.kind == "f":
+        return np.array_equal(a.view(f"u{a.dtype.itemsize}"), b.view(f"u{b.dtype.itemsize}"))
+    return np.array_equal(a, b)
+
+
+def sample(n, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * np.exp(rng.uniform(-4, 4, n))).astype(np.float32)
+    x[rng.random(n) < 0.05] = 0
+    return x
+
+
+def random_codebook(rng, num_levels, low, high):
+    while True:
+        inner = rng.uniform(low, high, num_levels - 2).astype(np.float32)
+        levels = np.unique(np.concatenate([[low, high], inner]).astype(np.float32))
+        if levels.size == num_levels:
+            return levels
+
+
+# (name, bits, levels, scale kind): uniform grids, count searches, the large-codebook paths
+CODEBOOKS = [(q, b, cb.codebook(q, b), cb.kind(q).scale)
+             for q, b in (("qsgd", 4), ("qsgd", 8), ("qsgdinf", 6), ("sign", 1), ("terngrad", 2), ("nuq", 3),
+                          ("nuq", 8))]
+CODEBOOKS += [("random", 5, random_codebook(np.random.default_rng(5), 19, -0.3, 1.0), kind)
+              for kind in (SCALE_L2, SCALE_MAXABS, SCALE_MEANABS)]
+IDS = [f"{q}{b}-{k}" for q, b, _, k in CODEBOOKS]
+
+
+def check_encode_ef(cupy, v, e, levels, bits, bucket_size, scale_kind, stochastic, offset):
+    """gpu_cupy.encode_ef against cpu_numba.encode_ef: scales, codes, the new residual, the flag."""
+    want_out = np.empty_like(v)
+    want_scales, want_packed, want_flag = cpu_numba.encode_ef(v, e, want_out, levels, bits, bucket_size, scale_kind,
+                                                              stochastic, KEY, offset)
+    out = cupy.empty(v.size, dtype=cupy.float32)
+    scales, packed, flag = gpu_cupy.encode_ef(cupy.asarray(v), cupy.asarray(e), out, levels, bits, bucket_size,
+                                              scale_kind, stochastic, KEY, offset)
+    assert flag == want_flag
+    assert same_bits(scales.get(), want_scales), "scales differ"
+    assert same_bits(packed.get(), want_packed), "codes differ"
+    if not want_flag:
+        assert same_bits(out.get(), want_out), "residual differs"
+    return scales, packed
+
+
+@pytest.mark.parametrize("name,bits,levels,scale_kind", CODEBOOKS, ids=IDS)
+def test_gpu_encode_ef_matches_numba(cupy, name, bits, levels, scale_kind):
+    for i, (n, bucket_size) in enumerate(((1, 1), (7, 3), (513, 512), (4101, 100), (20_001, 8192), (30_003, 9000),
+                                          (50_000, 1 << 20))):
+        v, e = sample(n, seed=n), sample(n, seed=n + 1) * np.float32(0.1)
+        check_encode_ef(cupy, v, e, levels, bits, bucket_size, scale_kind, stochastic=i % 2 == 0,
+                        offset=BIG_OFFSET if i % 3 == 0 else i)
+
+
+@pytest.mark.parametrize("scale_kind", [SCALE_L2, SCALE_MAXABS, SCALE_MEANABS])
+def test_gpu_encode_ef_long_buckets(cupy, scale_kind):
+    """Buckets longer than 8192 split their scale sums into pieces (one thread each) that the
+    fused kernels form from v + e as well."""
+    v, e = sample(100_003, seed=3), sample(100_003, seed=4)
+    levels = cb.codebook("qsgd", 5)
+    for bucket_size in (30_000, 100_003, 1 << 22):
+        check_encode_ef(cupy, v, e, levels, 5, bucket_size, scale_kind, True, BIG_OFFSET)
+    if hasattr(cupy, "launch_log") and scale_kind != SCALE_L2:
+        assert any(name == "hq_ef_scale_pieces" for name, _, _ in cupy.launch_log[-9:])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_gpu_encode_ef_flags_nonfinite_input(cupy):
+    levels = cb.codebook("qsgd", 4)
+    v, e = sample(5000, seed=1), np.zeros(5000, np.float32)
+    for bad in (np.inf, -np.inf, np.nan):
+        for where in (0, 2500, 4999):
+            w = v.copy()
+            w[where] = bad
+            for scale_kind in (SCALE_L2, SCALE_MAXABS, SCALE_MEANABS):
+                check_encode_ef(cupy, w, e, levels, 4, 512, scale_kind, True, 0)
+    big = np.full(4096, 3e38, np.float32)           # finite, but the L2 scale overflows: not flagged
+    check_encode_ef(cupy, big, np.zeros_like(big), levels, 4, 512, SCALE_L2, True, 0)
+    overflow = np.full(16, 3e38, np.float32)         # v + e overflows to inf: flagged
+    check_encode_ef(cupy, overflow, overflow, levels, 4, 8, SCALE_MAXABS, False, 0)
+
+
+def test_gpu_encode_ef_refuses_bad_buffers(cupy):
+    levels = cb.codebook("qsgd", 4)
+    v = cupy.asarray(sample(100, seed=1))
+    e = cupy.zeros(100, dtype=cupy.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        gpu_cupy.encode_ef(v, e, v, levels, 4, 16, SCALE_L2, True, KEY)
+    with pytest.raises(ValueError, match="residual has"):
+        gpu_cupy.encode_ef(v, cupy.zeros(99, dtype=cupy.float32), cupy.empty(100, dtype=cupy.float32), levels, 4,
+                           16, SCALE_L2, True, KEY)
+    with pytest.raises(ValueError, match="out must be"):
+        gpu_cupy.encode_ef(v, e, cupy.empty(100, dtype=cupy.float64), levels, 4, 16, SCALE_L2, True, KEY)
+    with pytest.raises(TypeError, match="CuPy array"):
+        gpu_cupy.encode_ef(sample(100, seed=1), e, cupy.empty(100, dtype=cupy.float32), levels, 4, 16, SCALE_L2,
+                           True, KEY)
+
+
+@pytest.mark.parametrize("name,bits,levels,scale_kind", CODEBOOKS, ids=IDS)
+def test_gpu_decode_mean_matches_numba(cupy, name, bits, levels, scale_kind):
+    """decode_mean of N payloads (received as host bytes, or already on the device) and the
+    decode_into / decode_add / decode_add-with-divisor chain, against numba."""
+    for i, (n, bucket_size) in enumerate(((1, 1), (13, 4), (4101, 512), (30_003, 9000))):
+        rows = 1 + i % 4 + (i == 0)
+        payloads = [cpu_numba.encode(sample(n, seed=10 * n + r), levels, bits, bucket_size, scale_kind, True, KEY + r,
+                                     BIG_OFFSET) for r in range(rows)]
+        scales, packed = [p[0] for p in payloads], [p[1] for p in payloads]
+        want = cpu_numba.decode_mean(np.empty(n, np.float32), scales, packed, levels, bits, bucket_size, n)
+        for on_device in (False, True):
+            s_in = [cupy.asarray(s) for s in scales] if on_device else scales
+            p_in = [cupy.asarray(p) for p in packed] if on_device else packed
+            out = cupy.empty(n, dtype=cupy.float32)
+            assert gpu_cupy.decode_mean(out, s_in, p_in, levels, bits, bucket_size, n) is out
+            assert same_bits(out.get(), want), f"decode_mean differs ({rows} payloads, n={n})"
+        acc_cpu = np.empty(n, np.float32)
+        acc_gpu = cupy.empty(n, dtype=cupy.float32)
+        cpu_numba.decode_into(acc_cpu, scales[0], packed[0], levels, bits, bucket_size, n)
+        gpu_cupy.decode_into(acc_gpu, cupy.asarray(scales[0]), cupy.asarray(packed[0]), levels, bits, bucket_size, n)
+        for r in range(1, rows):
+            divisor = rows if r == rows - 1 else None
+            cpu_numba.decode_add(acc_cpu, scales[r], packed[r], levels, bits, bucket_size, n, divisor=divisor)
+            gpu_cupy.decode_add(acc_gpu, cupy.asarray(scales[r]), cupy.asarray(packed[r]), levels, bits, bucket_size,
+                                n, divisor=divisor)
+        assert same_bits(acc_gpu.get(), acc_cpu), "decode_into + decode_add chain differs"
+        if rows > 1:
+            assert same_bits(acc_cpu, want), "the chain and the one-pass mean must agree on the CPU too"
+
+
+def test_gpu_decode_mean_refuses_bad_input(cupy):
+    levels = cb.codebook("qsgd", 4)
+    scales, packed = cpu_numba.encode(sample(100, seed=2), levels, 4, 16, SCALE_L2, True, KEY)
+    out = cupy.empty(100, dtype=cupy.float32)
+    with pytest.raises(ValueError, match="one .scales, packed. pair"):
+        gpu_cupy.decode_mean(out, [], [], levels, 4, 16, 100)
+    with pytest.raises(ValueError, match="scales for"):
+        gpu_cupy.decode_mean(out, [scales, scales[:3]], [packed, packed], levels, 4, 16, 100)
+    with pytest.raises(ValueError, match="out must be"):
+        gpu_cupy.decode_mean(cupy.empty(99, dtype=cupy.float32), [scales], [packed], levels, 4, 16, 100)
