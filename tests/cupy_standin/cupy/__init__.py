@@ -323,6 +323,10 @@ def _only_device(a):
     return a
 
 
+def copyto(dst, src):
+    _only_device(dst)._a[...] = _only_device(src)._a
+
+
 def may_share_memory(a, b, max_work=None):
     return bool(np.may_share_memory(_only_device(a)._a, _only_device(b)._a))
 
