@@ -28,7 +28,7 @@ fi
 mkdir -p results/gpu
 status=0
 echo "== 1. GPU tests on the device"
-HVD_QADAM_TEST_CUPY=device timeout 240 "$PY" -m pytest tests -q -x -rs --timeout=200 \
+HVD_QADAM_TEST_CUPY=device timeout 240 "$PY" -m pytest tests -q -x -rs \
   -k "gpu or cupy or cuda or nvcc or host or device" 2>&1 | tee results/gpu/tests.txt
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== 2. CUDA kernels against the device copy bandwidth (10M elements)"
