@@ -162,3 +162,22 @@ def test_gpu_decode_mean_refuses_bad_input(cupy):
         gpu_cupy.decode_mean(out, [scales, scales[:3]], [packed, packed], levels, 4, 16, 100)
     with pytest.raises(ValueError, match="out must be"):
         gpu_cupy.decode_mean(cupy.empty(99, dtype=cupy.float32), [scales], [packed], levels, 4, 16, 100)
+
+
+def test_gpu_quantize_ef_on_cuda_tensors(cupy):
+    """The API's error-feedback quantization of CUDA tensors runs the fused kernels and sends the
+    bytes, and leaves the residual, that the CPU path gives."""
+    import torch
+
+    from hvd_qadam.api import quantize_ef
+    if not torch.cuda.is_available():
+        pytest.skip("needs torch with CUDA: DLPack hand-offs of tensors in real device memory")
+    v_host, e_host = torch.from_numpy(sample(100_003, seed=8)), torch.from_numpy(sample(100_003, seed=9))
+    for quantizer, bits in (("qsgd", 6), ("sign", 1), ("nuq", 3)):
+        out_host = torch.empty_like(v_host)
+        want, _ = quantize_ef(v_host, e_host, out_host, quantizer, bits, 512, key=KEY, offset=BIG_OFFSET)
+        out = torch.empty_like(v_host, device="cuda")
+        got, nonfinite = quantize_ef(v_host.cuda(), e_host.cuda(), out, quantizer, bits, 512, key=KEY,
+                                     offset=BIG_OFFSET)
+        assert not nonfinite and got.to_bytes() == want.to_bytes()
+        assert same_bits(out.cpu().numpy(), out_host.numpy())
