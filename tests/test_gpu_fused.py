@@ -181,3 +181,93 @@ def test_gpu_quantize_ef_on_cuda_tensors(cupy):
                                      offset=BIG_OFFSET)
         assert not nonfinite and got.to_bytes() == want.to_bytes()
         assert same_bits(out.cpu().numpy(), out_host.numpy())
+
+
+# ----------------------------------------------------------------------------- optimizer transforms
+
+def transform_inputs(n, seed):
+    rng = np.random.default_rng(seed)
+    g, m, x = (rng.standard_normal(n).astype(np.float32) for _ in range(3))
+    v = (rng.standard_normal(n) ** 2 * 1e-3).astype(np.float32)
+    v[rng.random(n) < 0.1] = 0                 # frozen_adam's v == 0 branch
+    return g, m, v, x
+
+
+def run_both(cupy, cpu_fn, gpu_fn, inputs, outputs, alias=None):
+    """cpu_fn (functional, numba) on torch CPU tensors and gpu_fn (gpu_cupy) on cupy arrays, from
+    the same inputs (None stays None) into fresh outputs (or into the inputs named by ``alias``);
+    returns both sets of outputs as NumPy arrays."""
+    import torch
+    alias = alias or {}
+    n = next(a for a in inputs if a is not None).size
+    cpu_in = [None if a is None else torch.from_numpy(a.copy()) for a in inputs]
+    gpu_in = [None if a is None else cupy.asarray(a) for a in inputs]
+    cpu_out = [cpu_in[alias[k]] if k in alias else (None if k is None else torch.full((n,), float("nan")))
+               for k in outputs]
+    gpu_out = [gpu_in[alias[k]] if k in alias else (None if k is None else cupy.empty(n, dtype=cupy.float32))
+               for k in outputs]
+    cpu_fn(*cpu_in, *cpu_out)
+    gpu_fn(*gpu_in, *gpu_out)
+    return ([None if t is None else t.numpy() for t in cpu_out], [None if a is None else a.get() for a in gpu_out])
+
+
+def assert_outputs_agree(cpu, gpu, what):
+    for i, (a, b) in enumerate(zip(cpu, gpu)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert same_bits(b, a), f"{what}: output {i} differs"
+
+
+ADAM_SETTINGS = [dict(step=1, weight_decay=0.0, decoupled=False, bias_correction=True, maximize=False),
+                 dict(step=7, weight_decay=1e-2, decoupled=True, bias_correction=True, maximize=False),
+                 dict(step=1000, weight_decay=1e-4, decoupled=False, bias_correction=True, maximize=True),
+                 dict(step=3, weight_decay=0.0, decoupled=False, bias_correction=False, maximize=False)]
+
+
+@pytest.mark.parametrize("n", [1, 7, 4097, 100_003])
+def test_gpu_optimizer_transforms_match_numba(cupy, n):
+    """Adam, SGD momentum, 1-bit Adam's momentum and frozen step, axpby: gpu_cupy's kernels give
+    the bits of functional's numba kernels, into fresh buffers and in place."""
+    from hvd_qadam import functional as F
+    g, m, v, x = transform_inputs(n, seed=n)
+    for s in ADAM_SETTINGS:
+        c = F.adam_constants(s["step"], 1e-3, 0.9, 0.999, 1e-8, s["weight_decay"], s["decoupled"],
+                             s["bias_correction"], s["maximize"])
+        xs = x if s["weight_decay"] else None
+        for alias in ({}, {"m_out": 1, "v_out": 2}):
+            cpu, gpu = run_both(
+                cupy, lambda g_, m_, v_, x_, *out: F.adam_update(g_, m_, v_, x_, *out, c),
+                lambda g_, m_, v_, x_, *out: gpu_cupy.adam_update(g_, m_, v_, x_, *out, c),
+                [g, m, v, xs], ["m_out", "v_out", "d_out"], alias)
+            assert_outputs_agree(cpu, gpu, f"adam {s} {alias}")
+        cpu, gpu = run_both(cupy, lambda g_, m_, x_, out: F.momentum_ema(g_, m_, x_, out, c),
+                            lambda g_, m_, x_, out: gpu_cupy.momentum_ema(g_, m_, x_, out, c),
+                            [g, m, x if c["l2"] else None], ["out"])
+        assert_outputs_agree(cpu, gpu, f"momentum_ema {s}")
+        cpu, gpu = run_both(cupy, lambda m_, v_, x_, *out: F.frozen_adam_apply(m_, v_, x_, *out, c),
+                            lambda m_, v_, x_, *out: gpu_cupy.frozen_adam_apply(m_, v_, x_, *out, c),
+                            [m, v, xs], ["m_out", "d_out"])
+        assert_outputs_agree(cpu, gpu, f"frozen_adam {s}")
+    momentum_settings = [(0.1, 0.9, 0.0, False, 0.0, False, True), (0.1, 0.9, 0.1, True, 1e-4, False, False),
+                         (0.05, 0.9, 0.0, False, 1e-4, True, False), (0.1, 0.0, 0.0, False, 0.0, False, True)]
+    for lr, mom, damp, nesterov, wd, maximize, first in momentum_settings:
+        c = F.momentum_constants(lr, mom, damp, nesterov, wd, maximize, first)
+        buf = None if first or not mom else m
+        cpu, gpu = run_both(cupy, lambda g_, b_, x_, *out: F.momentum_update(g_, b_, x_, *out, c),
+                            lambda g_, b_, x_, *out: gpu_cupy.momentum_update(g_, b_, x_, *out, c),
+                            [g, buf, x if wd else None], ["buf_out" if mom else None, "d_out"])
+        assert_outputs_agree(cpu, gpu, f"momentum {c}")
+    for alpha, beta in ((1.0, -1.0), (1.0, 1.0), (0.5, 3.0)):
+        cpu, gpu = run_both(cupy, lambda a, b, out: F.axpby(a, b, out, alpha, beta),
+                            lambda a, b, out: gpu_cupy.axpby(a, b, out, alpha, beta), [x, g], ["out"])
+        assert_outputs_agree(cpu, gpu, f"axpby {alpha} {beta}")
+
+
+def test_gpu_optimizer_transforms_refuse_mismatched_buffers(cupy):
+    from hvd_qadam import functional as F
+    c = F.adam_constants(1, 1e-3, 0.9, 0.999, 1e-8, 0.0, False, True, False)
+    a, short = cupy.zeros(10, dtype=cupy.float32), cupy.zeros(9, dtype=cupy.float32)
+    with pytest.raises(ValueError, match="d_out must be"):
+        gpu_cupy.adam_update(a, a, a, None, a, a, short, c)
+    with pytest.raises(ValueError, match="out must be"):
+        gpu_cupy.axpby(a, a, cupy.zeros(10, dtype=cupy.float64), 1.0, 1.0)

@@ -432,6 +432,68 @@ HQ_FN int hq_any_nonfinite(Src x, hq_i64 n) {
     return 0;
 }
 
+// ---------------------------------------------------------------------------- optimizer transforms
+// hvd_qadam.functional's kernels, element i, float32 one IEEE operation at a time in the same
+// order (see there for the math). Flags are ints, constants float32; an input that a flag turns
+// off (x without weight decay, buf on the first step) is never read.
+HQ_FN float hq_sqrt_f32(float a) { return (float)F64_SQRT((double)a); }   // math.sqrt, rounded once
+
+HQ_FN void hq_adam_element(hq_i64 i, const float* g, const float* m, const float* v, const float* x, float* m_out,
+                           float* v_out, float* d_out, float sign, float l2, float b1, float omb1, float b2,
+                           float omb2, int use_bc, float bc1, float bc2, float lr, float eps, float lr_wd,
+                           int decoupled) {
+    float gi = F32_MUL(g[i], sign);
+    if (l2 != 0.0f) gi = F32_ADD(gi, F32_MUL(x[i], l2));
+    float mi = F32_ADD(F32_MUL(m[i], b1), F32_MUL(gi, omb1));
+    float vi = F32_ADD(F32_MUL(v[i], b2), F32_MUL(F32_MUL(gi, gi), omb2));
+    m_out[i] = mi;
+    v_out[i] = vi;
+    if (use_bc) {
+        mi = F32_DIV(mi, bc1);
+        vi = F32_DIV(vi, bc2);
+    }
+    float d = F32_DIV(F32_MUL(mi, lr), F32_ADD(hq_sqrt_f32(vi), eps));
+    if (decoupled) d = F32_ADD(d, F32_MUL(x[i], lr_wd));
+    d_out[i] = d;
+}
+
+HQ_FN void hq_momentum_element(hq_i64 i, const float* g, const float* buf, const float* x, float* buf_out,
+                               float* d_out, float sign, float wd, float momentum, float damp, int first,
+                               int nesterov, float lr) {
+    float gi = F32_MUL(g[i], sign);
+    if (wd != 0.0f) gi = F32_ADD(gi, F32_MUL(x[i], wd));
+    if (momentum != 0.0f) {
+        const float b = first ? gi : F32_ADD(F32_MUL(buf[i], momentum), F32_MUL(gi, damp));
+        buf_out[i] = b;
+        gi = nesterov ? F32_ADD(gi, F32_MUL(b, momentum)) : b;
+    }
+    d_out[i] = F32_MUL(gi, lr);
+}
+
+HQ_FN void hq_momentum_ema_element(hq_i64 i, const float* g, const float* m, const float* x, float* out, float sign,
+                                   float l2, float b1, float omb1) {
+    float gi = F32_MUL(g[i], sign);
+    if (l2 != 0.0f) gi = F32_ADD(gi, F32_MUL(x[i], l2));
+    out[i] = F32_ADD(F32_MUL(m[i], b1), F32_MUL(gi, omb1));
+}
+
+HQ_FN void hq_frozen_adam_element(hq_i64 i, const float* m, const float* v, const float* x, float* m_out,
+                                  float* d_out, int use_bc, float bc2, float lr, float eps, float lr_wd,
+                                  int decoupled) {
+    float vi = v[i], mi, d;
+    if (vi == 0.0f) {
+        mi = 0.0f;
+        d = 0.0f;
+    } else {
+        mi = m[i];
+        if (use_bc) vi = F32_DIV(vi, bc2);
+        d = F32_DIV(F32_MUL(mi, lr), F32_ADD(hq_sqrt_f32(vi), eps));
+    }
+    if (decoupled) d = F32_ADD(d, F32_MUL(x[i], lr_wd));
+    m_out[i] = mi;
+    d_out[i] = d;
+}
+
 // ---------------------------------------------------------------------------- kernels
 // HQ_HOST_LAUNCH: a host build that supplies blockIdx/blockDim/threadIdx itself and runs every
 // grid x block index in turn (the test suite's CuPy stand-in); other host builds see thread 0.
@@ -521,6 +583,43 @@ extern "C" __global__ void hq_ef_encode(const float* v, const float* e, hq_i64 n
     if (g * 8 < n)
         hq_encode_group(g, hq_ef_sum{v, e}, n, scales, bucket_size, tables, num_levels, search_steps, bits,
                         stochastic, key, offset, packed, out);
+}
+
+// The optimizer transforms, one thread per element.
+extern "C" __global__ void hq_adam(const float* g, const float* m, const float* v, const float* x, float* m_out,
+                                   float* v_out, float* d_out, hq_i64 n, float sign, float l2, float b1, float omb1,
+                                   float b2, float omb2, int use_bc, float bc1, float bc2, float lr, float eps,
+                                   float lr_wd, int decoupled) {
+    hq_i64 i = hq_thread_index();
+    if (i < n)
+        hq_adam_element(i, g, m, v, x, m_out, v_out, d_out, sign, l2, b1, omb1, b2, omb2, use_bc, bc1, bc2, lr, eps,
+                        lr_wd, decoupled);
+}
+
+extern "C" __global__ void hq_momentum(const float* g, const float* buf, const float* x, float* buf_out,
+                                       float* d_out, hq_i64 n, float sign, float wd, float momentum, float damp,
+                                       int first, int nesterov, float lr) {
+    hq_i64 i = hq_thread_index();
+    if (i < n) hq_momentum_element(i, g, buf, x, buf_out, d_out, sign, wd, momentum, damp, first, nesterov, lr);
+}
+
+extern "C" __global__ void hq_momentum_ema(const float* g, const float* m, const float* x, float* out, hq_i64 n,
+                                           float sign, float l2, float b1, float omb1) {
+    hq_i64 i = hq_thread_index();
+    if (i < n) hq_momentum_ema_element(i, g, m, x, out, sign, l2, b1, omb1);
+}
+
+extern "C" __global__ void hq_frozen_adam(const float* m, const float* v, const float* x, float* m_out,
+                                          float* d_out, hq_i64 n, int use_bc, float bc2, float lr, float eps,
+                                          float lr_wd, int decoupled) {
+    hq_i64 i = hq_thread_index();
+    if (i < n) hq_frozen_adam_element(i, m, v, x, m_out, d_out, use_bc, bc2, lr, eps, lr_wd, decoupled);
+}
+
+// out = a * alpha + b * beta
+extern "C" __global__ void hq_axpby(const float* a, const float* b, float* out, hq_i64 n, float alpha, float beta) {
+    hq_i64 i = hq_thread_index();
+    if (i < n) out[i] = F32_ADD(F32_MUL(a[i], alpha), F32_MUL(b[i], beta));
 }
 """
 
@@ -757,6 +856,83 @@ def decode_mean(out, scales_list, packed_list, levels, bits, bucket_size, n):
     return out
 
 
+# ----------------------------------------------------------------------------- optimizer transforms
+# hvd_qadam.functional's fused transforms on CuPy buffers, with its signatures and constant dicts
+# (functional.adam_constants, momentum_constants): one thread per element, bit for bit the numba
+# kernels. Every buffer is a contiguous float32 CuPy array of the same size, used in place (no
+# copies: outputs may be the inputs, as on the CPU); an input that a flag turns off may be None.
+
+def _buffers(named, n=None):
+    """The cupy arrays of ``named`` ((name, array or None) pairs) as they are, after checking
+    them; None becomes the first array (a placeholder the kernel never reads)."""
+    first = next(a for _, a in named if a is not None)
+    n = int(first.size) if n is None else n
+    out = []
+    for name, a in named:
+        out.append(first if a is None else _writeable_f32(a, n, name))
+    return n, out
+
+
+def _launch_elementwise(name, n, args):
+    if n:
+        _kernel(name)(_grid(n), (_THREADS,), args)
+
+
+def adam_update(g, m, v, x, m_out, v_out, d_out, c: dict) -> None:
+    """functional.adam_update: m_out, v_out, d_out of one Adam step (x may be None without weight decay)."""
+    _require_cupy()
+    n, (g, m, v, x, m_out, v_out, d_out) = _buffers(
+        [("g", g), ("m", m), ("v", v), ("x", x), ("m_out", m_out), ("v_out", v_out), ("d_out", d_out)])
+    f = np.float32
+    with g.device:
+        _launch_elementwise("hq_adam", n, (g, m, v, x, m_out, v_out, d_out, np.int64(n), f(c["sign"]), f(c["l2"]),
+                                           f(c["b1"]), f(c["omb1"]), f(c["b2"]), f(c["omb2"]), np.int32(c["use_bc"]),
+                                           f(c["bc1"]), f(c["bc2"]), f(c["lr"]), f(c["eps"]), f(c["lr_wd"]),
+                                           np.int32(c["decoupled"])))
+
+
+def momentum_update(g, buf, x, buf_out, d_out, c: dict) -> None:
+    """functional.momentum_update: torch.optim.SGD's direction times lr into d_out, the new buffer
+    into buf_out (buf, x and buf_out may be None where the constants never use them)."""
+    _require_cupy()
+    n, (g, buf, x, buf_out, d_out) = _buffers([("g", g), ("buf", buf), ("x", x), ("buf_out", buf_out),
+                                               ("d_out", d_out)])
+    f = np.float32
+    with g.device:
+        _launch_elementwise("hq_momentum", n, (g, buf, x, buf_out, d_out, np.int64(n), f(c["sign"]), f(c["wd"]),
+                                               f(c["momentum"]), f(c["damp"]), np.int32(c["first"]),
+                                               np.int32(c["nesterov"]), f(c["lr"])))
+
+
+def momentum_ema(g, m, x, out, c: dict) -> None:
+    """functional.momentum_ema: out = b1 m + (1 - b1) g (x may be None without L2 decay)."""
+    _require_cupy()
+    n, (g, m, x, out) = _buffers([("g", g), ("m", m), ("x", x), ("out", out)])
+    f = np.float32
+    with g.device:
+        _launch_elementwise("hq_momentum_ema", n, (g, m, x, out, np.int64(n), f(c["sign"]), f(c["l2"]), f(c["b1"]),
+                                                   f(c["omb1"])))
+
+
+def frozen_adam_apply(m, v, x, m_out, d_out, c: dict) -> None:
+    """functional.frozen_adam_apply: 1-bit Adam's step from the averaged m and the frozen v."""
+    _require_cupy()
+    n, (m, v, x, m_out, d_out) = _buffers([("m", m), ("v", v), ("x", x), ("m_out", m_out), ("d_out", d_out)])
+    f = np.float32
+    with m.device:
+        _launch_elementwise("hq_frozen_adam", n, (m, v, x, m_out, d_out, np.int64(n), np.int32(c["use_bc"]),
+                                                  f(c["bc2"]), f(c["lr"]), f(c["eps"]), f(c["lr_wd"]),
+                                                  np.int32(c["decoupled"])))
+
+
+def axpby(a, b, out, alpha: float, beta: float) -> None:
+    """functional.axpby: out = alpha a + beta b in float32."""
+    _require_cupy()
+    n, (a, b, out) = _buffers([("a", a), ("b", b), ("out", out)])
+    with a.device:
+        _launch_elementwise("hq_axpby", n, (a, b, out, np.int64(n), np.float32(alpha), np.float32(beta)))
+
+
 def warmup():
     """Compile the kernels for the current device; returns the seconds it took."""
     import time
@@ -773,4 +949,5 @@ def warmup():
     return time.perf_counter() - t0
 
 
-__all__ = ["KERNEL_SOURCE", "encode", "encode_ef", "decode", "decode_into", "decode_add", "decode_mean", "warmup"]
+__all__ = ["KERNEL_SOURCE", "encode", "encode_ef", "decode", "decode_into", "decode_add", "decode_mean", "adam_update",
+           "momentum_update", "momentum_ema", "frozen_adam_apply", "axpby", "warmup"]
