@@ -164,11 +164,13 @@ def test_gpu_decode_mean_refuses_bad_input(cupy):
         gpu_cupy.decode_mean(cupy.empty(99, dtype=cupy.float32), [scales], [packed], levels, 4, 16, 100)
 
 
-def test_gpu_quantize_ef_on_cuda_tensors(cupy):
-    """The API's error-feedback quantization of CUDA tensors runs the fused kernels and sends the
-    bytes, and leaves the residual, that the CPU path gives."""
+def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
+    """CUDA torch tensors through the API's error-feedback quantization and functional's
+    optimizer transforms run the fused CUDA kernels, and give the bytes, residuals and updates
+    of the CPU path."""
     import torch
 
+    from hvd_qadam import functional as F
     from hvd_qadam.api import quantize_ef
     if not torch.cuda.is_available():
         pytest.skip("needs torch with CUDA: DLPack hand-offs of tensors in real device memory")
@@ -181,6 +183,20 @@ def test_gpu_quantize_ef_on_cuda_tensors(cupy):
                                      offset=BIG_OFFSET)
         assert not nonfinite and got.to_bytes() == want.to_bytes()
         assert same_bits(out.cpu().numpy(), out_host.numpy())
+    g, m, v, x = (torch.from_numpy(a) for a in transform_inputs(100_003, seed=1))
+    c = F.adam_constants(5, 1e-3, 0.9, 0.999, 1e-8, 1e-2, True, True, False)
+    outs_host = [torch.empty_like(g) for _ in range(3)]
+    F.adam_update(g, m, v, x, *outs_host, c)
+    outs = [torch.empty_like(g, device="cuda") for _ in range(3)]
+    F.adam_update(g.cuda(), m.cuda(), v.cuda(), x.cuda(), *outs, c)
+    for a, b in zip(outs, outs_host):
+        assert same_bits(a.cpu().numpy(), b.numpy())
+    c = F.momentum_constants(0.1, 0.9, 0.0, True, 1e-4, False, False)
+    buf_host, d_host = torch.empty_like(g), torch.empty_like(g)
+    F.momentum_update(g, m, x, buf_host, d_host, c)
+    buf, d = torch.empty_like(g, device="cuda"), torch.empty_like(g, device="cuda")
+    F.momentum_update(g.cuda(), m.cuda(), x.cuda(), buf, d, c)
+    assert same_bits(buf.cpu().numpy(), buf_host.numpy()) and same_bits(d.cpu().numpy(), d_host.numpy())
 
 
 # ----------------------------------------------------------------------------- optimizer transforms
