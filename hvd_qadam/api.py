@@ -215,3 +215,28 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
     return Payload(k.name, bits, bucket_size, int(v.numel()), (int(v.numel()),), scales, packed,
                    np.array(levels, dtype=np.float32) if k.adaptive else None, stochastic, "float32",
                    ("torch", v.device, torch.float32)), False
+
+
+def mean_on_device(payloads, out) -> bool:
+    """out = (1/N) sum of the decoded payloads, summed in rank order, on out's CUDA device in one
+    pass (the CuPy backend's decode_mean: the payloads' codes and scales go up in one copy, out is
+    written once, bit for bit the CPU's decode_mean). Returns False, touching nothing, where that
+    does not apply: out not a contiguous float32 CUDA tensor, pass-through payloads, payloads of
+    different quantizers, widths, buckets or codebooks, or no CuPy."""
+    if not payloads or not (out.is_cuda and out.dtype == torch.float32 and out.is_contiguous()):
+        return False
+    first = payloads[0]
+    if any(p.kind.passthrough for p in payloads) or not all(
+            p.quantizer == first.quantizer and p.bits == first.bits and p.bucket_size == first.bucket_size
+            and np.array_equal(to_host(p.levels), to_host(first.levels)) for p in payloads):
+        return False
+    try:
+        import cupy
+    except ImportError:
+        return False
+    with cupy.cuda.Device(out.device.index or 0), \
+            cupy.cuda.ExternalStream(torch.cuda.current_stream(out.device).cuda_stream):
+        gpu_backend().decode_mean(cupy.from_dlpack(out.detach()), [p.scales for p in payloads],
+                                  [p.codes for p in payloads], first.levels, first.bits, first.bucket_size,
+                                  out.numel())
+    return True

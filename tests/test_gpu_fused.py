@@ -165,9 +165,9 @@ def test_gpu_decode_mean_refuses_bad_input(cupy):
 
 
 def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
-    """CUDA torch tensors through the API's error-feedback quantization and functional's
-    optimizer transforms run the fused CUDA kernels, and give the bytes, residuals and updates
-    of the CPU path."""
+    """CUDA torch tensors through the API's error-feedback quantization, functional's optimizer
+    transforms and the engine's one-pass mean run the fused CUDA kernels, and give the bytes,
+    residuals, updates and means of the CPU path."""
     import torch
 
     from hvd_qadam import functional as F
@@ -197,6 +197,15 @@ def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
     buf, d = torch.empty_like(g, device="cuda"), torch.empty_like(g, device="cuda")
     F.momentum_update(g.cuda(), m.cuda(), x.cuda(), buf, d, c)
     assert same_bits(buf.cpu().numpy(), buf_host.numpy()) and same_bits(d.cpu().numpy(), d_host.numpy())
+    import hvd_qadam
+    from hvd_qadam.api import mean_on_device
+    payloads = [hvd_qadam.quantize(torch.from_numpy(sample(100_003, seed=r)), "qsgd", 6, 512, seed=r)
+                for r in range(3)]
+    want = cpu_numba.decode_mean(np.empty(100_003, np.float32), [p.scales for p in payloads],
+                                 [p.codes for p in payloads], payloads[0].levels, 6, 512, 100_003)
+    mean = torch.empty(100_003, device="cuda")
+    assert mean_on_device(payloads, mean) and same_bits(mean.cpu().numpy(), want)
+    assert not mean_on_device(payloads, torch.empty(100_003)), "a CPU buffer is not the device path's"
 
 
 # ----------------------------------------------------------------------------- optimizer transforms
