@@ -1,14 +1,16 @@
 """CuPy (CUDA) kernels for the quantizer family, bit-identical to :mod:`hvd_qadam.quant.reference`.
 
 Same functions as the numba CPU backend, on CuPy arrays: ``encode(x, levels, bits, bucket_size,
-scale_kind, stochastic, key, offset)`` -> (scales, packed), ``decode(...)``, ``decode_into(out, ...)``,
-``decode_add(acc, ..., divisor=None)``, and the fused ones: ``encode_ef(v, e, out, ...)`` (error
-feedback p = v + e, its codes and the new residual out = p - decode(codes) without storing p)
-and ``decode_mean(out, scales_list, packed_list, ...)`` (the mean of N payloads, out written once).
-All run on the input's device and on the current CuPy stream; nothing is synchronised except
-encode_ef's non-finite flag (``.get()`` on a result waits for the stream, as usual in CuPy). Only the GPU path uses this module
-(``backend.gpu_backend()``); it imports without CuPy (for ``KERNEL_SOURCE`` and the NumPy
-helpers), and its kernels raise ImportError then.
+scale_kind, stochastic, key, offset)`` -> (scales, packed), ``decode(...)``, ``decode_into(out,
+...)``, ``decode_add(acc, ..., divisor=None)``, and the fused ones: ``encode_ef(v, e, out, ...)``
+(error feedback p = v + e, its codes and the new residual out = p - decode(codes) without storing p)
+and ``decode_mean(out, scales_list, packed_list, ...)`` (the mean of N payloads, out written once);
+also the optimizer transforms of :mod:`hvd_qadam.functional` (``adam_update``, ``momentum_update``,
+``momentum_ema``, ``frozen_adam_apply``, ``axpby``), same signatures and constants, bit for bit its
+numba kernels. All run on the input's device and on the current CuPy stream; nothing is synchronised
+except encode_ef's non-finite flag (``.get()`` on a result waits for the stream, as usual in CuPy).
+Only the GPU path uses this module (``backend.gpu_backend()``); it imports without CuPy (for
+``KERNEL_SOURCE`` and the NumPy helpers), and its kernels raise ImportError then.
 
 How the output matches the CPU bit for bit:
   * Every float operation is an explicit IEEE round-to-nearest intrinsic (__fdiv_rn, __fmul_rn,
@@ -35,9 +37,10 @@ to check.
 ``__host__ __device__`` functions, so a test can compile it with ``nvcc`` and even run those
 functions on the host (the test suite's CuPy stand-in runs whole launches so). The scale and
 encode functions are templates over their input, a pointer or ``hq_ef_sum`` (v[i] + e[i] formed
-on load), which is how the error-feedback kernels share every line of the plain ones. Every constant it shares with the Python side (the hash constants
-of :mod:`.rng`, the scale kinds of :mod:`.codebooks`, NumPy's summation sizes and the level-table
-layout of :mod:`.common`) is written into it from the Python definition (``_shared_defines``).
+on load), which is how the error-feedback kernels share every line of the plain ones. Every
+constant the source shares with the Python side (the hash constants of :mod:`.rng`, the scale
+kinds of :mod:`.codebooks`, NumPy's summation sizes and the level-table layout of
+:mod:`.common`) is written into it from the Python definition (``_shared_defines``).
 """
 from __future__ import annotations
 
