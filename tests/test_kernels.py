@@ -12,7 +12,10 @@ for every grid x block index), which executes gpu_cupy's own launch code on the 
 """
 from __future__ import annotations
 
+import ctypes
+import glob
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -429,9 +432,6 @@ def test_kernel_source_compiles_with_nvcc(tmp_path):
 def load_nvrtc():
     """libnvrtc from the nvidia-cuda-nvrtc wheel (CUDA 13: nvidia/cu13/lib, CUDA 12:
     nvidia/cuda_nvrtc/lib), or None."""
-    import ctypes
-    import glob
-    import os
     try:
         import nvidia
     except ImportError:
@@ -449,7 +449,6 @@ def load_nvrtc():
 
 def nvrtc_ptx(lib, source: str, options) -> str:
     """PTX of ``source`` compiled by NVRTC with ``options``; AssertionError with its log on failure."""
-    import ctypes
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernels.cu", 0, None, None) == 0
     try:
