@@ -171,8 +171,9 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
     ``p = v + resid``, payload = quantize(p), ``resid_out = p - dequantize(payload)``.
 
     Returns (payload, nonfinite); when ``nonfinite`` (p held inf/NaN) the payload must not be
-    sent. Bit for bit the three steps done separately on the numba backend; elsewhere (NumPy
-    backend, CUDA) it runs them separately."""
+    sent. Bit for bit the three steps done separately: fused on the numba backend and, for
+    contiguous float32 CUDA tensors, by the CuPy backend's fused kernels (no full-size
+    temporaries); elsewhere (NumPy backend, pass-through) it runs them separately."""
     k = cb.kind(quantizer)
     bits = k.check_bits(bits)
     stochastic = k.stochastic if rounding is None else rounding == "stochastic"
@@ -182,8 +183,10 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
         levels = cb.validate_codebook(codebook, bits)
     else:
         levels = cb.codebook(k.name, bits)
-    be = cpu_backend()
-    if k.passthrough or v.device.type != "cpu" or not hasattr(be, "encode_ef"):
+    be = gpu_backend() if v.is_cuda else cpu_backend()
+    cuda_fused = v.is_cuda and all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous()
+                                   for t in (v, resid, resid_out))
+    if k.passthrough or (v.device.type != "cpu" and not cuda_fused) or not hasattr(be, "encode_ef"):
         torch.add(v, resid, out=resid_out)
         if not bool(torch.isfinite(resid_out).all()):
             return None, True
@@ -193,8 +196,17 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
         resid_out.sub_(torch.from_numpy(decoded) if isinstance(decoded, np.ndarray) else torch.from_dlpack(decoded))
         return p, False
     bucket_size = check_bucket_size(bucket_size)
-    scales, packed, nonfinite = be.encode_ef(v.numpy(), resid.numpy(), resid_out.numpy(), levels, bits, bucket_size,
-                                             k.scale, stochastic, key, offset)
+    if cuda_fused:
+        import cupy
+        # on torch's current stream, so the kernels are ordered with the ops that made v and resid
+        with cupy.cuda.Device(v.device.index or 0), \
+                cupy.cuda.ExternalStream(torch.cuda.current_stream(v.device).cuda_stream):
+            scales, packed, nonfinite = be.encode_ef(cupy.from_dlpack(v.detach()), cupy.from_dlpack(resid.detach()),
+                                                     cupy.from_dlpack(resid_out.detach()), levels, bits, bucket_size,
+                                                     k.scale, stochastic, key, offset)
+    else:
+        scales, packed, nonfinite = be.encode_ef(v.numpy(), resid.numpy(), resid_out.numpy(), levels, bits,
+                                                 bucket_size, k.scale, stochastic, key, offset)
     if nonfinite:
         return None, True
     if scales.size and not bool(_isfinite_all(scales)):
@@ -203,3 +215,28 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
     return Payload(k.name, bits, bucket_size, int(v.numel()), (int(v.numel()),), scales, packed,
                    np.array(levels, dtype=np.float32) if k.adaptive else None, stochastic, "float32",
                    ("torch", v.device, torch.float32)), False
+
+
+def mean_on_device(payloads, out) -> bool:
+    """out = (1/N) sum of the decoded payloads, summed in rank order, on out's CUDA device in one
+    pass (the CuPy backend's decode_mean: the payloads' codes and scales go up in one copy, out is
+    written once, bit for bit the CPU's decode_mean). Returns False, touching nothing, where that
+    does not apply: out not a contiguous float32 CUDA tensor, pass-through payloads, payloads of
+    different quantizers, widths, buckets or codebooks, or no CuPy."""
+    if not payloads or not (out.is_cuda and out.dtype == torch.float32 and out.is_contiguous()):
+        return False
+    first = payloads[0]
+    if any(p.kind.passthrough for p in payloads) or not all(
+            p.quantizer == first.quantizer and p.bits == first.bits and p.bucket_size == first.bucket_size
+            and np.array_equal(to_host(p.levels), to_host(first.levels)) for p in payloads):
+        return False
+    try:
+        import cupy
+    except ImportError:
+        return False
+    with cupy.cuda.Device(out.device.index or 0), \
+            cupy.cuda.ExternalStream(torch.cuda.current_stream(out.device).cuda_stream):
+        gpu_backend().decode_mean(cupy.from_dlpack(out.detach()), [p.scales for p in payloads],
+                                  [p.codes for p in payloads], first.levels, first.bits, first.bucket_size,
+                                  out.numel())
+    return True

@@ -35,7 +35,7 @@ import torch
 
 from . import algorithms
 from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exported
-from .api import decode_flat, quantize
+from .api import decode_flat, mean_on_device, quantize
 from .comm import CommError
 from .config import NONE_LINK, Config, LinkSpec
 from .layout import Layout, shard_alignment
@@ -241,6 +241,8 @@ class Engine:
         be = cpu_backend()
         fused = out.device.type == "cpu" and hasattr(be, "decode_add") and not any(p.kind.passthrough for p in payloads)
         if not fused:
+            if out.is_cuda and mean_on_device(payloads, out):   # one pass on the GPU, out written once
+                return out
             # pass-through payloads, or a CUDA buffer (decoded on the device by the CuPy backend)
             for i, p in enumerate(payloads):
                 v = _decode_on(p, out.device, out.dtype)

@@ -7,7 +7,9 @@ compiles without fastmath, so LLVM neither reassociates nor contracts to FMA, an
 processed whole or in shards gives the same bits. :func:`adam_reference` and
 :func:`momentum_reference` are the NumPy statements of the same arithmetic (the tests' oracle).
 
-CUDA tensors take the torch expression of the same formulas (the CPU kernels are for host memory).
+Contiguous float32 CUDA tensors run the same kernels written in CUDA (:mod:`hvd_qadam.quant.gpu_cupy`,
+bit for bit these, on torch's current stream) when CuPy is installed; other CUDA tensors take the
+torch expression of the same formulas.
 """
 from __future__ import annotations
 
@@ -132,6 +134,29 @@ def _host(*tensors) -> bool:
     return njit is not None and all(t is None or t.device.type == "cpu" for t in tensors)
 
 
+def _cuda_kernels(*tensors):
+    """The CuPy backend when every tensor given is a contiguous float32 CUDA tensor and CuPy is
+    installed, else None (the torch expressions run instead)."""
+    given = [t for t in tensors if t is not None]
+    if not all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous() for t in given):
+        return None
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return None
+    from .quant import gpu_cupy
+    return gpu_cupy
+
+
+def _run_cuda(kernel, tensors, *constants) -> None:
+    """kernel(*tensors as CuPy views (None stays None), *constants) on torch's current stream."""
+    import cupy
+    first = next(t for t in tensors if t is not None)
+    with cupy.cuda.Device(first.device.index or 0), \
+            cupy.cuda.ExternalStream(torch.cuda.current_stream(first.device).cuda_stream):
+        kernel(*[None if t is None else cupy.from_dlpack(t.detach()) for t in tensors], *constants)
+
+
 def adam_constants(step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    decoupled: bool, bias_correction: bool, maximize: bool) -> dict:
     """The float32 constants of one Adam step (computed in double, rounded once, as torch does
@@ -154,6 +179,10 @@ def adam_update(g, m, v, x, m_out, v_out, d_out, c: dict) -> None:
     if _host(g, m, v, x, m_out, v_out, d_out):
         xa = _np(x) if x is not None else _np(g)
         _adam_kernel(_np(g), _np(m), _np(v), xa, _np(m_out), _np(v_out), _np(d_out), **c)
+        return
+    gpu = _cuda_kernels(g, m, v, x, m_out, v_out, d_out)
+    if gpu is not None:
+        _run_cuda(gpu.adam_update, (g, m, v, x, m_out, v_out, d_out), c)
         return
     gi = g * c["sign"]
     if c["l2"]:
@@ -199,6 +228,10 @@ def momentum_update(g, buf, x, buf_out, d_out, c: dict) -> None:
         _momentum_kernel(_np(g), dummy if buf is None else _np(buf), dummy if x is None else _np(x),
                          dummy if buf_out is None else _np(buf_out), _np(d_out), **c)
         return
+    gpu = _cuda_kernels(g, buf, x, buf_out, d_out)
+    if gpu is not None:
+        _run_cuda(gpu.momentum_update, (g, buf, x, buf_out, d_out), c)
+        return
     gi = g * c["sign"]
     if c["wd"]:
         gi = gi + x * c["wd"]
@@ -224,8 +257,12 @@ def axpby(a, b, out, alpha: float, beta: float) -> None:
     """out = alpha a + beta b elementwise in float32 (e.g. the model delta x - anchor)."""
     if _host(a, b, out):
         _axpby_kernel(_np(a), _np(b), _np(out), _f32(alpha), _f32(beta))
-    else:
-        torch.add(a * alpha, b * beta, out=out)
+        return
+    gpu = _cuda_kernels(a, b, out)
+    if gpu is not None:
+        _run_cuda(gpu.axpby, (a, b, out), alpha, beta)
+        return
+    torch.add(a * alpha, b * beta, out=out)
 
 
 def momentum_ema(g, m, x, out, c: dict) -> None:
@@ -236,6 +273,10 @@ def momentum_ema(g, m, x, out, c: dict) -> None:
     if _host(g, m, x, out):
         _momentum_ema_kernel(_np(g), _np(m), _np(x) if x is not None else _np(g), _np(out), c["sign"], c["l2"],
                              c["b1"], c["omb1"])
+        return
+    gpu = _cuda_kernels(g, m, x, out)
+    if gpu is not None:
+        _run_cuda(gpu.momentum_ema, (g, m, x, out), c)
         return
     gi = g * c["sign"]
     if c["l2"]:
@@ -254,6 +295,10 @@ def frozen_adam_apply(m, v, x, m_out, d_out, c: dict) -> None:
     if _host(m, v, x, m_out, d_out):
         _frozen_adam_kernel(_np(m), _np(v), _np(x) if x is not None else _np(m), _np(m_out), _np(d_out),
                             c["use_bc"], c["bc2"], c["lr"], c["eps"], c["lr_wd"], c["decoupled"])
+        return
+    gpu = _cuda_kernels(m, v, x, m_out, d_out)
+    if gpu is not None:
+        _run_cuda(gpu.frozen_adam_apply, (m, v, x, m_out, d_out), c)
         return
     live = v != 0
     vh = v / c["bc2"] if c["use_bc"] else v

@@ -44,6 +44,13 @@ if [ ${#need[@]} -gt 0 ]; then
   "$PY" -m pip install -q "${need[@]}"
 fi
 
+# NVRTC, CuPy's run-time compiler: a test compiles the CUDA source with it as CuPy would (no GPU
+# needed). 13.0.88 is the CUDA 13.0 of the image's nvcc; NVRTC emits PTX, so no ptxas is involved.
+if ! py_here -c "import glob, nvidia, sys; sys.exit(not any(glob.glob(p + '/*/lib/libnvrtc.so.*') for p in nvidia.__path__))" >/dev/null 2>&1; then
+  log "installing nvidia-cuda-nvrtc"
+  "$PY" -m pip install -q "nvidia-cuda-nvrtc==13.0.88"
+fi
+
 # --- Horovod 0.28.1 with PyTorch, MPI and Gloo (horovodrun --gloo, elastic) ------------------------------------------------------------
 horovod_ok() {
   py_here - <<'PYEOF' >/dev/null 2>&1

@@ -1,10 +1,12 @@
 """Shared by the tests: scripts/ on sys.path (``import digits``, ``toy_convex``, ``lm``), launches of
-test programs on real MPI ranks, and digits training of N simulated ranks.
+test programs on real MPI ranks, digits training of N simulated ranks, and ``cupy``: CuPy on a
+CUDA device, or else the CuPy stand-in of tests/cupy_standin that runs the CUDA kernels on the CPU.
 
 Tests take the helpers as fixtures: ``def test_x(sim_train, assert_same_params): ...``.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -116,3 +118,79 @@ run_mpi_fixture = _fixture(run_mpi)
 sim_train_fixture = _fixture(sim_train)
 sim_resume_fixture = _fixture(sim_resume)
 assert_same_params_fixture = _fixture(assert_same_params)
+
+
+# ----------------------------------------------------------------------------- CuPy, or its stand-in
+
+CUPY_STANDIN = os.path.join(HERE, "cupy_standin")
+# HVD_QADAM_TEST_CUPY: auto (a CUDA device when CuPy has one, else the stand-in), device (fail
+# without a device: the GPU check), standin (the stand-in even where a device exists).
+CUPY_MODES = ("auto", "device", "standin")
+
+
+def _cupy_with_device():
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError:
+        return None
+    try:
+        return cupy if cupy.cuda.runtime.getDeviceCount() > 0 else None
+    except Exception:  # CuPy without a driver or a device
+        return None
+
+
+def _load_cupy_standin() -> dict:
+    """The stand-in's modules ({"cupy": ..., "cupy.cuda": ..., ...}), imported from tests/cupy_standin
+    and then taken out of sys.modules again: only the ``cupy`` fixture puts them in."""
+    saved = {k: sys.modules.pop(k) for k in list(sys.modules) if k == "cupy" or k.startswith("cupy.")}
+    sys.path.insert(0, CUPY_STANDIN)
+    try:
+        importlib.import_module("cupy")
+        return {k: sys.modules[k] for k in list(sys.modules) if k == "cupy" or k.startswith("cupy.")}
+    finally:
+        sys.path.remove(CUPY_STANDIN)
+        for k in [k for k in sys.modules if k == "cupy" or k.startswith("cupy.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+@pytest.fixture(scope="session")
+def cupy_session():
+    """("device", cupy) or ("standin", its modules), the kernels of gpu_cupy compiled once for the
+    session (the stand-in's library is also cached on disk by the hash of what goes into it)."""
+    from hvd_qadam.quant import gpu_cupy
+    mode = os.environ.get("HVD_QADAM_TEST_CUPY", "auto")
+    if mode not in CUPY_MODES:
+        raise ValueError(f"HVD_QADAM_TEST_CUPY must be one of {CUPY_MODES}, got {mode!r}")
+    if mode != "standin":
+        real = _cupy_with_device()
+        if real is not None:
+            return "device", real
+        if mode == "device":
+            pytest.fail("HVD_QADAM_TEST_CUPY=device, but CuPy is not installed or sees no CUDA device")
+    modules = _load_cupy_standin()
+    if modules["cupy"]._host.compiler() is None:
+        pytest.skip("no host C++ compiler for the CuPy stand-in")
+    modules["cupy"].RawModule(code=gpu_cupy.KERNEL_SOURCE, options=gpu_cupy._OPTIONS)   # compile once
+    return "standin", modules
+
+
+@pytest.fixture
+def cupy(cupy_session, monkeypatch):
+    """CuPy on a CUDA device, or the CuPy stand-in installed as ``cupy`` for this test only (in
+    sys.modules and as gpu_cupy's ``cp``)."""
+    kind, value = cupy_session
+    if kind == "device":
+        yield value
+        return
+    from hvd_qadam.quant import gpu_cupy
+    for name, module in value.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(gpu_cupy, "cp", value["cupy"])
+    gpu_cupy._module.cache_clear()
+    gpu_cupy._device_tables.cache_clear()
+    try:
+        yield value["cupy"]
+    finally:
+        gpu_cupy._module.cache_clear()      # nothing of the stand-in outlives the test
+        gpu_cupy._device_tables.cache_clear()

@@ -6,11 +6,17 @@ the whole quantizer family, both roundings, odd lengths, bucket sizes from 1 to 
 vector, zero buckets, extreme magnitudes, stream offsets, fp16/bf16 input through the API and
 every internal search path. The CUDA source is compiled with nvcc when it is installed (no GPU
 needed): once to PTX, and once as host code whose per-thread functions then run on the CPU
-against the reference. The CuPy tests need a CUDA device and skip without one.
+against the reference. The CuPy tests run on a CUDA device when there is one, else through the
+CuPy stand-in (tests/cupy_standin: NumPy arrays, the CUDA kernels compiled for the host and run
+for every grid x block index), which executes gpu_cupy's own launch code on the CPU.
 """
 from __future__ import annotations
 
+import ctypes
+import glob
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -423,6 +429,68 @@ def test_kernel_source_compiles_with_nvcc(tmp_path):
     assert broken.returncode != 0, "nvcc accepted a syntax error: this test could not catch one"
 
 
+def load_nvrtc():
+    """libnvrtc from the nvidia-cuda-nvrtc wheel (CUDA 13: nvidia/cu13/lib, CUDA 12:
+    nvidia/cuda_nvrtc/lib), or None."""
+    try:
+        import nvidia
+    except ImportError:
+        return None
+    for root in nvidia.__path__:
+        for path in sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so.*")), reverse=True):
+            # NVRTC opens its builtins library by name, which the wheel's directory is not on
+            # the loader's path for: loaded first, that name is already resolved.
+            for builtins in glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*")):
+                if ".alt." not in builtins:
+                    ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(path)
+    return None
+
+
+def nvrtc_ptx(lib, source: str, options) -> str:
+    """PTX of ``source`` compiled by NVRTC with ``options``; AssertionError with its log on failure."""
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernels.cu", 0, None, None) == 0
+    try:
+        opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
+        status = lib.nvrtcCompileProgram(prog, len(options), opts)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        assert status == 0, f"NVRTC failed ({status}): {log.value.decode(errors='replace')}"
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        assert lib.nvrtcGetPTX(prog, ptx) == 0
+        return ptx.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_cuda_source_compiles_with_nvrtc_as_cupy_does(arch):
+    """CuPy compiles RawModule sources with NVRTC, given gpu_cupy's options and the device's
+    architecture: every kernel must come out, with no fused multiply-add anywhere (the source
+    asks for none; one would round differently from NumPy)."""
+    lib = load_nvrtc()
+    if lib is None:
+        pytest.skip("NVRTC is not installed (pip install nvidia-cuda-nvrtc; scripts/install.sh does)")
+    source = gpu_cupy.KERNEL_SOURCE
+    ptx = nvrtc_ptx(lib, source, [*gpu_cupy._OPTIONS, f"--gpu-architecture={arch}"])
+    kernels = re.findall(r'extern "C" __global__ void (\w+)\(', source)
+    assert len(kernels) >= 4
+    for kernel in kernels:
+        assert f".entry {kernel}(" in ptx, kernel
+    assert ".target sm_" + arch.split("_")[1] in ptx
+    assert not re.search(r"\bfma\.", ptx), "an FMA would round differently from NumPy"
+    # every float operation an explicitly rounded one (.rn), none approximate, subnormals kept
+    assert not re.search(r"\b(?:add|sub|mul|div|sqrt|rcp)(?:\.(?:approx|full|ftz))*\.f(?:32|64)\b", ptx)
+    assert ".ftz" not in ptx and ".approx" not in ptx
+    control = nvrtc_ptx(lib, 'extern "C" __global__ void k(float* x) { x[0] = x[1] * x[2] + x[3]; }',
+                        [f"--gpu-architecture={arch}"])
+    assert re.search(r"\bfma\.rn\.f32", control), "NVRTC's default contraction was not seen: the check is blind"
+
+
 HARNESS_MAIN = r"""
 #include <cstdio>
 #include <vector>
@@ -535,17 +603,6 @@ def test_cuda_functions_match_the_reference_on_the_host(tmp_path):
 
 # ----------------------------------------------------------------------------- CuPy on a GPU
 
-@pytest.fixture(scope="module")
-def cupy():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
-    return cupy
-
-
 class CupyOnHost:
     """gpu_cupy with NumPy arrays in and out, for check_backend."""
 
@@ -586,7 +643,7 @@ def test_gpu_long_vector(cupy, name, bits):
 
 def test_gpu_torch_tensors_through_api(cupy):
     if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA")
+        pytest.skip("needs torch with CUDA: DLPack hand-offs of tensors in real device memory")
     t = torch.randn(5, 4099, device="cuda", dtype=torch.bfloat16)
     gpu = hvd_qadam.quantize(t, "qsgd", 4, bucket_size=512, seed=3)
     cpu = hvd_qadam.quantize(t.cpu(), "qsgd", 4, bucket_size=512, seed=3, backend="numpy")
