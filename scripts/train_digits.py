@@ -4,9 +4,10 @@
     horovodrun -np 3 python scripts/train_digits.py            # or: mpirun -np 3 python ...
 
 Trains the same model twice from the same seed: first with plain ``hvd.DistributedOptimizer``
-(uncompressed fp32 allreduce), then with ``hvd_qadam.DistributedOptimizer`` (default: 4-bit QSGD
-gradients with error feedback), printing per-epoch loss, test accuracy and the bytes each rank
-sends per step, and a final comparison.
+(uncompressed fp32 allreduce), then with ``hvd_qadam.DistributedOptimizer`` (its defaults: 6-bit
+max-abs quantized gradients with error feedback, the topology chosen for the world), printing
+per-epoch loss, test accuracy and the bytes each rank sends per step (for Horovod, its ring
+allreduce's 2 (N - 1)/N x 4 bytes per parameter), and a final comparison.
 
 Only rank 0 writes. ``--progress`` (default: ``$HVD_QADAM_PROGRESS``, else auto) chooses what:
 ``bar``, a progress bar with the epoch lines above it, all on stderr (for a terminal: under
@@ -32,7 +33,7 @@ import digits  # this folder's module (sys.path[0] when run as a script)
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--algorithm", default="qsgd", choices=["qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd",
                                                        "local_sgd"])
-p.add_argument("--topology", default="allgather", choices=["allgather", "sharded"])
+p.add_argument("--topology", default="auto", choices=["auto", "allgather", "sharded", "hierarchical"])
 p.add_argument("--quantizer", default="qsgdinf", help="uplink quantizer (default: the library's, qsgdinf)")
 p.add_argument("--bits", type=int, default=None, help="uplink bits (default: the library's, 6 for qsgdinf)")
 p.add_argument("--bucket-size", type=int, default=None, help="elements per scale (default: the library's, 128)")
@@ -101,7 +102,7 @@ def run(label, make_optimizer):
         row = dict(h, loss=loss, sent_bytes_per_step=sent, fp32_bytes_per_step=fp32_bytes)
         rows.append(row)
         line = (f"  [{label}] epoch {h['epoch']:3d}  loss {loss:.4f}  test acc {h['test_accuracy']:.4f}  "
-                f"sent/step {sent:>8d} B  (fp32 {fp32_bytes} B, {fp32_bytes / sent:.1f}x)")
+                f"sent/step {sent:>8d} B  (Horovod fp32 ring {fp32_bytes} B, {fp32_bytes / sent:.1f}x)")
         if bar is not None:
             bar.write(line, file=out)
         elif main and args.progress == "lines":
@@ -115,8 +116,10 @@ def run(label, make_optimizer):
     return rows, time.time() - t0, getattr(holder.get("opt"), "communication_stats", None)
 
 
-fp32_bytes = 4 * sum(q.numel() for q in digits.make_model().parameters())
-log(f"hvd_qadam {hvd_qadam.__version__}: {size} ranks, digits MLP ({fp32_bytes // 4} parameters), "
+n_params = sum(q.numel() for q in digits.make_model().parameters())
+# what Horovod's ring allreduce sends per rank and step (one rank: the fp32 gradients, once)
+fp32_bytes = 8 * (size - 1) * n_params // size if size > 1 else 4 * n_params
+log(f"hvd_qadam {hvd_qadam.__version__}: {size} ranks, digits MLP ({n_params} parameters), "
     f"global batch {args.batch}, {args.epochs} epochs")
 
 results = {}
@@ -155,6 +158,8 @@ if main:
         log(f"{name:<28}{last['loss']:>12.4f}{last['test_accuracy']:>10.4f}{best:>10.4f}"
             f"{last['sent_bytes_per_step']:>13d}{fp32_bytes / last['sent_bytes_per_step']:>8.1f}x{secs:>8.1f}")
     stats = results[label][2]
+    if stats is not None:
+        log(f"hvd_qadam topology: {stats.topology} ({stats.topology_reason})")
     if stats is not None and stats.totals["level_refits"]:
         secs = results[label][1]
         log(f"adaptive levels: {stats.totals['level_refits']} refits, {1e3 * stats.totals['levels_s']:.1f} ms in total "

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +195,23 @@ def cupy(cupy_session, monkeypatch):
     finally:
         gpu_cupy._module.cache_clear()      # nothing of the stand-in outlives the test
         gpu_cupy._device_tables.cache_clear()
+
+
+def same_bits(a, b) -> bool:
+    """Arrays equal bit for bit (floats compared as their integer bit patterns: -0.0 != 0.0,
+    NaN payloads count)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.kind == "f":
+        return np.array_equal(a.view(f"u{a.dtype.itemsize}"), b.view(f"u{b.dtype.itemsize}"))
+    return np.array_equal(a, b)
+
+
+def random_codebook(rng, num_levels, low, high):
+    """A sorted float32 codebook of num_levels distinct levels in [low, high], ends included."""
+    while True:
+        inner = rng.uniform(low, high, num_levels - 2).astype(np.float32)
+        levels = np.unique(np.concatenate([[low, high], inner]).astype(np.float32))
+        if levels.size == num_levels:
+            return levels

@@ -15,18 +15,10 @@ from hvd_qadam.quant.codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
 
 pytest.importorskip("numba")
 from hvd_qadam.quant import cpu_numba  # noqa: E402
+from conftest import random_codebook, same_bits  # noqa: E402
 
 KEY = 0x0123456789ABCDEF
 BIG_OFFSET = (1 << 33) + 5          # stream indices past 2^32: the hash's high word counts
-
-
-def same_bits(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype.kind == "f":
-        return np.array_equal(a.view(f"u{a.dtype.itemsize}"), b.view(f"u{b.dtype.itemsize}"))
-    return np.array_equal(a, b)
 
 
 def sample(n, seed):
@@ -34,14 +26,6 @@ def sample(n, seed):
     x = (rng.standard_normal(n) * np.exp(rng.uniform(-4, 4, n))).astype(np.float32)
     x[rng.random(n) < 0.05] = 0
     return x
-
-
-def random_codebook(rng, num_levels, low, high):
-    while True:
-        inner = rng.uniform(low, high, num_levels - 2).astype(np.float32)
-        levels = np.unique(np.concatenate([[low, high], inner]).astype(np.float32))
-        if levels.size == num_levels:
-            return levels
 
 
 # (name, bits, levels, scale kind): uniform grids, count searches, the large-codebook paths

@@ -33,20 +33,12 @@ from hvd_qadam.quant.codebooks import SCALE_L2, SCALE_MAXABS, SCALE_MEANABS
 
 pytest.importorskip("numba")
 from hvd_qadam.quant import cpu_numba  # noqa: E402
+from conftest import random_codebook, same_bits  # noqa: E402
 
 FIXED = ([("qsgd", b) for b in range(2, 9)] + [("qsgdinf", b) for b in range(2, 9)]
          + [("nuq", b) for b in range(2, 9)] + [("terngrad", 2), ("sign", 1)])
 SCALE_KINDS = (SCALE_L2, SCALE_MAXABS, SCALE_MEANABS)
 KEY = 0x0123456789ABCDEF
-
-
-def same_bits(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype.kind == "f":
-        return np.array_equal(a.view(f"u{a.dtype.itemsize}"), b.view(f"u{b.dtype.itemsize}"))
-    return np.array_equal(a, b)
 
 
 def check_backend(backend, x, levels, bits, bucket_size, scale_kind, stochastic, key=KEY, offset=0):
@@ -91,15 +83,6 @@ def test_fixed_quantizers(name, bits, stochastic):
         for bucket_size in (1, 3, 512, 8192):
             x = sample(n, seed=n + bucket_size, zero_bucket=slice(0, min(n, bucket_size)) if n > 7 else None)
             check(x, levels, bits, bucket_size, scale_kind, stochastic, offset=n)
-
-
-def random_codebook(rng, num_levels, low, high):
-    """A sorted float32 codebook of num_levels distinct levels in [low, high], ends included."""
-    while True:
-        inner = rng.uniform(low, high, num_levels - 2).astype(np.float32)
-        levels = np.unique(np.concatenate([[low, high], inner]).astype(np.float32))
-        if levels.size == num_levels:
-            return levels
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
