@@ -531,8 +531,9 @@ def choose(hosts: Hosts, uplink, downlink_for, hierarchical: bool | None = None)
         costs[name] = (round(b["inter_host"], 9), round(b["total"], 9))
     best = min(candidates, key=lambda n: costs[n])
     where = (f"{hosts.size} ranks" if hosts.local_size == 1 else
+             f"{hosts.size} ranks on one host" if hosts.count == 1 else
              f"{hosts.size} ranks on {hosts.count} hosts of {hosts.local_size}")
-    detail = ", ".join(f"{n} {c[0]:.3g}" for n, c in costs.items())
+    detail = ", ".join(f"{n} {c[0]:.3g} across hosts / {c[1]:.3g} in all" for n, c in costs.items())
     if hierarchical is None and hosts.local_size > 1 and hosts.count > 1:
         n = hosts.size
         host_link = costs[best][0] * hosts.local_size
@@ -544,4 +545,4 @@ def choose(hosts: Hosts, uplink, downlink_for, hierarchical: bool | None = None)
                                     f"link, more than Horovod's fp16 ring ({fp16_ring:.3g}); the two-level "
                                     f"exchange puts {two:.3g}")
         detail += f"; per host link {host_link:.3g} <= Horovod fp16 ring {fp16_ring:.3g}"
-    return best, f"{where}: fewest bytes per element sent across hosts per rank ({detail})"
+    return best, f"{where}: fewest bytes per element a rank sends across hosts, then in all ({detail})"
