@@ -226,12 +226,8 @@ def load_elastic_state_dict(opt, saved: dict) -> None:
     # The commit is this rank's own, in the world it was taken in: none of the world-size or
     # foreign-rank checks of a checkpoint load apply.
     ours = dict(ours, world_size=eng.size, rank=eng.rank, config=dict(ours["config"], topology=eng.cfg.topology))
-    eng.load_state_dict(ours)
-    eng.alg.restore(eng)
-    opt._committed_server = whole
-    opt._reset_round()
-    opt._started = False
-    opt._reshard = True
+    _load(opt, ours, whole)
+    _restart(opt)
 
 
 def sync_from_root(opt) -> None:
@@ -249,10 +245,22 @@ def sync_from_root(opt) -> None:
         root = {"step": eng.step_count, "state": sd}
     root = hvd.broadcast_object(root, root_rank=0, name="hvd_qadam.elastic.sync")
     if eng.step_count != root["step"]:
-        state = dict(root["state"], world_size=eng.size, rank=eng.rank)
-        eng.load_state_dict(state)
-        eng.alg.restore(eng)
-        opt._committed_server = None
+        _load(opt, dict(root["state"], world_size=eng.size, rank=eng.rank), None)
+    _restart(opt)
+
+
+def _load(opt, engine_state: dict, committed_server) -> None:
+    """Load ``engine_state`` into the optimizer's engine as this rank's own (no checkpoint
+    checks apply), with ``committed_server`` as the last commit's whole server state."""
+    eng = opt._engine
+    eng.load_state_dict(engine_state)
+    eng.alg.restore(eng)
+    opt._committed_server = committed_server
+
+
+def _restart(opt) -> None:
+    """After a rollback or a sync: the next step starts over with the handshake, which
+    re-partitions the server state over the current world."""
     opt._reset_round()
     opt._started = False
     opt._reshard = True

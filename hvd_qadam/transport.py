@@ -376,8 +376,8 @@ class HierarchicalTransport(Transport):
         eng, hs = self.eng, self.hosts
         # NaN/Inf anywhere in this rank's vector: every local peer hears it, and they tell the
         # other hosts in the uplink, so every rank fails the step together.
-        bad = not torch.isfinite(vec.sum()) and not bool(torch.isfinite(vec).all())
-        error = eng.uplink_error(g, grad) if bad else None
+        from .engine import all_finite
+        error = None if all_finite(vec) else eng.uplink_error(g, grad)
         peers = {}
         for r in hs.same_host(eng.rank):
             a, b = self._chunk(g, hs.local(r))
