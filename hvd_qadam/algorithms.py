@@ -36,6 +36,7 @@ class Algorithm:
     name = ""
     output = OUT_GRAD        # what the engine's result is: an averaged gradient, an update, weights
     server_ef = True         # server error feedback on a quantized downlink (update-type outputs)
+    server_state = False     # the server side S keeps state per served range (not just the mean)
     overlap = True           # the worker side may run from backward hooks (needs only gradients)
 
     def __init__(self, config):
@@ -137,6 +138,7 @@ class QAdam(_AdamFamily):
     The moments live with the server of each shard (every rank under ``allgather``)."""
     name = "qadam"
     output = OUT_UPDATE
+    server_state = True      # the server's Adam moments, per shard
 
     def server(self, eng, g, a, b, mean, step):
         h, key = eng.hyper(g.param_group), f"g{g.index}@{a}"

@@ -176,6 +176,11 @@ class HorovodComm:
         return ("alltoall", self.hvd.alltoall_async(self._tensor(b"".join(per_dest)), splits=splits, name=name,
                                                     **self._kw), name)
 
+    def allreduce_async(self, tensor: torch.Tensor, name: str):
+        """The sum of ``tensor`` over the ranks, through Horovod's own allreduce (fused, on its
+        response cache): what ``hvd.DistributedOptimizer`` sends, at what it costs."""
+        return ("raw", self.hvd.allreduce_async(tensor, op=self.hvd.Sum, name=name, **self._kw), name)
+
     def wait(self, handle):
         """The collective's result, or CollectiveTimeout after the deadline (the job then ends)."""
         kind, h, name = handle
@@ -260,6 +265,15 @@ class SimComm:
     def allgather_object(self, obj, name: str = "hvd_qadam.object") -> list:
         return self.world._exchange(self.rank, obj)
 
+    def allreduce_sum(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """The sum over ranks in rank order, in the tensor's dtype (Horovod sums in the dtype it is
+        given; the order is MPI's there)."""
+        tensors = self.world._exchange(self.rank, tensor)
+        out = tensors[0].clone()
+        for t in tensors[1:]:
+            out.add_(t)
+        return out
+
     # Deferred: the exchange happens at wait(), which every rank calls in the same order, so the
     # barrier-based world stays in step however the hooks interleaved.
     def allgather_async(self, data: bytes, name: str):
@@ -269,6 +283,10 @@ class SimComm:
     def alltoall_async(self, per_dest: list, name: str):
         per_dest = [bytes(b) for b in per_dest]
         return lambda: self.alltoall_bytes(per_dest, name)
+
+    def allreduce_async(self, tensor: torch.Tensor, name: str):
+        tensor = tensor.clone()
+        return lambda: self.allreduce_sum(tensor, name)
 
     @staticmethod
     def wait(handle):

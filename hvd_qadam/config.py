@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 from .api import ROUNDINGS, check_bucket_size
 from .quant import codebooks as cb
+from .exchange import DEFAULT as DEFAULT_EXCHANGE, POLICIES as _EXCHANGE_POLICIES
 from .transport import TOPOLOGIES as _TOPOLOGY_CLASSES
 
 ALGORITHMS = ("qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd", "local_sgd", "onebit_adam")
 TOPOLOGIES = tuple(_TOPOLOGY_CLASSES)      # resolved names; the optimizer also takes "auto"
+EXCHANGES = tuple(_EXCHANGE_POLICIES)
 NONFINITE_POLICIES = ("raise", "skip", "propagate")
 DEFAULT_FREEZE_STEP = 100           # onebit_adam: full-precision Adam steps before v is frozen
 DEFAULT_V_REFRESH_EVERY = 50        # onebit_adam: steps between uncompressed v refreshes after the freeze
@@ -54,6 +56,7 @@ NONE_LINK = LinkSpec("none", None)
 class Config:
     algorithm: str = "qsgd"
     topology: str = "allgather"
+    exchange: str = DEFAULT_EXCHANGE        # compressed / horovod / auto (:mod:`hvd_qadam.exchange`)
     uplink: LinkSpec = LinkSpec("qsgdinf")
     downlink: LinkSpec = NONE_LINK          # server -> workers (efficient_adam, qadam, ef_sgd, qadam_weights)
     error_feedback: bool = True             # worker EF on the uplink
@@ -78,6 +81,8 @@ class Config:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"unknown topology {self.topology!r}; choose one of {TOPOLOGIES}")
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"unknown exchange {self.exchange!r}; choose one of {EXCHANGES}")
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         for name in ("warmup_steps", "min_compress_numel"):

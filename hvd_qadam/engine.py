@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from . import algorithms
+from . import exchange as exchange_policies
 from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exported
 from .api import decode_flat, mean_on_device, quantize
 from .comm import CommError
@@ -43,7 +44,7 @@ from .memory import StateBank, persistent_buffer
 from .quant import codebooks as cb
 from .quant import rng
 from .quant.backend import cpu_backend
-from .transport import TOPOLOGIES, Hosts, make_transport
+from .transport import TOPOLOGIES, AllreduceTransport, Hosts, make_transport
 from .wire import Frame, PayloadError
 
 SERVER_RANK = 2 ** 31 - 1     # the rank used in the server's random-stream keys
@@ -73,9 +74,12 @@ class StepStats:
     decode_s: float = 0.0          # server side, downlink and decoding
     levels_s: float = 0.0          # adaptive quantizers: time spent refitting levels this step
     overlapped_groups: int = 0     # groups whose exchange started during backward
-    compressed: bool = True
+    compressed: bool = True        # a compressed step of the algorithm (not a warm-up / v refresh)
     topology: str = ""             # the topology that ran the exchange (``topology="auto"``'s choice)
     topology_reason: str = ""      # why: "given", or the byte counts ``auto`` compared
+    exchange: str = ""             # "compressed" or "horovod": the path of the compressible groups
+    exchange_reason: str = ""      # why (``exchange="auto"``: what it measured)
+    group_paths: dict = field(default_factory=dict)   # group index -> "horovod" or "<quantizer>:<bits>"
     totals: dict = field(default_factory=lambda: {"sent_bytes": 0, "received_bytes": 0, "fp32_bytes": 0, "steps": 0,
                                                   "levels_s": 0.0, "level_refits": 0})
 
@@ -90,8 +94,10 @@ class PendingStep:
     """One step in flight: what was launched, and the state it will commit on success."""
     bank: StateBank
     step: int
-    compress: bool
+    compress: bool                 # the algorithm's compressed stage (False: warm-up, v refresh)
     stats: StepStats
+    full_precision: bool = False   # the exchange policy sends compressible groups in full precision
+    paths: dict = field(default_factory=dict)           # group index -> the transport that carries it
     launched: dict = field(default_factory=dict)        # group index -> transport handle
     errors: list = field(default_factory=list)
     commit_keys: list = field(default_factory=list)
@@ -139,6 +145,10 @@ class Engine:
         self.bounds = self._shard_bounds()
         self.transport = make_transport(config.topology, self)
         self.topology_reason = "given"
+        # Full precision goes through Horovod's allreduce wherever it can carry it.
+        self.allreduce = (AllreduceTransport(self) if AllreduceTransport.carries(
+            TOPOLOGIES[config.topology], self.alg, comm) else None)
+        self.exchange = self._exchange_policy()
         self._params_source = None
 
     def _shard_bounds(self) -> dict:
@@ -150,6 +160,25 @@ class Engine:
         topology = TOPOLOGIES[self.cfg.topology]
         return {g.index: topology.served_ranges(g.numel, self.hosts, self.align) for g in self.layout.groups}
 
+    def _exchange_policy(self) -> exchange_policies.ExchangePolicy:
+        name = self.cfg.exchange
+        if name == exchange_policies.COMPRESSED:
+            return exchange_policies.make(name)
+        why = None
+        if self.cfg.uplink.passthrough:
+            why = f"the uplink is already full precision (quantizer={self.cfg.uplink.quantizer!r})"
+        elif self.allreduce is None:
+            why = (f"Horovod's allreduce cannot carry algorithm {self.cfg.algorithm!r} under topology "
+                   f"{self.cfg.topology!r}" + (" (its server state is sharded over the ranks)"
+                                               if self.alg.server_state else ""))
+        if why is None:
+            return exchange_policies.make(name)
+        if name == exchange_policies.HOROVOD:
+            raise ValueError(f"exchange='horovod': {why}")
+        policy = exchange_policies.make(exchange_policies.COMPRESSED)
+        policy.reason = f"exchange='auto' compresses every step: {why}"
+        return policy
+
     def set_world(self, rank: int, size: int) -> None:
         """This rank's place after an elastic reset (Horovod re-initialised on another world): the
         step in flight is forgotten and the shards recomputed. The server state keyed by the old
@@ -157,6 +186,7 @@ class Engine:
         self.abort(drain=False)
         self.rank, self.size = rank, size
         self.bounds = self._shard_bounds()
+        self.exchange.restart()
         # The two-level exchange's worker residuals cover this rank's chunk of its host's mean;
         # in another world the chunks differ, so they cannot be carried over: said, not dropped.
         host_residuals = [k for k in self.bank.current if "#" in k and k.endswith(".e")]
@@ -194,10 +224,18 @@ class Engine:
             self._flat_params[g.index] = flat
         return flat
 
-    def links(self, g, compress: bool) -> tuple[LinkSpec, LinkSpec]:
-        if not (g.compressed and compress):
+    def links(self, g, st) -> tuple[LinkSpec, LinkSpec]:
+        """(uplink, downlink) of group ``g`` in step ``st``: full precision for small groups, in
+        the algorithm's uncompressed steps, and where the exchange policy chose Horovod."""
+        if not (g.compressed and st.compress) or st.full_precision:
             return NONE_LINK, NONE_LINK
         return self.cfg.uplink, self.cfg.downlink
+
+    def _transport_for(self, g, st):
+        """Horovod's allreduce for a full-precision group where it can carry it, else the topology."""
+        if self.allreduce is not None and AllreduceTransport.takes(self.links(g, st)[0]):
+            return self.allreduce
+        return self.transport
 
     def key(self, rank: int, group: int, direction: int) -> int:
         return rng.stream_key(self.cfg.seed, rank, self.step_count, group, direction)
@@ -275,10 +313,14 @@ class Engine:
         if self.pending is None:
             t = self.step_count
             compress = self.alg.compress_at(self, t)
+            full = compress and self.exchange.full_precision_at()
             self.pending = PendingStep(self.bank, t, compress,
                                        StepStats(step=t, compressed=compress, topology=self.cfg.topology,
                                                  topology_reason=self.topology_reason,
-                                                 totals=self.stats.totals))
+                                                 exchange=AllreduceTransport.name if full else
+                                                 exchange_policies.COMPRESSED,
+                                                 exchange_reason=self.exchange.reason, totals=self.stats.totals),
+                                       full_precision=full)
             self._flat_params = {}
         return self.pending
 
@@ -290,7 +332,12 @@ class Engine:
             raise RuntimeError(f"group {g.index} was already exchanged in step {st.step}")
         t0 = time.perf_counter()
         vec = self.alg.worker(self, g, grad, st)
-        st.launched[g.index] = self.transport.start(g, vec, grad, st)
+        transport = self._transport_for(g, st)
+        st.paths[g.index] = transport
+        up, _ = self.links(g, st)
+        st.stats.group_paths[g.index] = transport.name if transport is self.allreduce else \
+            f"{up.quantizer}:{up.bits}"
+        st.launched[g.index] = transport.start(g, vec, grad, st)
         st.stats.fp32_bytes += 8 * (self.size - 1) * g.numel // self.size
         st.stats.encode_s += time.perf_counter() - t0
         st.stats.overlapped_groups += int(early)
@@ -300,7 +347,7 @@ class Engine:
         one uplink payload per (start, stop) in ``ranges`` (global element positions, which key
         the rounding streams), with worker error feedback on residual ``residual`` (default the
         group's, ``g<i>.e``; it covers ``vec``). ``nonfinite``: NaN/Inf met (payloads unusable)."""
-        up, _ = self.links(g, st.compress)
+        up, _ = self.links(g, st)
         key = self.key(self.rank, g.index, rng.UPLINK)
         if st.codebook is None and self.uplink_levels is not None:
             st.codebook = self.uplink_levels.codebook       # no refit due at this step
@@ -338,7 +385,7 @@ class Engine:
         transform and error feedback), before any group is encoded (so this step does not overlap)."""
         st = self.begin()
         lv = self.uplink_levels
-        if lv is None or not st.compress or st.codebook is not None:
+        if lv is None or not st.compress or st.full_precision or st.codebook is not None:
             return
         tl = time.perf_counter()
         due = lv.due(st.step)
@@ -381,7 +428,7 @@ class Engine:
         every rank computes it itself (``allgather`` with no downlink quantizer)."""
         mean = self.mean_into(payloads, self.scratch(f"g{g.index}@{a}.mean", b - a, g.device, g.dtype))
         u = self.alg.server(self, g, a, b, mean, st)
-        _, down = self.links(g, st.compress)
+        _, down = self.links(g, st)
         if down.passthrough:
             if down.quantizer == "none" and self.transport.local_downlink:
                 return u
@@ -401,12 +448,16 @@ class Engine:
         state changed."""
         st = self.begin()
         try:
-            if self.uplink_levels is not None and st.compress and st.codebook is None:
+            if self.uplink_levels is not None and st.compress and not st.full_precision and st.codebook is None:
                 self.refit_levels(grads_for)
             for g in self.layout.groups:
                 if g.index not in st.launched:
                     self.launch(g, grads_for(g))
-            results = self.transport.complete(st)
+            results = {}
+            for transport in (self.allreduce, self.transport):     # the same order on every rank
+                groups = [g for g in self.layout.groups if st.paths[g.index] is transport]
+                if groups:
+                    results.update(transport.complete(st, groups))
         except CommError as e:
             self.abort(drain=False)      # the collectives in flight will not complete
             raise type(e)(f"step {st.step}: {e}") from None
@@ -438,6 +489,8 @@ class Engine:
         stats.totals["steps"] += 1
         self.stats = stats
         self.pending = None
+        if st.compress:
+            self.exchange.observe(self.comm, st.full_precision)
 
     def _fail(self, errors: list):
         msg = "; ".join(errors)
@@ -516,6 +569,7 @@ class Engine:
         self.abort()
         self.bank.clear(lambda k: not k.endswith(".anchor"))
         self.counters = {"step": int(step), "worker_adam_step": {}, "server_adam_step": {}}
+        self.exchange.restart()
 
     def residual_views(self, server: bool = False) -> dict:
         """{name: residual tensor}: worker residuals by parameter name, server ones by shard key."""

@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from . import exchange as exchange_policies
 from .config import Config, LinkSpec, NONE_LINK
 from .transport import AUTO, TOPOLOGIES as TOPOLOGY_CLASSES, Hosts, choose
 from .engine import OUT_GRAD, OUT_UPDATE, ConsistencyError, Engine, NonFiniteGradientError
@@ -357,7 +358,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          downlink_quantizer: str | None = None, downlink_bits: int | None = None,
                          downlink_bucket_size: int | None = None, downlink_rounding: str | None = None,
                          error_feedback: bool = True, server_error_feedback: bool = True,
-                         topology: str = "auto", hierarchical: bool | None = None, warmup_steps: int = 0,
+                         topology: str = "auto", hierarchical: bool | None = None, exchange: str | None = None,
+                         warmup_steps: int = 0,
                          min_compress_numel: int = 1024,
                          fusion_threshold_mb: float | None = None, overlap: bool = True, seed: int = 0,
                          nonfinite: str | None = None, bias_correction: bool = True,
@@ -424,6 +426,16 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       True always (as ``topology="hierarchical"``), False never. It moves 1/L of the inter-host
       bytes but runs four collective rounds per group instead of two.
       Hosts are Horovod's ``local_size`` ranks (``HVD_QADAM_LOCAL_SIZE`` overrides it).
+    exchange (None: ``HVD_QADAM_EXCHANGE``, else ``"compressed"``): the path of the compressible groups. ``"compressed"``: hvd_qadam's
+      quantized exchange, every compressed step; ``"horovod"``: full precision through Horovod's
+      allreduce (the algorithm's math on the exact mean); ``"auto"``: measured while training,
+      the faster of the two (a few steps on each, the slowest rank's median step time, decided
+      on every rank alike and revisited when the step time moves), see :mod:`hvd_qadam.exchange`;
+      ``communication_stats.exchange`` / ``.exchange_reason`` say which and why. Whatever this
+      says, every full-precision exchange (warm-up and v-refresh steps, tensors below
+      ``min_compress_numel``, ``quantizer="none"``/``"fp16"``) goes through Horovod's allreduce,
+      except where the server side keeps sharded state (``qadam`` under ``sharded``/``hierarchical``)
+      or under ``ps``.
     warmup_steps (0): uncompressed steps first.
     min_compress_numel (1024): smaller tensors (biases, norms) travel as fp32.
     fusion_threshold_mb (None): size of a fused group; groups are formed in reverse registration
@@ -519,7 +531,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     else:
         topology_reason = "given"
     downlink = downlink_for(TOPOLOGY_CLASSES[topology])
-    config = Config(algorithm=algorithm, topology=topology, uplink=uplink, downlink=downlink,
+    config = Config(algorithm=algorithm, topology=topology, exchange=exchange or exchange_policies.default(), uplink=uplink, downlink=downlink,
                     error_feedback=error_feedback, server_error_feedback=server_error_feedback, seed=seed,
                     warmup_steps=warmup_steps, min_compress_numel=min_compress_numel,
                     fusion_threshold_bytes=max(4, int(fusion_threshold_mb * (1 << 20))), nonfinite=nonfinite,
@@ -536,6 +548,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     opt = cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap, op_sum)
     opt._engine.topology_reason = opt._engine.stats.topology_reason = topology_reason
     opt._engine.stats.topology = topology
+    opt._engine.stats.exchange_reason = opt._engine.exchange.reason
     return opt
 
 

@@ -119,6 +119,8 @@ class Transport:
     local_downlink = False   # a full-precision downlink needs no message (every rank has it)
     downlink_travels = True  # whether the server's result crosses the network (so a downlink
                              # quantizer saves bytes; under allgather every rank computes it)
+    shards_server = True     # each rank runs the server side of part of a group only
+    full_precision_allreduce = True   # full-precision exchanges may go through Horovod's allreduce
 
     def __init__(self, eng):
         self.eng = eng
@@ -141,7 +143,9 @@ class Transport:
     def start(self, g, vec, grad, st):
         raise NotImplementedError
 
-    def complete(self, st) -> dict:
+    def complete(self, st, groups: list) -> dict:
+        """Wait for ``groups`` (those this topology started this step), serve them, and return
+        {group index: flat result}."""
         raise NotImplementedError
 
     def cancel(self, st) -> None:
@@ -191,6 +195,7 @@ class AllgatherTransport(Transport):
     name = "allgather"
     local_downlink = True
     downlink_travels = False
+    shards_server = False
 
     @classmethod
     def bytes_per_rank(cls, numel, up, down, hosts):
@@ -209,9 +214,9 @@ class AllgatherTransport(Transport):
         return {"handle": eng.comm.allgather_async(data, f"hvd_qadam.up.{g.index}"), "data": data,
                 "payloads": payloads, "error": error}
 
-    def complete(self, st) -> dict:
+    def complete(self, st, groups) -> dict:
         eng, results = self.eng, {}
-        for g in eng.layout.groups:
+        for g in groups:
             h = st.launched[g.index]
             gathered = self._wait(h, "handle", st)
             t1 = time.perf_counter()
@@ -263,9 +268,9 @@ class ShardedTransport(Transport):
         st.stats.sent_bytes += sum(len(b) for i, b in enumerate(per_dest) if i != eng.rank)
         return {"handle": eng.comm.alltoall_async(per_dest, f"hvd_qadam.up.{g.index}"), "error": error}
 
-    def complete(self, st) -> dict:
-        eng, downs = self.eng, {}
-        for g in eng.layout.groups:
+    def complete(self, st, groups) -> dict:
+        eng = self.eng
+        for g in groups:
             h = st.launched[g.index]
             received = self._wait(h, "handle", st)
             t1 = time.perf_counter()
@@ -282,7 +287,7 @@ class ShardedTransport(Transport):
             h["down_len"] = len(data)
             st.stats.decode_s += time.perf_counter() - t1
         results = {}
-        for g in eng.layout.groups:
+        for g in groups:
             h = st.launched[g.index]
             if h.get("handle_down") is None:
                 continue
@@ -384,9 +389,9 @@ class HierarchicalTransport(Transport):
             peers[r] = eng.frame([] if error else [eng.encode(vec[a:b], NONE_LINK, 0, a)], error)
         return {"handle": self._send(peers, f"hvd_qadam.host.{g.index}", st)}
 
-    def complete(self, st) -> dict:
+    def complete(self, st, groups) -> dict:
         eng, hs = self.eng, self.hosts
-        me, groups = eng.rank, eng.layout.groups
+        me = eng.rank
         local, column = hs.same_host(me), hs.column(me)
         H, loc = hs.count, hs.local(me)
         # 1. host means of chunk `loc`, quantized to the column peers (worker EF)
@@ -456,6 +461,7 @@ class HierarchicalTransport(Transport):
 class PSTransport(Transport):
     name = "ps"
     overlaps = False
+    full_precision_allreduce = False   # the workers reach the server rank only, over mpi4py
 
     @classmethod
     def bytes_per_rank(cls, numel, up, down, hosts):
@@ -466,10 +472,9 @@ class PSTransport(Transport):
         payloads, error = self._uplink(g, vec, grad, st, self.eng.bounds[g.index])
         return {"payloads": payloads, "error": error}
 
-    def complete(self, st) -> dict:
+    def complete(self, st, groups) -> dict:
         from .engine import ConsistencyError
         eng = self.eng
-        groups = eng.layout.groups
         error = next((st.launched[g.index]["error"] for g in groups if st.launched[g.index]["error"]), None)
         payloads = [] if error is not None else [st.launched[g.index]["payloads"][0] for g in groups]
         data = eng.frame(payloads, error)
@@ -495,6 +500,68 @@ class PSTransport(Transport):
             eng.decode_into(frame.payloads[g.index], out)
             results[g.index] = out
         st.stats.decode_s += time.perf_counter() - t1
+        return results
+
+
+class AllreduceTransport(Transport):
+    """Full precision through Horovod's own allreduce: what ``hvd.DistributedOptimizer`` sends.
+
+        mean = (1/N) allreduce_sum(v_i)        (fp32, float64, or fp16 for an fp16 uplink)
+        u    = S(mean) on the whole group      every rank, locally: nothing travels down
+
+    It carries every exchange made in full precision (warm-up and v-refresh steps, tensors below
+    ``min_compress_numel``, ``quantizer="none"``/``"fp16"``, and the steps where
+    ``exchange="auto"`` chose Horovod), so such steps cost what Horovod costs (fused, on its
+    response cache, overlapped with backward) rather than a full-precision frame through a
+    topology built for small payloads. Every rank runs the server side S of the whole group, so
+    it serves algorithms whose server keeps state only under a topology where every rank holds
+    all of it (:meth:`carries`). Worker residuals are not touched: error feedback's mass waits
+    for the next compressed step. A NaN/Inf on any rank reaches every rank in the sum, and every
+    rank fails the step together."""
+    name = "horovod"
+    shards_server = False
+
+    # Horovod's allreduce of CPU tensors takes these; bf16 and the codes do not.
+    WIRE_DTYPES = {"none": None, "fp16": torch.float16}
+
+    @staticmethod
+    def carries(topology_class, algorithm, comm) -> bool:
+        """Whether a full-precision exchange under ``topology_class`` may go through the allreduce."""
+        return (topology_class.full_precision_allreduce and hasattr(comm, "allreduce_async")
+                and (not algorithm.server_state or not topology_class.shards_server))
+
+    @classmethod
+    def takes(cls, link) -> bool:
+        return link.passthrough and link.quantizer in cls.WIRE_DTYPES
+
+    def start(self, g, vec, grad, st):
+        eng = self.eng
+        up, _ = eng.links(g, st)
+        dtype = self.WIRE_DTYPES[up.quantizer] or vec.dtype
+        send = vec.to(dtype) if vec.dtype != dtype else vec
+        nbytes = 2 * (eng.size - 1) * g.numel * send.element_size() // eng.size     # a ring's volume
+        st.stats.sent_bytes += nbytes
+        st.stats.received_bytes += nbytes
+        return {"handle": eng.comm.allreduce_async(send, f"hvd_qadam.fp.{g.index}")}
+
+    def complete(self, st, groups) -> dict:
+        from .engine import all_finite      # the engine imports this module
+        eng, results = self.eng, {}
+        for g in groups:
+            h = st.launched[g.index]
+            total = self._wait(h, "handle", st)
+            t1 = time.perf_counter()
+            mean = eng.scratch(f"g{g.index}.mean", g.numel, g.device, g.dtype)
+            mean.copy_(total)
+            mean.div_(float(eng.size))
+            if not all_finite(mean):
+                msg = (f"step {st.step}: non-finite values in the allreduced group {g.index} (a rank had NaN/Inf "
+                       f"in its gradient, or the sum overflowed)")
+                if msg not in st.errors:
+                    st.errors.append(msg)
+                continue
+            results[g.index] = eng.alg.server(eng, g, 0, g.numel, mean, st)
+            st.stats.decode_s += time.perf_counter() - t1
         return results
 
 

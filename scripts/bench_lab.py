@@ -51,6 +51,12 @@ CONFIGS = {
     "hvd_fp32": ("Horovod fp32", "none", None),
     "hvd_fp16": ("Horovod fp16", "fp16", None),
     "qadam_default": ("hvd_qadam defaults (6 bits)", None, {}),
+    # the measured choice between Horovod's allreduce and the compressed exchange
+    "qadam_auto": ("hvd_qadam exchange='auto'", None, dict(exchange="auto")),
+    "qadam_compressed": ("hvd_qadam exchange='compressed'", None, dict(exchange="compressed")),
+    # every exchange in full precision through Horovod's allreduce, and onebit_adam's warm-up
+    "qadam_horovod": ("hvd_qadam exchange='horovod'", None, dict(exchange="horovod")),
+    "onebit_warmup": ("onebit_adam in its fp32 warm-up", None, dict(algorithm="onebit_adam", freeze_step=10 ** 6)),
     # the defaults with the two-level exchange (hosts of several ranks)
     "qadam_hierarchical": ("hvd_qadam defaults, hierarchical=True", None, dict(hierarchical=True)),
     # the defaults with smaller fused groups (more exchanges overlap backward and each other)
@@ -244,7 +250,11 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
     per_step = []
     t_cfg = time.perf_counter()
     t_warm = None
-    for step in range(args.warmup + args.steps):
+    warmup = args.warmup
+    if (kwargs or {}).get("exchange") == "auto":      # untimed until its first decision is taken
+        from hvd_qadam.exchange import Auto
+        warmup = max(warmup, Auto.SETTLE + 2 * Auto.ROUNDS + 1)
+    for step in range(warmup + args.steps):
         hvd.allreduce(torch.zeros(1), name=f"lab.sync.{name}.{step}")   # start every step together
         w0 = wire_bytes()
         t0 = time.perf_counter()
@@ -256,7 +266,7 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
         opt.step()
         t2 = time.perf_counter()
         w1 = wire_bytes()
-        if step < args.warmup:
+        if step < warmup:
             continue
         if t_warm is None:
             t_warm = t0 - t_cfg
@@ -271,6 +281,8 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
             rec["sent_bytes"] = int(getattr(st, "sent_bytes", 0) or 0)
             rec["received_bytes"] = int(getattr(st, "received_bytes", 0) or 0)
             rec["topology"] = getattr(st, "topology", "")
+            rec["exchange"] = getattr(st, "exchange", "")
+            rec["exchange_reason"] = getattr(st, "exchange_reason", "")
         per_step.append(rec)
     wall = time.perf_counter() - t_cfg
     everyone = comm.gather(per_step, root=0)
@@ -286,7 +298,7 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
                "rate": os.environ.get("HQ_NETLAB_RATE", "unknown"), "delay": os.environ.get("HQ_NETLAB_DELAY"),
                "ompi_allreduce": "ring" if os.environ.get("OMPI_MCA_coll_tuned_allreduce_algorithm") == "4"
                else os.environ.get("OMPI_MCA_coll_tuned_allreduce_algorithm", "default"),
-               "steps": args.steps, "warmup": args.warmup, "wall_s": wall, "warmup_wall_s": t_warm,
+               "steps": args.steps, "warmup": warmup, "wall_s": wall, "warmup_wall_s": t_warm,
                "kwargs": kwargs, "compression": compression}
         for k in keys:
             row[k] = slowest_median(k)
@@ -298,6 +310,8 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
         row["wire_tx_bytes"] = max_rank_median("wire_tx") / per_host
         row["wire_rx_bytes"] = max_rank_median("wire_rx") / per_host
         row["topology"] = everyone[0][-1].get("topology") if everyone[0] else None
+        row["exchange"] = [r.get("exchange") for r in everyone[0]]
+        row["exchange_reason"] = everyone[0][-1].get("exchange_reason") if everyone[0] else None
         if kwargs is None and compression == "local":
             row["sent_bytes"] = row["received_bytes"] = 0
             row["measured_bytes"] = True

@@ -37,6 +37,8 @@ p.add_argument("--topology", default="auto", choices=["auto", "allgather", "shar
 p.add_argument("--quantizer", default="qsgdinf", help="uplink quantizer (default: the library's, qsgdinf)")
 p.add_argument("--bits", type=int, default=None, help="uplink bits (default: the library's, 6 for qsgdinf)")
 p.add_argument("--bucket-size", type=int, default=None, help="elements per scale (default: the library's, 128)")
+p.add_argument("--exchange", default=None, choices=["auto", "compressed", "horovod"],
+               help="compressed exchange, Horovod's allreduce, or measured (default: the library's)")
 p.add_argument("--downlink-quantizer", default=None)
 p.add_argument("--downlink-bits", type=int, default=None)
 p.add_argument("--no-error-feedback", action="store_true")
@@ -142,7 +144,7 @@ def compressed(model):
         opt, named_parameters=model.named_parameters(), algorithm=args.algorithm, topology=args.topology,
         quantizer=args.quantizer, bits=args.bits, bucket_size=args.bucket_size,
         downlink_quantizer=args.downlink_quantizer, downlink_bits=args.downlink_bits,
-        error_feedback=not args.no_error_feedback, seed=args.seed)
+        error_feedback=not args.no_error_feedback, seed=args.seed, exchange=args.exchange)
 
 
 log(f"== compressed: hvd_qadam.DistributedOptimizer({args.algorithm}, {args.quantizer} {bits} bits, "
@@ -160,6 +162,7 @@ if main:
     stats = results[label][2]
     if stats is not None:
         log(f"hvd_qadam topology: {stats.topology} ({stats.topology_reason})")
+        log(f"hvd_qadam exchange: {stats.exchange} ({stats.exchange_reason})")
     if stats is not None and stats.totals["level_refits"]:
         secs = results[label][1]
         log(f"adaptive levels: {stats.totals['level_refits']} refits, {1e3 * stats.totals['levels_s']:.1f} ms in total "

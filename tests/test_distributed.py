@@ -112,10 +112,16 @@ def test_mpi_parameter_server_equals_simulator_bit_for_bit(base, kwargs, tmp_pat
     assert_same_params(res["params"], sim[0], "ps vs simulator")
 
 
+# Four ranks and more: every group compressed (min_compress_numel=0), since full-precision groups
+# go through Horovod's allreduce, whose summation order is MPI's (from 4 ranks it is not rank
+# order); test_mpi_allreduce_path_matches_the_simulator_to_rounding covers those.
+ALL_COMPRESSED = {"min_compress_numel": 0}
+
+
 @pytest.mark.parametrize("local_size,kwargs", [
-    (2, {"hierarchical": True}),                                        # the defaults, two levels
-    (2, {"algorithm": "qadam", "topology": "hierarchical", "bucket_size": 64, "downlink_bits": 4}),
-    (4, {"algorithm": "efficient_adam", "topology": "hierarchical", "quantizer": "sign"}),
+    (2, {"hierarchical": True, **ALL_COMPRESSED}),                      # the defaults, two levels
+    (2, {"algorithm": "qadam", "topology": "hierarchical", "bucket_size": 64, "downlink_bits": 4, **ALL_COMPRESSED}),
+    (4, {"algorithm": "efficient_adam", "topology": "hierarchical", "quantizer": "sign", **ALL_COMPRESSED}),
 ], ids=["defaults-2x2", "qadam-2x2", "efficient_adam-sign-1x4"])
 def test_mpi_hierarchical_four_ranks_equals_simulator(local_size, kwargs, tmp_path):
     """Four real ranks as hosts of ``local_size`` (HVD_QADAM_LOCAL_SIZE): the two-level exchange
@@ -131,7 +137,7 @@ def test_mpi_hierarchical_four_ranks_equals_simulator(local_size, kwargs, tmp_pa
 
 def test_mpi_sharded_four_ranks_equals_simulator(tmp_path):
     kwargs = {"algorithm": "qadam", "topology": "sharded", "bucket_size": 64, "downlink_quantizer": "qsgd",
-              "downlink_bits": 4}
+              "downlink_bits": 4, **ALL_COMPRESSED}
     out = tmp_path / "params.pt"
     run_mpi(4, "train_ranks.py", "--out", str(out), "--steps", "4", "--kwargs", json.dumps(kwargs))
     res = torch.load(out)
@@ -139,11 +145,27 @@ def test_mpi_sharded_four_ranks_equals_simulator(tmp_path):
     assert_same_params(res["params"], sim_train(4, 4, **kwargs)[0], "sharded np4 vs simulator")
 
 
+@pytest.mark.parametrize("kwargs", [{"exchange": "horovod", "topology": "sharded"},
+                                    {"warmup_steps": 2, "algorithm": "efficient_adam", "topology": "sharded"}],
+                         ids=["exchange-horovod", "efficient_adam-warmup"])
+def test_mpi_allreduce_path_matches_the_simulator_to_rounding(kwargs, tmp_path):
+    """Full precision through Horovod's allreduce under mpirun -np 4: every rank ends identical
+    (the allreduce gives every rank the same sum), and the trajectory is the simulator's up to
+    the rounding of MPI's summation order."""
+    out = tmp_path / "params.pt"
+    run_mpi(4, "train_ranks.py", "--out", str(out), "--steps", "4", "--kwargs", json.dumps(kwargs))
+    res = torch.load(out)
+    assert len(set(res["digests"])) == 1, "ranks ended with different weights"
+    sim = sim_train(4, 4, **kwargs)[0]
+    for n, p in res["params"].items():
+        assert torch.allclose(p, sim[n], rtol=0, atol=1e-5), f"{n}: max |diff| {float((p - sim[n]).abs().max())}"
+
+
 @pytest.mark.parametrize("topology", ["allgather", "ps"])
 def test_mpi_float64_uncompressed_is_averaged_in_float64_like_the_simulator(topology, tmp_path):
     """A float64 model with quantizer="none" under real Horovod (and the ps server): float64 values
-    on the wire, the same float64 trajectory as the simulator (whose average is the exact float64
-    mean, tests/test_engine.py), identical replicas."""
+    on the wire, the simulator's float64 trajectory (whose average is the exact float64 mean,
+    tests/test_engine.py; bit for bit under ps), identical replicas."""
     out = tmp_path / "params.pt"
     kwargs = {"quantizer": "none"}
     if topology == "ps":
@@ -156,7 +178,13 @@ def test_mpi_float64_uncompressed_is_averaged_in_float64_like_the_simulator(topo
     assert res["size"] == size and len(set(res["digests"])) == 1, "ranks ended with different weights"
     assert all(p.dtype == torch.float64 for p in res["params"].values())
     sim = sim_train(size, 4, dtype=torch.float64, topology=topology if topology != "ps" else "allgather", **kwargs)
-    assert_same_params(res["params"], sim[0], f"{topology} float64 vs simulator")
+    if topology == "ps":
+        assert_same_params(res["params"], sim[0], f"{topology} float64 vs simulator")
+        return
+    # Through Horovod's allreduce, in float64: MPI sums in its own order, so the trajectory is the
+    # simulator's to float64 rounding (1e-12 here; a float32 average would differ by ~1e-8).
+    for n, p in res["params"].items():
+        assert float((p - sim[0][n]).abs().max()) < 1e-12, n
 
 
 def test_ps_without_mpi_launch_refuses_clearly():
