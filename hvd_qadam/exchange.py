@@ -10,8 +10,8 @@ the ``exchange`` option:
                     math unchanged, e.g. ``qadam`` is then Adam on the exact mean gradient).
   ``"auto"``        measured while training, the same decision on every rank:
 
-    settle   the first ``SETTLE`` steps go through Horovod and are not measured (the first
-             compressed step compiles kernels; the first collectives negotiate).
+    settle   the first ``SETTLE`` steps are compressed and not measured (the first compressed
+             steps load or compile the codec's kernels; the first collectives negotiate).
     probe    ``ROUNDS`` rounds alternate one step through Horovod and one compressed; a step's
              cost is its wall time, commit to commit (forward, backward with the exchanges it
              overlapped, the waits, decode, the apply): what the user pays, whatever hides
@@ -82,7 +82,7 @@ class Horovod(ExchangePolicy):
 class Auto(ExchangePolicy):
     """Measured choice between the two paths (module docstring)."""
     name = AUTO
-    SETTLE = 3              # first steps: through Horovod, not measured
+    SETTLE = 3              # first steps: compressed (warming the codec up), not measured
     ROUNDS = 3              # probe: this many (Horovod, compressed) pairs of steps
     HYSTERESIS = 0.05       # a path must be this much faster to be taken (to be switched to)
     CHECK_EVERY = 20        # steps between checks of the chosen path's step time
@@ -101,13 +101,14 @@ class Auto(ExchangePolicy):
         self.recent = []
         self._last = None                      # monotonic time of the last commit
         self.decisions = []                    # (step, full precision?, {path: seconds})
-        self.reason = (f"measuring: {self.SETTLE} compressible steps through Horovod, then {self.ROUNDS} on each "
-                       f"path")
+        self.reason = (f"measuring: {self.SETTLE} compressed steps to warm up, then {self.ROUNDS} on each path")
 
     def _probing(self, step: int) -> bool:
         return 0 <= step - self.probe_at < 2 * self.ROUNDS
 
     def full_precision_at(self):
+        if self.step < self.SETTLE:
+            return False
         if self._probing(self.step):
             return (self.step - self.probe_at) % 2 == 0
         return self.choice
