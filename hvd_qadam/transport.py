@@ -527,6 +527,8 @@ class AllreduceTransport(Transport):
     @staticmethod
     def carries(topology_class, algorithm, comm) -> bool:
         """Whether a full-precision exchange under ``topology_class`` may go through the allreduce."""
+        if getattr(comm, "excluded", False):      # outside the process set: it exchanges nothing
+            return False
         return (topology_class.full_precision_allreduce and hasattr(comm, "allreduce_async")
                 and (not algorithm.server_state or not topology_class.shards_server))
 

@@ -266,3 +266,43 @@ def test_fp16_uplink_goes_through_the_allreduce_in_fp16():
         assert set(paths.values()) == {"horovod"}
         assert sent == 2 * half + 4 * full            # N = 2: a ring sends (N - 1)/N x 2 x bytes
     assert "already full precision" in stats[0][3] or stats[0][0] == "compressed"
+
+
+# ----------------------------------------------------------------------------- the shaped lab
+def _can_run_netlab() -> bool:
+    import os
+    import shutil
+    import subprocess
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "mpirun")):
+        return False
+    probe = subprocess.run(["ip", "netns", "add", "hqprobe"], capture_output=True)
+    subprocess.run(["ip", "netns", "del", "hqprobe"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.timeout(900)
+def test_auto_follows_a_link_shaped_down_mid_run_in_the_lab(tmp_path):
+    """Three ranks in their own network namespaces (scripts/netlab.sh); after 40 unshaped steps
+    tc shapes every link to 100 Mbit/s. ``exchange="auto"`` ends the run compressed (the faster
+    path on that link), every rank ends identical, and the loss follows Horovod Adam's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    if not _can_run_netlab():
+        pytest.skip("the shaped lab needs root, ip, tc, mpirun and network namespaces")
+    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+    out = tmp_path / "switch.json"
+    proc = subprocess.run([sys.executable, os.path.join(scripts, "lab_switch.py"), "--ranks", "3", "--size", "tiny",
+                           "--phases", "none", "100mbit", "--steps", "40", "--json", str(out)],
+                          capture_output=True, text=True, timeout=840)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    rows = res["rows"]
+    assert res["replicas_identical"]
+    assert res["rate_changes"] == [{"after_step": 39, "rate": "100mbit"}]
+    assert all(r["path"] == "compressed" for r in rows[-8:]), [r["path"] for r in rows[40:]]
+    assert res["decisions"], "no decision taken"
+    auto = sum(r["loss"] for r in rows[-10:]) / 10
+    ref = sum(r["loss"] for r in res["reference"][-10:]) / 10
+    assert abs(auto - ref) < 0.05 * ref, (auto, ref)
