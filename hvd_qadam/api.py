@@ -267,7 +267,39 @@ def mean_on_device(payloads, out) -> bool:
         return False
     with cupy.cuda.Device(out.device.index or 0), \
             cupy.cuda.ExternalStream(torch.cuda.current_stream(out.device).cuda_stream):
-        gpu_backend().decode_mean(cupy.from_dlpack(out.detach()), [p.scales for p in payloads],
-                                  [p.codes for p in payloads], first.levels, first.bits, first.bucket_size,
-                                  out.numel())
+        mean_payloads_into(cupy.from_dlpack(out.detach()), payloads)
     return True
+
+
+def mean_payloads_into(out, payloads) -> None:
+    """The CuPy side of :func:`mean_on_device`: ``out`` (a contiguous CuPy float32 array) = the
+    rank-order mean of payloads of one quantizer, width, bucket size and codebook, whose scales
+    and codes are host arrays (received bytes) or device ones."""
+    first = payloads[0]
+    gpu_backend().decode_mean(out, [p.scales for p in payloads], [p.codes for p in payloads], first.levels,
+                              first.bits, first.bucket_size, first.numel)
+
+
+def decode_on_device(payload, out) -> bool:
+    """out[:] = the payload's values, decoded on out's CUDA device in place: a received quantized
+    payload's codes and scales go up (b/8 + 4/B bytes per element, one copy each) and the decode
+    kernel writes out, with no full-size temporary, on torch's current stream. Returns False,
+    touching nothing, where that does not apply: out not a contiguous float32 CUDA tensor, a
+    pass-through payload, or no CuPy."""
+    if payload.kind.passthrough or not (out.is_cuda and out.dtype == torch.float32 and out.is_contiguous()):
+        return False
+    try:
+        import cupy
+    except ImportError:
+        return False
+    with cupy.cuda.Device(out.device.index or 0), \
+            cupy.cuda.ExternalStream(torch.cuda.current_stream(out.device).cuda_stream):
+        decode_payload_into(cupy.from_dlpack(out.detach()), payload)
+    return True
+
+
+def decode_payload_into(out, payload) -> None:
+    """The CuPy side of :func:`decode_on_device`: ``out`` (a contiguous CuPy float32 array of the
+    payload's size, e.g. a shard's slice of a group buffer) = the decoded quantized payload."""
+    gpu_backend().decode_into(out, payload.scales, payload.codes, payload.levels, payload.bits, payload.bucket_size,
+                              payload.numel)

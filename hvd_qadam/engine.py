@@ -35,7 +35,7 @@ import torch
 
 from . import algorithms
 from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exported
-from .api import decode_flat, fits_passthrough, mean_on_device, quantize
+from .api import decode_flat, decode_on_device, fits_passthrough, mean_on_device, quantize
 from .comm import CommError
 from .config import NONE_LINK, Config, LinkSpec
 from .layout import Layout, shard_alignment
@@ -237,6 +237,8 @@ class Engine:
             raise ConsistencyError(f"a payload has {payload.numel} elements where {out.numel()} were expected")
         be = cpu_backend()
         if payload.kind.passthrough or not hasattr(be, "decode_into") or out.device.type != "cpu":
+            if out.is_cuda and decode_on_device(payload, out):     # in place on the GPU, no temporary
+                return
             out.copy_(_decode_on(payload, out.device, out.dtype))
             return
         be.decode_into(out.numpy(), payload.scales, payload.codes, payload.levels, payload.bits,
