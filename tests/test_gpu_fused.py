@@ -350,3 +350,22 @@ def test_gpu_bf16_conversion_on_the_device(cupy):
     torch_bits = torch.from_numpy(x[finite]).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert same_bits(got.get()[finite], torch_bits)
     assert same_bits(bf16_values(got).get(), bf16_values(bf16_bits(x)))
+
+
+def test_gpu_check_script_parses_and_runs_two_ranks_first():
+    """scripts/gpu_check.sh is valid bash, and its dry run (no GPU needed) puts the two-ranks-on-
+    one-GPU run first, on CUDA, before the device tests and the benchmarks."""
+    import os
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line.split() for line in proc.stdout.splitlines() if line.startswith("  ")]
+    first = commands[0]
+    assert first[first.index("mpirun"):first.index("mpirun") + 3] == ["mpirun", "-np", "2"]
+    assert "tests/mpi/train_ranks.py" in first and first[first.index("--device") + 1] == "cuda"
+    pytest_at = next(i for i, c in enumerate(commands) if "pytest" in c)
+    assert all("mpirun" in c or c[1] == "-" for c in commands[:pytest_at])      # runs and their checks
+    assert sum("mpirun" in c for c in commands[:pytest_at]) == 2
+    assert subprocess.run(["bash", script, "--bogus"], capture_output=True).returncode == 2

@@ -26,6 +26,8 @@ parser.add_argument("--float64", action="store_true", help="model and inputs in 
 parser.add_argument("--dtype", choices=["float32", "float64", "bfloat16", "float16"], default=None,
                     help="model and inputs in this dtype")
 parser.add_argument("--horovod", action="store_true", help="hvd.DistributedOptimizer (fp32 allreduce)")
+parser.add_argument("--device", default="cpu", help="of the model and inputs (cuda: every rank on the current "
+                    "GPU, e.g. two ranks sharing one)")
 args = parser.parse_args()
 dtype = getattr(torch, args.dtype or ("float64" if args.float64 else "float32"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +49,9 @@ def make_optimizer(model):
     return made[-1]
 
 
-model, history = digits.train(hvd.rank(), hvd.size(), make_optimizer, epochs=100, max_steps=args.steps, dtype=dtype)
-params = {n: p.detach().clone() for n, p in model.named_parameters()}
+model, history = digits.train(hvd.rank(), hvd.size(), make_optimizer, epochs=100, max_steps=args.steps, dtype=dtype,
+                              device=args.device)
+params = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 # bit patterns (NumPy has no bfloat16)
 digest = hashlib.sha256(b"".join(p.view(torch.uint8).numpy().tobytes() for p in params.values())).hexdigest()
 digests = hvd.allgather_object(digest)
