@@ -226,7 +226,7 @@ _horovod_losses = {}
 
 def _horovod_fp32_loss(base: str, steps: int, tmp_path) -> float:
     """The last epoch's loss of Horovod's own DistributedOptimizer on the float32 model (one
-    run per base optimizer per test session)."""
+    run per base optimizer per pytest process)."""
     if base not in _horovod_losses:
         out = tmp_path / f"horovod-{base}.pt"
         run_mpi(3, "train_ranks.py", "--out", str(out), "--steps", str(steps), "--base", base, "--horovod")
