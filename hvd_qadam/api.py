@@ -13,7 +13,8 @@ import numpy as np
 from .quant import codebooks as cb
 from .quant import rng
 from .quant.backend import cpu_backend, gpu_backend
-from .quant.common import array_module, check_bucket_size, is_cupy, to_host  # noqa: F401 - check_bucket_size re-exported
+from .quant.common import (array_module, bf16_bits, bf16_finite, bf16_values, check_bucket_size,  # noqa: F401
+                           is_cupy, to_host)  # check_bucket_size is re-exported
 from .wire import MAX_NDIM, Payload
 
 try:  # torch is optional for the pure-NumPy API
@@ -58,6 +59,7 @@ def _backend_for(arr, backend):
 
 
 FP16_MAX = 65504.0
+BF16_MAX = 3.3895313892515355e38
 
 
 def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: int = 512, seed: int = 0,
@@ -66,7 +68,7 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
     """Quantize ``x`` into a :class:`Payload`.
 
     ``bits=None`` is the quantizer's default: 4, or the fixed width of sign (1), terngrad (2),
-    fp16 (16) and none (32). ``seed`` (or an explicit stream ``key`` from :func:`hvd_qadam.quant.rng.stream_key`) fixes the
+    fp16 and bf16 (16) and none (32). ``seed`` (or an explicit stream ``key`` from :func:`hvd_qadam.quant.rng.stream_key`) fixes the
     stochastic rounding; ``offset`` is the index of x[0] in its stream, so that chunks of one vector
     quantized separately draw exactly what the whole vector would. ``codebook`` is required for
     the adaptive quantizers (alq, amq, ...), whose levels travel with the payload.
@@ -88,12 +90,7 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
         raise ValueError(f"quantize: input has {int(arr.size - _count_finite(arr))} NaN/Inf value(s); "
                          "refusing to quantize non-finite data")
     if k.passthrough:
-        if k.name == "fp16" and arr.size and float(abs(arr).max()) > FP16_MAX:
-            raise ValueError(f"quantize: values up to {float(abs(arr).max()):.4g} overflow fp16 (max {FP16_MAX}); "
-                             "use a scaled quantizer or 'none'")
-        # none: float32 values, or float64 ones for float64 input (the payload's dtype says which)
-        codes = arr.astype(np.float16 if k.name == "fp16" else arr.dtype, copy=True)
-        codes = to_host(codes)
+        codes = _passthrough_values(arr, k.name)
         return Payload(k.name, bits, 0, int(arr.size), shape, None, codes, None, False, dtype, array_kind)
     bucket_size = check_bucket_size(bucket_size)
     if k.adaptive:
@@ -115,6 +112,38 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
                    np.array(levels, dtype=np.float32) if k.adaptive else None, stochastic, dtype, array_kind)
 
 
+def _passthrough_values(arr, name: str) -> np.ndarray:
+    """A pass-through payload's values on the host: fp16 values, bf16 bit patterns (rounded to
+    nearest even on arr's device, so a CUDA vector crosses PCIe at 2 bytes per element), or for
+    none float32 (float64 for float64 input). Finite values beyond fp16's or bf16's range are
+    refused: the receiver rejects a payload holding inf."""
+    if name == "bf16":
+        codes = bf16_bits(arr)
+        finite = bf16_finite(codes)
+        if codes.size and not bool(finite.all()) and bool(_isfinite_all(arr)):
+            raise ValueError(f"quantize: values up to {float(abs(arr).max()):.4g} overflow bf16 (max "
+                             f"{BF16_MAX:.5g}); use a scaled quantizer or 'none'")
+        return to_host(codes)
+    if name == "fp16" and arr.size and float(abs(arr).max()) > FP16_MAX:
+        raise ValueError(f"quantize: values up to {float(abs(arr).max()):.4g} overflow fp16 (max {FP16_MAX}); "
+                         "use a scaled quantizer or 'none'")
+    return to_host(arr.astype(np.float16 if name == "fp16" else arr.dtype, copy=True))
+
+
+# The smallest magnitude that rounds to inf in bfloat16: its largest value plus half a step.
+BF16_OVERFLOW = float(np.uint32(0x7F7F8000).view(np.float32))
+
+
+def fits_passthrough(t, quantizer: str) -> bool:
+    """Whether a finite torch tensor's values fit the 2-byte pass-through ``quantizer`` (fp16,
+    bf16), i.e. whether :func:`quantize` takes it: the engine checks this on the sending rank, so
+    that a value beyond the range fails the step on every rank instead of raising on one."""
+    if t.numel() == 0:
+        return True
+    top = float(t.detach().abs().max())
+    return top <= FP16_MAX if quantizer == "fp16" else top < BF16_OVERFLOW
+
+
 def _isfinite_all(arr):
     return array_module(arr).isfinite(arr).all()
 
@@ -127,6 +156,8 @@ def decode_flat(payload: Payload, backend: str | None = None) -> np.ndarray:
     """The payload's values as a flat float32 NumPy array (or CuPy for GPU payloads); float64
     for a float64 ``none`` payload, which carries its values exactly."""
     k = payload.kind
+    if k.name == "bf16":
+        return bf16_values(payload.codes)
     if k.passthrough:
         return payload.codes.astype(np.float64 if payload.codes.dtype == np.float64 else np.float32)
     be = _backend_for(payload.codes, backend)
@@ -236,7 +267,39 @@ def mean_on_device(payloads, out) -> bool:
         return False
     with cupy.cuda.Device(out.device.index or 0), \
             cupy.cuda.ExternalStream(torch.cuda.current_stream(out.device).cuda_stream):
-        gpu_backend().decode_mean(cupy.from_dlpack(out.detach()), [p.scales for p in payloads],
-                                  [p.codes for p in payloads], first.levels, first.bits, first.bucket_size,
-                                  out.numel())
+        mean_payloads_into(cupy.from_dlpack(out.detach()), payloads)
     return True
+
+
+def mean_payloads_into(out, payloads) -> None:
+    """The CuPy side of :func:`mean_on_device`: ``out`` (a contiguous CuPy float32 array) = the
+    rank-order mean of payloads of one quantizer, width, bucket size and codebook, whose scales
+    and codes are host arrays (received bytes) or device ones."""
+    first = payloads[0]
+    gpu_backend().decode_mean(out, [p.scales for p in payloads], [p.codes for p in payloads], first.levels,
+                              first.bits, first.bucket_size, first.numel)
+
+
+def decode_on_device(payload, out) -> bool:
+    """out[:] = the payload's values, decoded on out's CUDA device in place: a received quantized
+    payload's codes and scales go up (b/8 + 4/B bytes per element, one copy each) and the decode
+    kernel writes out, with no full-size temporary, on torch's current stream. Returns False,
+    touching nothing, where that does not apply: out not a contiguous float32 CUDA tensor, a
+    pass-through payload, or no CuPy."""
+    if payload.kind.passthrough or not (out.is_cuda and out.dtype == torch.float32 and out.is_contiguous()):
+        return False
+    try:
+        import cupy
+    except ImportError:
+        return False
+    with cupy.cuda.Device(out.device.index or 0), \
+            cupy.cuda.ExternalStream(torch.cuda.current_stream(out.device).cuda_stream):
+        decode_payload_into(cupy.from_dlpack(out.detach()), payload)
+    return True
+
+
+def decode_payload_into(out, payload) -> None:
+    """The CuPy side of :func:`decode_on_device`: ``out`` (a contiguous CuPy float32 array of the
+    payload's size, e.g. a shard's slice of a group buffer) = the decoded quantized payload."""
+    gpu_backend().decode_into(out, payload.scales, payload.codes, payload.levels, payload.bits, payload.bucket_size,
+                              payload.numel)

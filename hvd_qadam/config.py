@@ -63,7 +63,8 @@ class Config:
     server_error_feedback: bool = True      # server EF on a quantized downlink
     seed: int = 0
     warmup_steps: int = 0                   # uncompressed steps first
-    min_compress_numel: int = 1024          # smaller tensors (biases, norms) travel as fp32
+    min_compress_numel: int = 1024          # smaller tensors (biases, norms) travel unquantized
+                                            # (fp32, or 2 bytes: see passthrough_wire)
     fusion_threshold_bytes: int = 25 << 20  # fp32 bytes per fused buffer
     nonfinite: str = "raise"
     # algorithm hyper-parameters that are not in the torch param_groups
@@ -136,6 +137,27 @@ class Config:
         if self.algorithm != "qsgd":
             return False
         return not compressed or (self.uplink.quantizer == "none" and self.downlink.quantizer == "none")
+
+    def passthrough_wire(self, param_dtype: str) -> str:
+        """The quantizer that carries full-precision values of parameters of ``param_dtype``
+        (``str(torch dtype)``) wherever nothing is quantized: the small tensors' group, warm-up
+        and v-refresh steps, and ``quantizer="none"`` (in both directions, where the downlink
+        travels). The one place this is decided; :class:`~hvd_qadam.layout.Layout` groups
+        parameters by it and the engine sends by it.
+
+        * ``"bf16"`` for bfloat16 parameters: their gradients are bf16 values already, and a
+          result sent down is rounded to bf16 where it is applied anyway, so 2 bytes per element
+          lose nothing there (what worker transforms compute in float32, e.g. Efficient-Adam's
+          update, is rounded to bf16 once on the way, as a bf16 model's update is);
+        * ``"fp16"`` for float16 parameters, and for every parameter (float64 in exact float64
+          groups excepted) when the uplink is fp16 (``compression=hvd.Compression.fp16``): what
+          Horovod's fp16 compression sends for all of them;
+        * ``"none"`` otherwise: float32, or float64 in exact float64 groups."""
+        if param_dtype == "torch.bfloat16":
+            return "bf16"
+        if param_dtype == "torch.float16" or self.uplink.quantizer == "fp16":
+            return "fp16"
+        return "none"
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,7 +36,7 @@ import torch
 from . import algorithms
 from . import exchange as exchange_policies
 from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exported
-from .api import decode_flat, mean_on_device, quantize
+from .api import decode_flat, decode_on_device, fits_passthrough, mean_on_device, quantize
 from .comm import CommError
 from .config import NONE_LINK, Config, LinkSpec
 from .layout import Layout, shard_alignment
@@ -48,6 +48,7 @@ from .transport import TOPOLOGIES, AllreduceTransport, Hosts, make_transport
 from .wire import Frame, PayloadError
 
 SERVER_RANK = 2 ** 31 - 1     # the rank used in the server's random-stream keys
+_PASSTHROUGH_LINKS = {q: LinkSpec(q, None) for q in ("fp16", "bf16")}     # Engine.wire_link
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -231,9 +232,18 @@ class Engine:
             return NONE_LINK, NONE_LINK
         return self.cfg.uplink, self.cfg.downlink
 
+    @staticmethod
+    def wire_link(g, link: LinkSpec) -> LinkSpec:
+        """The link group ``g``'s payloads travel by: ``link``, except that full precision
+        (``"none"``) goes in the group's pass-through type (``Group.wire``, chosen by
+        ``Config.passthrough_wire``: 2 bytes per element for bf16/fp16 parameters)."""
+        if link.quantizer != "none" or g.wire == "none":
+            return link
+        return _PASSTHROUGH_LINKS[g.wire]
+
     def _transport_for(self, g, st):
         """Horovod's allreduce for a full-precision group where it can carry it, else the topology."""
-        if self.allreduce is not None and AllreduceTransport.takes(self.links(g, st)[0]):
+        if self.allreduce is not None and AllreduceTransport.takes(self.wire_link(g, self.links(g, st)[0])):
             return self.allreduce
         return self.transport
 
@@ -265,6 +275,8 @@ class Engine:
             raise ConsistencyError(f"a payload has {payload.numel} elements where {out.numel()} were expected")
         be = cpu_backend()
         if payload.kind.passthrough or not hasattr(be, "decode_into") or out.device.type != "cpu":
+            if out.is_cuda and decode_on_device(payload, out):     # in place on the GPU, no temporary
+                return
             out.copy_(_decode_on(payload, out.device, out.dtype))
             return
         be.decode_into(out.numpy(), payload.scales, payload.codes, payload.levels, payload.bits,
@@ -334,7 +346,7 @@ class Engine:
         vec = self.alg.worker(self, g, grad, st)
         transport = self._transport_for(g, st)
         st.paths[g.index] = transport
-        up, _ = self.links(g, st)
+        up = self.wire_link(g, self.links(g, st)[0])
         st.stats.group_paths[g.index] = transport.name if transport is self.allreduce else \
             f"{up.quantizer}:{up.bits}"
         st.launched[g.index] = transport.start(g, vec, grad, st)
@@ -347,7 +359,7 @@ class Engine:
         one uplink payload per (start, stop) in ``ranges`` (global element positions, which key
         the rounding streams), with worker error feedback on residual ``residual`` (default the
         group's, ``g<i>.e``; it covers ``vec``). ``nonfinite``: NaN/Inf met (payloads unusable)."""
-        up, _ = self.links(g, st)
+        up = self.wire_link(g, self.links(g, st)[0])
         key = self.key(self.rank, g.index, rng.UPLINK)
         if st.codebook is None and self.uplink_levels is not None:
             st.codebook = self.uplink_levels.codebook       # no refit due at this step
@@ -364,7 +376,7 @@ class Engine:
                 payloads.append(q)
                 bad |= nonfinite
             return payloads, bad
-        if not all_finite(vec):
+        if not all_finite(vec) or (up.quantizer in ("fp16", "bf16") and not fits_passthrough(vec, up.quantizer)):
             return [], True
         return [self.encode(vec[a - base:b - base], up, key, a, codebook) for a, b in ranges], False
 
@@ -372,7 +384,8 @@ class Engine:
         """The message every rank raises when this rank's uplink of group ``g`` is not finite."""
         if bool(torch.isfinite(grad).all()):
             return (f"rank {self.rank}, step {self.step_count}: the update of group {g.index} overflowed "
-                    f"(non-finite after the worker transform and error feedback)")
+                    f"(non-finite after the worker transform and error feedback, or beyond the range of "
+                    f"its 2-byte wire type)")
         bad = []
         for s in g.slots:
             part = grad[s.offset:s.offset + s.numel]
@@ -432,7 +445,7 @@ class Engine:
         if down.passthrough:
             if down.quantizer == "none" and self.transport.local_downlink:
                 return u
-            return self.encode(u, down, 0, a)
+            return self.encode(u, self.wire_link(g, down), 0, a)
         key = self.key(SERVER_RANK, g.index, rng.DOWNLINK)
         if self.cfg.server_error_feedback and self.alg.server_ef:
             name = f"g{g.index}@{a}.e"
@@ -632,6 +645,10 @@ def _decode_on(payload, device, dtype=torch.float32) -> torch.Tensor:
     """Decode where the result is needed: payloads received from the wire are host bytes; for a
     CUDA buffer their codes and scales go up (1/8 of fp32 at 4 bits) and the CuPy kernels decode
     on the device, so full-size tensors never cross PCIe."""
+    if payload.kind.passthrough and isinstance(payload.codes, np.ndarray) and payload.codes.dtype.itemsize == 2:
+        # fp16 / bf16 values go to the device at their wire width and are widened there (exactly)
+        raw = torch.from_numpy(np.ascontiguousarray(payload.codes).view(np.int16)).to(device)
+        return raw.view(torch.bfloat16 if payload.quantizer == "bf16" else torch.float16).to(dtype)
     if device.type == "cuda" and not payload.kind.passthrough and isinstance(payload.codes, np.ndarray):
         import cupy
         from .quant.backend import gpu_backend

@@ -6,8 +6,11 @@ registration order, as PyTorch DDP buckets them: backward produces the last laye
 first, so the first group is complete (and its exchange can start) while earlier layers are
 still in backward. Where float64 parameters travel uncompressed (``Config.exact_float64``) they get
 groups of their own, held in float64, so they are averaged exactly as Horovod averages them; all
-other groups are float32. The layout hash goes into every frame, so
-ranks whose models differ are caught instead of exchanging misaligned bytes.
+other groups are float32. Parameters whose full-precision values travel in another wire type
+(``Config.passthrough_wire``: bf16 or fp16) are grouped apart from the others, so that a
+group's pass-through payloads have one type (``Group.wire``) and a float32 parameter is never
+rounded to 2 bytes because it shares a group with bf16 ones. The layout hash goes into every
+frame, so ranks whose models differ are caught instead of exchanging misaligned bytes.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class Group:
     slots: list = field(default_factory=list)
     numel: int = 0
     dtype: torch.dtype = torch.float32     # of its buffers: float64 only for exact float64 groups
+    wire: str = "none"               # the pass-through quantizer of its full-precision values
 
     def add(self, name: str, p: torch.Tensor) -> None:
         self.slots.append(Slot(name, p, self.numel, p.numel()))
@@ -53,41 +57,48 @@ class Group:
 
 class Layout:
     def __init__(self, param_groups: list, names: dict, min_compress_numel: int, fusion_threshold_bytes: int,
-                 exact_float64=None):
+                 exact_float64=None, passthrough_wire=None):
         """``exact_float64(compressed) -> bool`` (``Config.exact_float64``): whether float64
-        parameters of such a group are kept in float64 groups of their own (default: never)."""
+        parameters of such a group are kept in float64 groups of their own (default: never).
+        ``passthrough_wire(str(dtype)) -> quantizer`` (``Config.passthrough_wire``): how a
+        parameter's full-precision values travel (default: ``"none"``, float32)."""
         self.groups: list[Group] = []
         limit = max(1, fusion_threshold_bytes // 4)
         self.names_by_group = [[names[p] for p in pg["params"] if p.requires_grad] for pg in param_groups]
         # (name, shape, dtype) in registration order: what a user compares when models differ
         self.param_signature = [(names[p], tuple(p.shape), str(p.dtype)) for pg in param_groups
                                 for p in pg["params"] if p.requires_grad]
-        def dtype_of(p, compressed: bool) -> torch.dtype:
-            wide = p.dtype == torch.float64 and exact_float64 is not None and exact_float64(compressed)
-            return torch.float64 if wide else torch.float32
+        def kind_of(p, compressed: bool) -> tuple:
+            """(buffer dtype, wire) of the group parameter ``p`` belongs in."""
+            if p.dtype == torch.float64 and exact_float64 is not None and exact_float64(compressed):
+                return torch.float64, "none"
+            return torch.float32, "none" if passthrough_wire is None else passthrough_wire(str(p.dtype))
 
         for gi, pg in reversed(list(enumerate(param_groups))):
-            small = {dt: Group(-1, gi, compressed=False, dtype=dt) for dt in (torch.float32, torch.float64)}
-            current = {}                 # dtype -> the compressed group being filled
+            small = {}                   # (dtype, wire) -> the uncompressed group
+            current = {}                 # (dtype, wire) -> the compressed group being filled
             for p in reversed(pg["params"]):
                 if not p.requires_grad:
                     continue
                 name = names[p]
                 if p.numel() < min_compress_numel:
-                    small[dtype_of(p, False)].add(name, p)
+                    dt, wire = key = kind_of(p, False)
+                    small.setdefault(key, Group(-1, gi, compressed=False, dtype=dt, wire=wire)).add(name, p)
                     continue
-                dt = dtype_of(p, True)
+                dt, wire = key = kind_of(p, True)
                 # the group's size limit counts float32 elements (fusion_threshold_bytes / 4)
-                cur = current.get(dt)
+                cur = current.get(key)
                 if cur is None or (cur.numel and cur.numel + p.numel() > limit):
-                    cur = current[dt] = Group(-1, gi, compressed=True, dtype=dt)
+                    cur = current[key] = Group(-1, gi, compressed=True, dtype=dt, wire=wire)
                     self.groups.append(cur)
                 cur.add(name, p)
-            self.groups.extend(g for g in small.values() if g.slots)
+            # float32 before float64 (the order of earlier releases), then by wire type
+            self.groups.extend(small[k] for k in sorted(small, key=lambda k: (k[0] == torch.float64, k[1])))
         for i, g in enumerate(self.groups):
             g.index = i
         self.signature = [(s.name, tuple(s.param.shape), str(s.param.dtype), g.index, g.compressed)
                           + ((str(g.dtype),) if g.dtype != torch.float32 else ())
+                          + ((g.wire,) if g.wire != "none" else ())
                           for g in self.groups for s in g.slots]
         self.hash = zlib.crc32(repr(self.signature).encode())
 

@@ -66,7 +66,8 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             comm = HorovodComm()
         self._comm = comm
         self._layout = Layout(self.param_groups, self._names, config.min_compress_numel,
-                              config.fusion_threshold_bytes, exact_float64=config.exact_float64)
+                              config.fusion_threshold_bytes, exact_float64=config.exact_float64,
+                              passthrough_wire=config.passthrough_wire)
         self._engine = Engine(config, self._layout, comm, self._hyper)
         self._engine.alg.check_optimizer(self)
         narrowed = [s.name for g in self._layout.groups if g.dtype != torch.float64 for s in g.slots
@@ -437,7 +438,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       except where the server side keeps sharded state (``qadam`` under ``sharded``/``hierarchical``)
       or under ``ps``.
     warmup_steps (0): uncompressed steps first.
-    min_compress_numel (1024): smaller tensors (biases, norms) travel as fp32.
+    min_compress_numel (1024): smaller tensors (biases, norms) travel unquantized: as fp32, or in
+      2 bytes for bf16/fp16 parameters and under an fp16 uplink (``Config.passthrough_wire``).
     fusion_threshold_mb (None): size of a fused group; groups are formed in reverse registration
       order and each starts its exchange from a backward hook as soon as its gradients are ready.
       None: a quarter of the model's fp32 size, between 2 and 25 MB, so that a model of any size

@@ -173,7 +173,8 @@ class ParameterServer:
                 p.requires_grad_(True)
         names = {p: n for n, p in self.params.items()}
         layout = Layout(param_groups, names, first["config"].min_compress_numel,
-                        first["config"].fusion_threshold_bytes, exact_float64=first["config"].exact_float64)
+                        first["config"].fusion_threshold_bytes, exact_float64=first["config"].exact_float64,
+                        passthrough_wire=first["config"].passthrough_wire)
         if layout.signature != first["signature"]:
             return "the server could not rebuild the workers' parameter layout"
         self.hyper = [g["hyper"] for g in first["groups"]]

@@ -538,13 +538,16 @@ class AllreduceTransport(Transport):
 
     def start(self, g, vec, grad, st):
         eng = self.eng
-        up, _ = eng.links(g, st)
+        up = eng.wire_link(g, eng.links(g, st)[0])
         dtype = self.WIRE_DTYPES[up.quantizer] or vec.dtype
         send = vec.to(dtype) if vec.dtype != dtype else vec
         nbytes = 2 * (eng.size - 1) * g.numel * send.element_size() // eng.size     # a ring's volume
         st.stats.sent_bytes += nbytes
         st.stats.received_bytes += nbytes
-        return {"handle": eng.comm.allreduce_async(send, f"hvd_qadam.fp.{g.index}")}
+        from .engine import all_finite      # the engine imports this module
+        # Said only if the sum comes back non-finite (then every rank hears who, see complete).
+        error = None if all_finite(send) else eng.uplink_error(g, grad)
+        return {"handle": eng.comm.allreduce_async(send, f"hvd_qadam.fp.{g.index}"), "error": error}
 
     def complete(self, st, groups) -> dict:
         from .engine import all_finite      # the engine imports this module
@@ -557,8 +560,11 @@ class AllreduceTransport(Transport):
             mean.copy_(total)
             mean.div_(float(eng.size))
             if not all_finite(mean):
-                msg = (f"step {st.step}: non-finite values in the allreduced group {g.index} (a rank had NaN/Inf "
-                       f"in its gradient, or the sum overflowed)")
+                # Every rank got the same non-finite sum and is here: one more collective, on this
+                # path only, tells every rank which ranks sent what.
+                notes = [n for n in eng.comm.allgather_object(h["error"], name=f"hvd_qadam.fp.{g.index}.error") if n]
+                msg = "; ".join(notes) or (f"step {st.step}: the allreduced sum of group {g.index} overflowed "
+                                           f"(every rank's values were finite)")
                 if msg not in st.errors:
                     st.errors.append(msg)
                 continue

@@ -1,11 +1,17 @@
 """Wire format: a versioned, checksummed, self-delimiting payload, and the frame one rank sends.
 
 Payload = header (struct ``_HEADER``) + body. Body = dims (ndim x u64) + scales (f32 per bucket)
-+ codebook (f32 x K, adaptive quantizers only) + packed codes; for the pass-throughs (none, fp16)
-the body is dims + the raw little-endian values: f16 for fp16, f32 for none, f64 for none when
-the original dtype is float64 (so float64 travels exactly where nothing is compressed). Everything that can be wrong with bytes from
-the network is checked before decoding: magic, version, header and body CRC32, quantizer id,
-bit width, bucket size, lengths, codebook shape and order, finite non-negative scales.
++ codebook (f32 x K, adaptive quantizers only) + packed codes; for the pass-throughs (none, fp16,
+bf16) the body is dims + the raw little-endian values: f16 for fp16, bfloat16 for bf16 (the upper
+16 bits of the float32 pattern), f32 for none, f64 for none when the original dtype is float64
+(so float64 travels exactly where nothing is compressed). Everything that can be wrong with bytes
+from the network is checked before decoding: magic, version, header and body CRC32, quantizer id,
+bit width, bucket size, lengths, codebook shape and order, finite non-negative scales, finite
+pass-through values.
+
+New payload types are new quantizer ids (bf16 is id 11), not a new format version: the header
+is unchanged, so every payload an earlier build wrote still parses, and an earlier build rejects
+a bf16 payload by its id ("unknown quantizer id 11") instead of misreading it.
 
 A payload is canonical: the parser accepts exactly the bytes ``to_bytes`` writes for some
 payload (reserved fields and unused flag bits zero, no codebook length without a codebook, zero
@@ -27,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .quant import codebooks as cb
-from .quant.common import MAX_BUCKET_SIZE, num_buckets, packed_nbytes, to_host
+from .quant.common import MAX_BUCKET_SIZE, bf16_finite, num_buckets, packed_nbytes, to_host
 
 
 class PayloadError(ValueError):
@@ -64,6 +70,7 @@ class Payload:
     shape: tuple
     scales: np.ndarray | None          # float32 [num_buckets]; None for pass-throughs
     codes: np.ndarray                  # packed uint8 codes, or raw values for pass-throughs
+                                       # (bf16: uint16 bit patterns)
     codebook: np.ndarray | None = None  # float32 [K], adaptive quantizers only
     stochastic: bool = False
     orig_dtype: str = "float32"
@@ -215,8 +222,9 @@ class Payload:
             wire_dt = _passthrough_dtype(kind.name, DTYPE_NAMES[dt])
             codes = np.frombuffer(body, dtype=wire_dt, count=numel, offset=pos).astype(wire_dt.newbyteorder("="))
             # The sender refuses NaN/Inf, so a well-formed pass-through payload has none.
-            if codes.size and not bool(np.isfinite(codes).all()):
-                bad = int(codes.size - np.count_nonzero(np.isfinite(codes)))
+            finite = bf16_finite(codes) if kind.name == "bf16" else np.isfinite(codes)
+            if codes.size and not bool(finite.all()):
+                bad = int(codes.size - np.count_nonzero(finite))
                 raise PayloadError(f"{where}: {bad} non-finite value(s) in a {kind.name!r} payload")
         else:
             codes = np.frombuffer(body, dtype=np.uint8, count=code_bytes, offset=pos).copy()
@@ -234,9 +242,12 @@ class Payload:
 
 
 def _passthrough_dtype(name: str, orig_dtype: str) -> np.dtype:
-    """The little-endian dtype of a pass-through payload's values on the wire."""
+    """The little-endian dtype of a pass-through payload's values on the wire (bf16: the bit
+    patterns as uint16, NumPy having no bfloat16)."""
     if name == "fp16":
         return np.dtype("<f2")
+    if name == "bf16":
+        return np.dtype("<u2")
     return np.dtype("<f8" if orig_dtype == "float64" else "<f4")
 
 

@@ -75,17 +75,18 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def train(rank: int, world_size: int, make_optimizer, epochs: int = 10, global_batch: int = 96,
           hidden: int = 128, seed: int = 0, max_steps: int | None = None, on_step=None, on_epoch=None,
-          dtype: torch.dtype = torch.float32):
+          dtype: torch.dtype = torch.float32, device="cpu"):
     """Data-parallel training of the digits MLP on this rank's shards.
 
     ``make_optimizer(model) -> optimizer`` builds the (distributed) optimizer. Every rank starts from
     the same weights (same seed), so no broadcast is needed for correctness here; real scripts call
     ``hvd.broadcast_parameters`` anyway. Returns (model, history) with per-epoch mean train loss
-    (over this rank's batches) and test accuracy. ``dtype``: of the model and the inputs.
+    (over this rank's batches) and test accuracy. ``dtype``, ``device``: of the model and the inputs.
     """
     x_train, y_train, x_test, y_test = load_digits_split(seed)
-    x_train, x_test = x_train.to(dtype), x_test.to(dtype)
-    model = make_model(hidden, seed).to(dtype)
+    x_train, x_test = x_train.to(device, dtype), x_test.to(device, dtype)
+    y_train, y_test = y_train.to(device), y_test.to(device)
+    model = make_model(hidden, seed).to(device, dtype)
     opt = make_optimizer(model)
     loss_fn = nn.CrossEntropyLoss()
     history, step = [], 0

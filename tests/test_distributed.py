@@ -243,3 +243,43 @@ def test_mpi_ps_worker_clean_exit_ends_server_and_workers():
     assert 0 in errors and "exited" in errors[0], proc.stdout + proc.stderr[-3000:]
     assert proc.returncode != 0
     assert time.time() - t0 < 60
+
+
+# ---------------------------------------------------------------- bf16 / fp16 models
+
+LOW_PRECISION_CASES = [("bfloat16", "adam", {}), ("bfloat16", "adam", {"quantizer": "none"}),
+                       ("float16", "sgd", {}), ("float16", "sgd", {"quantizer": "none"})]
+_horovod_losses = {}
+
+
+def _horovod_fp32_loss(base: str, steps: int, tmp_path) -> float:
+    """The last epoch's loss of Horovod's own DistributedOptimizer on the float32 model (one
+    run per base optimizer per pytest process)."""
+    if base not in _horovod_losses:
+        out = tmp_path / f"horovod-{base}.pt"
+        run_mpi(3, "train_ranks.py", "--out", str(out), "--steps", str(steps), "--base", base, "--horovod")
+        _horovod_losses[base] = torch.load(out)["loss"]
+    return _horovod_losses[base]
+
+
+@pytest.mark.parametrize("dtype,base,kwargs", LOW_PRECISION_CASES,
+                         ids=["bf16-defaults", "bf16-none", "fp16-defaults", "fp16-none"])
+def test_mpi_low_precision_model_keeps_its_dtype_and_sends_two_bytes(dtype, base, kwargs, tmp_path):
+    """A bf16 (fp16) model under mpirun -np 3: every rank ends identical, in its dtype, equal bit
+    for bit to the simulator, with a loss close to Horovod's in fp32, and the pass-through
+    payloads (small tensors; everything with quantizer="none") at 2 bytes per element, read off
+    each rank's communication_stats. fp16 trains with SGD (torch's Adam divides by
+    sqrt(v) + 1e-8, and 1e-8 is 0 in float16)."""
+    steps = 28
+    out = tmp_path / "params.pt"
+    run_mpi(3, "train_ranks.py", "--out", str(out), "--steps", str(steps), "--base", base, "--dtype", dtype,
+            "--kwargs", json.dumps(kwargs))
+    res = torch.load(out)
+    assert res["size"] == 3 and len(set(res["digests"])) == 1, "ranks ended with different weights"
+    assert all(p.dtype == getattr(torch, dtype) for p in res["params"].values())
+    assert_same_params(res["params"], sim_train(3, steps, base, dtype=getattr(torch, dtype), **kwargs)[0],
+                       f"{dtype} mpirun -np 3 vs simulator")
+    ref = _horovod_fp32_loss(base, steps, tmp_path)
+    assert abs(res["loss"] - ref) < 0.02 + 0.05 * ref, (res["loss"], ref)
+    for rank, stats in enumerate(res["stats"]):
+        assert stats["passthrough_bytes_per_element"] == 2.0, (rank, stats)

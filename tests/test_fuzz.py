@@ -12,7 +12,8 @@ Three kinds of input, all from a fixed seed (every run sees the same inputs):
 * crafted inputs with VALID checksums (recomputed after editing fields): huge element counts,
   shape products that wrap around int64, bucket sizes 0 and > 2^31, bit widths, quantizer ids,
   flags, codebook lengths, dtypes, reserved fields, non-finite or negative scales, bad codebooks,
-  out-of-range codes and padding bits, non-finite pass-through values, frame counts, lengths,
+  out-of-range codes and padding bits, non-finite pass-through values (for bf16: every inf/NaN
+  bit pattern refused, every finite one accepted), frame counts, lengths,
   flags and error texts. A checksum cannot tell a forged well-formed input from a genuine one, so
   the check is: inputs known to be invalid (out-of-range fields, wrapping shapes, non-finite
   values, bad codebooks, wrong lengths or counts, ...) are rejected, and anything accepted
@@ -411,7 +412,16 @@ def test_crafted_payload_bodies(corpus):
                 else:
                     cbk = np.sort(cbk)[::-1].copy()            # descending
                 crafted.append((reseal(data, body=body[:s1] + cbk.astype("<f4").tobytes() + body[s2:]), True))
-        if p.kind.passthrough and p.numel:
+        if p.kind.name == "bf16" and p.numel:
+            # bf16 values are uint16 bit patterns: every pattern with the exponent all ones (inf,
+            # NaN of either sign, any payload) is refused, every other one (subnormals, -0, the
+            # largest finite) is a valid value
+            for v, bad in ((0x7F80, True), (0xFF80, True), (0x7FC0, True), (0x7F81, True), (0xFFFF, True),
+                           (0x7F7F, False), (0xFF7F, False), (0x0001, False), (0x8000, False), (0x807F, False)):
+                w = p.codes.astype("<u2")
+                w[int(g.integers(w.size))] = v
+                crafted.append((reseal(data, body=body[:s0] + w.tobytes()), bad))
+        elif p.kind.passthrough and p.numel:
             vals = p.codes.copy()
             for v in (np.nan, np.inf, -np.inf):
                 w = vals.copy()

@@ -148,6 +148,46 @@ def test_gpu_decode_mean_refuses_bad_input(cupy):
         gpu_cupy.decode_mean(cupy.empty(99, dtype=cupy.float32), [scales], [packed], levels, 4, 16, 100)
 
 
+def test_gpu_received_payloads_decode_on_the_device(cupy):
+    """What the engine does with a CUDA group buffer, up to the DLPack hand-off of the torch
+    tensor: payloads received as frame bytes are decoded by the CUDA kernels in place into the
+    shard slices of one device buffer (Engine.decode_into -> api.decode_on_device, the sharded
+    downlink) and averaged in one pass (Engine.mean_into -> api.mean_on_device, the uplink), bit
+    for bit the CPU's; elements outside a slice are never written."""
+    import torch
+
+    from hvd_qadam.api import (decode_flat, decode_on_device, decode_payload_into, mean_on_device,
+                               mean_payloads_into, quantize)
+    from hvd_qadam.layout import shard_bounds
+    from hvd_qadam.wire import Frame
+    n, world, bucket = 10_007, 3, 128
+    bounds = shard_bounds(n, world, bucket)
+    x = [sample(n, seed=40 + r) for r in range(world)]
+    for name, bits in (("qsgdinf", 6), ("sign", 1), ("nuq", 3)):
+        rounding = "stochastic" if cb.kind(name).stochastic else "nearest"
+        sent = [Frame(rank=c, step=4, layout=7, payloads=[quantize(x[c][a:b], name, bits, bucket, key=KEY + c,
+                                                                   offset=a + BIG_OFFSET, rounding=rounding)])
+                for c, (a, b) in enumerate(bounds)]
+        received = [Frame.from_bytes(f.to_bytes()).payloads[0] for f in sent]
+        out = cupy.full(n + 64, np.nan, dtype=cupy.float32)
+        for p, (a, b) in zip(received, bounds):
+            decode_payload_into(out[a:b], p)
+        got = out.get()
+        assert same_bits(got[:n], np.concatenate([decode_flat(p) for p in received])), name
+        assert np.isnan(got[n:]).all(), "decoded past the group's end"
+        ups = [Frame.from_bytes(Frame(rank=r, step=4, layout=7, payloads=[
+            quantize(x[r], name, bits, bucket, key=KEY + r, offset=BIG_OFFSET, rounding=rounding)]).to_bytes()).payloads[0]
+            for r in range(world)]
+        mean = cupy.empty(n, dtype=cupy.float32)
+        mean_payloads_into(mean, ups)
+        want = cpu_numba.decode_mean(np.empty(n, np.float32), [p.scales for p in ups], [p.codes for p in ups],
+                                     ups[0].levels, bits, bucket, n)
+        assert same_bits(mean.get(), want), name
+        # the engine's torch-side guards: a CPU buffer or a pass-through payload is not the device path's
+        assert not decode_on_device(ups[0], torch.empty(n)) and not mean_on_device(ups, torch.empty(n))
+        assert not decode_on_device(quantize(x[0], "bf16"), torch.empty(n))
+
+
 def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
     """CUDA torch tensors through the API's error-feedback quantization, functional's optimizer
     transforms and the engine's one-pass mean run the fused CUDA kernels, and give the bytes,
@@ -189,6 +229,20 @@ def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
                                  [p.codes for p in payloads], payloads[0].levels, 6, 512, 100_003)
     mean = torch.empty(100_003, device="cuda")
     assert mean_on_device(payloads, mean) and same_bits(mean.cpu().numpy(), want)
+    # a received payload decoded in place into a slice of a CUDA buffer (the sharded downlink)
+    from hvd_qadam.api import decode_flat, decode_on_device
+    from hvd_qadam.wire import Payload
+    received = Payload.from_bytes(payloads[1].to_bytes())
+    buf = torch.full((100_003 + 10,), float("nan"), device="cuda")
+    assert decode_on_device(received, buf[5:100_008])
+    host = buf.cpu().numpy()
+    assert same_bits(host[5:100_008], decode_flat(received)) and np.isnan(host[:5]).all() and np.isnan(host[-5:]).all()
+    # 2-byte pass-through payloads go up at 2 bytes and are widened on the device
+    from hvd_qadam.engine import _decode_on
+    xb = torch.randn(1001).to(torch.bfloat16)
+    for q, t in (("bf16", xb), ("fp16", xb.half())):
+        got = _decode_on(Payload.from_bytes(hvd_qadam.quantize(t, q).to_bytes()), torch.device("cuda"))
+        assert got.is_cuda and got.dtype == torch.float32 and torch.equal(got.cpu(), t.float())
     assert not mean_on_device(payloads, torch.empty(100_003)), "a CPU buffer is not the device path's"
 
 
@@ -280,3 +334,38 @@ def test_gpu_optimizer_transforms_refuse_mismatched_buffers(cupy):
         gpu_cupy.adam_update(a, a, a, None, a, a, short, c)
     with pytest.raises(ValueError, match="out must be"):
         gpu_cupy.axpby(a, a, cupy.zeros(10, dtype=cupy.float64), 1.0, 1.0)
+
+
+def test_gpu_bf16_conversion_on_the_device(cupy):
+    """A CUDA vector sent as bf16 is rounded on the device (quantize -> common.bf16_bits on a CuPy
+    array), to the same bit patterns as on the host and as torch; decoding widens them back."""
+    import torch
+
+    from hvd_qadam.quant.common import bf16_bits, bf16_values
+    x = np.concatenate([sample(5001, seed=3), np.float32([1.00390625, 1.01171875, -1.00390625, 1e-45, -0.0,
+                                                          3.3895e38, np.nan, -np.nan])])
+    got = bf16_bits(cupy.asarray(x))
+    assert got.dtype == cupy.uint16 and same_bits(got.get(), bf16_bits(x))
+    finite = np.isfinite(x)
+    torch_bits = torch.from_numpy(x[finite]).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert same_bits(got.get()[finite], torch_bits)
+    assert same_bits(bf16_values(got).get(), bf16_values(bf16_bits(x)))
+
+
+def test_gpu_check_script_parses_and_runs_two_ranks_first():
+    """scripts/gpu_check.sh is valid bash, and its dry run (no GPU needed) puts the two-ranks-on-
+    one-GPU run first, on CUDA, before the device tests and the benchmarks."""
+    import os
+    import subprocess
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", script, "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    commands = [line.split() for line in proc.stdout.splitlines() if line.startswith("  ")]
+    first = commands[0]
+    assert first[first.index("mpirun"):first.index("mpirun") + 3] == ["mpirun", "-np", "2"]
+    assert "tests/mpi/train_ranks.py" in first and first[first.index("--device") + 1] == "cuda"
+    pytest_at = next(i for i, c in enumerate(commands) if "pytest" in c)
+    assert all("mpirun" in c or c[1] == "-" for c in commands[:pytest_at])      # runs and their checks
+    assert sum("mpirun" in c for c in commands[:pytest_at]) == 2
+    assert subprocess.run(["bash", script, "--bogus"], capture_output=True).returncode == 2

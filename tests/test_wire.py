@@ -146,7 +146,7 @@ def test_wire_ids_are_unique_and_stable():
     ids = {k.name: k.wire_id for k in codebooks.KINDS.values()}
     assert len(set(ids.values())) == len(ids)
     assert ids == {"none": 0, "fp16": 1, "qsgd": 2, "qsgdinf": 3, "nuq": 4, "terngrad": 5, "sign": 6,
-                   "alq": 7, "amq": 8, "alq_n": 9, "amq_n": 10}
+                   "alq": 7, "amq": 8, "alq_n": 9, "amq_n": 10, "bf16": 11}
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -404,7 +404,7 @@ def _body_parts(p: Payload):
 
 @pytest.mark.parametrize("fields,msg", [
     ({F_QID: 200}, r"unknown quantizer id 200"),
-    ({F_QID: 11}, r"unknown quantizer id 11"),
+    ({F_QID: 12}, r"unknown quantizer id 12"),
     ({F_BITS: 9}, r"'qsgd' supports bits in 2\.\.8; got bits=9"),
     ({F_BITS: 1}, r"supports bits in 2\.\.8; got bits=1"),
     ({F_BITS: 0}, r"got bits=0"),

@@ -62,6 +62,7 @@ KINDS: dict[str, QuantizerKind] = {k.name: k for k in [
     QuantizerKind("amq", 8, SCALE_L2, 2, 8, True, adaptive=True),
     QuantizerKind("alq_n", 9, SCALE_L2, 1, 8, True, adaptive=True),
     QuantizerKind("amq_n", 10, SCALE_L2, 2, 8, True, adaptive=True),
+    QuantizerKind("bf16", 11, SCALE_L2, 16, 16, False, passthrough=True, fixed_bits=16),
 ]}
 KINDS_BY_ID = {k.wire_id: k for k in KINDS.values()}
 

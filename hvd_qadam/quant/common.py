@@ -176,3 +176,37 @@ def to_host(a):
 def array_module(a):
     """cupy for CuPy arrays, numpy for everything else."""
     return importlib.import_module("cupy") if is_cupy(a) else np
+
+
+# ----------------------------------------------------------------------------- bfloat16 values
+# NumPy has no bfloat16, so bf16 values are carried as their uint16 bit patterns: the upper half
+# of the float32 pattern. BF16_EXP_MASK's bits all set is inf or NaN.
+BF16_EXP_MASK = 0x7F80
+BF16_QUIET_NAN = 0x7FC0
+
+
+def bf16_bits(x):
+    """The bfloat16 bit patterns (uint16) of a contiguous float32 NumPy or CuPy array, rounded to
+    nearest, ties to even, as torch converts: pattern = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    with u the float32 pattern (no wrap-around: a finite u is at most 0xFF7FFFFF). A finite value
+    beyond bf16's largest (3.3895e38 plus half a step) rounds to inf, as in torch; NaN stays a
+    quiet NaN of its sign."""
+    xp = array_module(x)
+    u = xp.ascontiguousarray(x, dtype=xp.float32).view(xp.uint32)
+    r = (u + ((u >> xp.uint32(16)) & xp.uint32(1)) + xp.uint32(0x7FFF)) >> xp.uint32(16)
+    nan = (u & xp.uint32(F32_ABS_MASK)) > xp.uint32(F32_INF_BITS)
+    if bool(nan.any()):
+        r = xp.where(nan, (u >> xp.uint32(16)) | xp.uint32(BF16_QUIET_NAN), r)
+    return r.astype(xp.uint16)
+
+
+def bf16_values(bits):
+    """Float32 values of bfloat16 bit patterns (exact: every bf16 value is a float32 value)."""
+    xp = array_module(bits)
+    return (xp.ascontiguousarray(bits, dtype=xp.uint16).astype(xp.uint32) << xp.uint32(16)).view(xp.float32)
+
+
+def bf16_finite(bits):
+    """Elementwise: whether bfloat16 bit patterns are finite."""
+    xp = array_module(bits)
+    return (bits & xp.uint16(BF16_EXP_MASK)) != xp.uint16(BF16_EXP_MASK)

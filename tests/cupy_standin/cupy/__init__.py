@@ -218,6 +218,7 @@ class ndarray:
     __truediv__, __rtruediv__ = _binary(np.true_divide), _binary(np.true_divide, True)
     __itruediv__ = _inplace(np.true_divide)
     __and__, __or__, __xor__ = _binary(np.bitwise_and), _binary(np.bitwise_or), _binary(np.bitwise_xor)
+    __lshift__, __rshift__ = _binary(np.left_shift), _binary(np.right_shift)
     __lt__, __le__, __gt__, __ge__ = _binary(np.less), _binary(np.less_equal), _binary(np.greater), \
         _binary(np.greater_equal)
     __eq__, __ne__ = _binary(np.equal), _binary(np.not_equal)
