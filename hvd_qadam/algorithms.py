@@ -24,12 +24,9 @@ import math
 import numpy as np
 
 from . import functional as F
+from .errors import AlgorithmOptionError  # noqa: F401 - re-exported
 
 OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS = "grad", "update", "weights"
-
-
-class AlgorithmOptionError(ValueError):
-    """The wrapped optimizer has an option this algorithm cannot honour."""
 
 
 class Algorithm:

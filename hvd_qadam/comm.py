@@ -14,17 +14,11 @@ import time
 import numpy as np
 import torch
 
+from .errors import CollectiveTimeout, CommError  # noqa: F401 - re-exported
+
 TIMEOUT_ENV = "HVD_QADAM_TIMEOUT"
 EXIT_GRACE_ENV = "HVD_QADAM_TIMEOUT_EXIT_GRACE"
 _ALIVE_TAG = 7412
-
-
-class CommError(RuntimeError):
-    """A collective could not complete (a peer failed or left)."""
-
-
-class CollectiveTimeout(CommError):
-    """A collective did not complete within the deadline (a peer hangs or died)."""
 
 
 def collective_timeout(timeout: float | None = None) -> float:

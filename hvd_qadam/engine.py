@@ -36,7 +36,7 @@ import torch
 from . import algorithms
 from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exported
 from .api import decode_flat, mean_on_device, quantize
-from .comm import CommError
+from .errors import CommError, ConsistencyError, NonFiniteGradientError  # noqa: F401 - re-exported
 from .config import NONE_LINK, Config, LinkSpec
 from .layout import Layout, shard_alignment
 from .memory import StateBank, persistent_buffer
@@ -47,14 +47,6 @@ from .transport import TOPOLOGIES, Hosts, make_transport
 from .wire import Frame, PayloadError
 
 SERVER_RANK = 2 ** 31 - 1     # the rank used in the server's random-stream keys
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """Some rank had NaN/Inf in a gradient; the step was not taken and no state changed."""
-
-
-class ConsistencyError(RuntimeError):
-    """Ranks disagree about the model, the configuration or the step they are in."""
 
 
 @dataclass

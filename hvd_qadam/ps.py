@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from .comm import CommError
+from .errors import CommError, ConsistencyError
 
 TAG = 7411
 TIMEOUT_ENV = "HVD_QADAM_PS_TIMEOUT"
@@ -78,7 +78,6 @@ class PSWorkerComm:
                 "params": {n: t.detach().cpu().clone() for n, t in params.items()}}
         status, reply = self.ps_request(("hello", meta))
         if status != "ok":
-            from .engine import ConsistencyError
             raise ConsistencyError(f"parameter server: {reply}")
         self._said_hello = True
 

@@ -35,14 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import CommError, ConsistencyError, TopologyError  # noqa: F401 - TopologyError re-exported
 from .layout import shard_bounds
 from .wire import Frame, PayloadError, split_frames
 
 LOCAL_SIZE_ENV = "HVD_QADAM_LOCAL_SIZE"
-
-
-class TopologyError(ValueError):
-    """A topology cannot run on this world (wrong layout of ranks over hosts, missing MPI, ...)."""
 
 
 @dataclass(frozen=True)
@@ -219,7 +216,6 @@ class AllgatherTransport(Transport):
             st.stats.received_bytes += len(gathered) - len(data)
             views = split_frames(gathered)
             if len(views) != eng.size:
-                from .engine import ConsistencyError
                 raise ConsistencyError(f"expected {eng.size} frames in the allgather, got {len(views)}")
             # Peers' frames are parsed and validated; our own we already hold as objects.
             frames = eng.parse(views, "uplink", skip=eng.rank)
@@ -467,7 +463,6 @@ class PSTransport(Transport):
         return {"payloads": payloads, "error": error}
 
     def complete(self, st) -> dict:
-        from .engine import ConsistencyError
         eng = self.eng
         groups = eng.layout.groups
         error = next((st.launched[g.index]["error"] for g in groups if st.launched[g.index]["error"]), None)
@@ -482,7 +477,6 @@ class PSTransport(Transport):
             st.errors.append(reply)
             return {}
         if status == "error":
-            from .comm import CommError
             raise CommError(f"parameter server: {reply}")
         if status != "ok":
             raise ConsistencyError(f"parameter server: {reply}")

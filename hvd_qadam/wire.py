@@ -26,12 +26,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import PayloadError  # noqa: F401 - re-exported
 from .quant import codebooks as cb
 from .quant.common import MAX_BUCKET_SIZE, num_buckets, packed_nbytes, to_host
-
-
-class PayloadError(ValueError):
-    """Bytes that are not a valid payload or frame; the message says which field is wrong."""
 
 
 MAGIC = b"HQAD"

@@ -10,12 +10,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from ..errors import QuantizerError  # noqa: F401 - re-exported
+
 SCALE_L2, SCALE_MAXABS, SCALE_MEANABS = 0, 1, 2
 SCALE_NAMES = {SCALE_L2: "l2", SCALE_MAXABS: "maxabs", SCALE_MEANABS: "meanabs"}
-
-
-class QuantizerError(ValueError):
-    """A quantizer was asked for something it cannot do (bad name, bit width, bucket, input)."""
 
 
 @dataclass(frozen=True)
