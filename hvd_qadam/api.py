@@ -38,7 +38,7 @@ def _flat_fp32(x, keep_float64: bool = False):
         wide = keep_float64 and x.dtype == torch.float64
         flat = x.detach().reshape(-1).to(torch.float64 if wide else torch.float32).contiguous()
         if flat.is_cuda:
-            import cupy
+            import cupy  # optional: GPU only
             arr = cupy.from_dlpack(flat)
         else:
             arr = flat.numpy()
@@ -197,7 +197,7 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
         return p, False
     bucket_size = check_bucket_size(bucket_size)
     if cuda_fused:
-        import cupy
+        import cupy  # optional: GPU only
         # on torch's current stream, so the kernels are ordered with the ops that made v and resid
         with cupy.cuda.Device(v.device.index or 0), \
                 cupy.cuda.ExternalStream(torch.cuda.current_stream(v.device).cuda_stream):
@@ -231,7 +231,7 @@ def mean_on_device(payloads, out) -> bool:
             and np.array_equal(to_host(p.levels), to_host(first.levels)) for p in payloads):
         return False
     try:
-        import cupy
+        import cupy  # optional: GPU only
     except ImportError:
         return False
     with cupy.cuda.Device(out.device.index or 0), \

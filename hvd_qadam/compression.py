@@ -67,7 +67,7 @@ class QuantizeDequantizeCompressor(Compressor):
     def _stream(self) -> int:
         if self._rank is None:
             try:
-                import horovod.torch as hvd
+                import horovod.torch as hvd  # optional: the NumPy/torch-only use runs without it
                 self._rank = hvd.rank() if hvd.is_initialized() else 0
             except ImportError:
                 self._rank = 0

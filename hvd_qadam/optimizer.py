@@ -18,13 +18,16 @@ import warnings
 
 import torch
 
+from . import elastic
+from .comm import ExcludedComm, HorovodComm, gloo_controller
+from .compression import quantizer_of
 from .config import Config, LinkSpec, NONE_LINK
-from .transport import AUTO, TOPOLOGIES as TOPOLOGY_CLASSES, Hosts, choose
-from .engine import OUT_GRAD, OUT_UPDATE, ConsistencyError, Engine, NonFiniteGradientError
+from .engine import OUT_GRAD, OUT_UPDATE, STATE_KEY, Engine
+from .errors import ConsistencyError, NonFiniteGradientError
 from .layout import Layout
+from .ps import ps_worker_comm
 from .quant import codebooks as cb
-
-STATE_KEY = "hvd_qadam"
+from .transport import AUTO, TOPOLOGIES as TOPOLOGY_CLASSES, Hosts, choose
 
 
 class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
@@ -61,7 +64,6 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                            for i, p in enumerate(pg["params"])}
         self._parameter_names = dict(self._names)      # Horovod's attribute, read by its tests
         if comm is None:
-            from .comm import HorovodComm
             comm = HorovodComm()
         self._comm = comm
         self._layout = Layout(self.param_groups, self._names, config.min_compress_numel,
@@ -134,7 +136,6 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         """First step, and first step after an elastic reset: check that every rank has the same
         model, configuration and step (no hang, a clear error); after a reset, with the rank and
         size Horovod has now, and the server state re-partitioned over them (:mod:`hvd_qadam.elastic`)."""
-        from . import elastic
         refresh = getattr(self._comm, "refresh_world", None)
         if refresh is not None and refresh():
             self._reshard = True
@@ -507,10 +508,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          f"topology='auto' or 'hierarchical'")
     if topology == "ps" and comm is None:
         _refuse_ps_under_gloo()
-        from .ps import ps_worker_comm
         comm = ps_worker_comm()
     if comm is None:
-        from .comm import ExcludedComm, HorovodComm
         ps_ = _process_set(process_set)
         comm = ExcludedComm() if ps_ is not None and not ps_.included() else HorovodComm(ps_, timeout=timeout)
     hosts = getattr(comm, "hosts", None) or Hosts(comm.size, 1)
@@ -530,9 +529,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_QuantizedDistributedOptimizer.__dict__))
     if _on_horovod(comm):
-        from .elastic import QuantizedOptimizer, register_state_handler
-        QuantizedOptimizer.register(cls)      # hvd.elastic.TorchState picks hvd_qadam's state handler
-        register_state_handler()
+        elastic.QuantizedOptimizer.register(cls)      # hvd.elastic.TorchState picks hvd_qadam's state handler
+        elastic.register_state_handler()
     opt = cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap, op_sum)
     opt._engine.topology_reason = opt._engine.stats.topology_reason = topology_reason
     opt._engine.stats.topology = topology
@@ -541,13 +539,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
 
 def _on_horovod(comm) -> bool:
     """Whether ``comm`` runs on Horovod's collectives (elastic training applies to these only)."""
-    from .comm import HorovodComm
     return isinstance(comm, HorovodComm)
 
 
 def _refuse_ps_under_gloo() -> None:
     """``ps`` talks to its server rank over MPI (mpi4py), which a Gloo launch does not have."""
-    from .comm import gloo_controller
     if gloo_controller():
         raise ValueError("topology='ps' needs MPI: its server rank is reached with mpi4py, and Horovod runs its "
                          "Gloo controller here (horovodrun --gloo, or elastic), where there is no MPI world. "
@@ -560,7 +556,7 @@ def _check_op(op, predivide: float, algorithm: str) -> bool:
     if op is None:
         return False
     try:
-        import horovod.torch as hvd
+        import horovod.torch as hvd  # optional here: the simulator runs without Horovod
         average, total, adasum = hvd.Average, hvd.Sum, hvd.Adasum
     except ImportError:  # pragma: no cover - Horovod is installed with hvd_qadam
         average, total, adasum = 0, 1, 2
@@ -581,14 +577,13 @@ def _quantizer_from_compression(compression) -> str:
     """Horovod's compression argument -> our uplink quantizer (the default one for ``none``)."""
     if compression is None:
         return "qsgdinf"
-    from .compression import quantizer_of
     return quantizer_of(compression) or "qsgdinf"
 
 
 def _process_set(process_set):
     if process_set is None:
         return None
-    import horovod.torch as hvd
+    import horovod.torch as hvd  # optional: only a process set brings Horovod here
     return None if process_set is hvd.global_process_set else process_set
 
 

@@ -22,7 +22,11 @@ import time
 
 import torch
 
+from .comm import collective_timeout
+from .engine import Engine
 from .errors import CommError, ConsistencyError
+from .layout import Layout
+from .quant.backend import share_cores
 
 TAG = 7411
 TIMEOUT_ENV = "HVD_QADAM_PS_TIMEOUT"
@@ -31,13 +35,12 @@ _worker_comm = None
 
 
 def _timeout() -> float:
-    from .comm import collective_timeout
     return float(os.environ[TIMEOUT_ENV]) if TIMEOUT_ENV in os.environ else collective_timeout()
 
 
 def _recv(comm, source, what: str):
     """Receive a pickled message, giving up after the timeout (so a lost peer cannot hang us)."""
-    from mpi4py import MPI
+    from mpi4py import MPI  # optional: only ps launches need it, and importing it starts MPI
     deadline = time.monotonic() + _timeout()
     status = MPI.Status()
     while True:
@@ -103,7 +106,7 @@ def ps_init(server_rank: int | None = None):
     """
     global _worker_comm
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # optional: only ps launches need it, and importing it starts MPI
     except ImportError as e:
         raise RuntimeError("topology='ps' needs mpi4py (pip install mpi4py) and an MPI launch") from e
     world = MPI.COMM_WORLD
@@ -118,7 +121,6 @@ def ps_init(server_rank: int | None = None):
     is_server = world.Get_rank() == server
     worker_comm = world.Split(MPI.UNDEFINED if is_server else 1, world.Get_rank())
     ps_comm = world.Dup()
-    from .quant.backend import share_cores
     share_cores(world.Split_type(MPI.COMM_TYPE_SHARED).Get_size())   # ranks on this host, server included
     if is_server:
         code = 0
@@ -130,7 +132,7 @@ def ps_init(server_rank: int | None = None):
             code = 1
             world.Abort(1)
         sys.exit(code)
-    import horovod.torch as hvd
+    import horovod.torch as hvd  # not on the server rank, which never returns from above
     hvd.init(comm=worker_comm)
     _worker_comm = PSWorkerComm(worker_comm, ps_comm, server)
     atexit.register(_worker_comm.bye)
@@ -159,8 +161,6 @@ class ParameterServer:
             self.comm.send(reply, dest=w, tag=TAG)
 
     def _setup(self, metas: dict):
-        from .engine import Engine
-        from .layout import Layout
         first = metas[self.workers[0]]
         for w, m in metas.items():
             if m["signature"] != first["signature"] or m["config"] != first["config"]:
@@ -223,5 +223,5 @@ class ParameterServer:
 
 
 def _any_source() -> int:
-    from mpi4py import MPI
+    from mpi4py import MPI  # optional: only ps launches need it, and importing it starts MPI
     return MPI.ANY_SOURCE

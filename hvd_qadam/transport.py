@@ -35,7 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .api import quantize
 from .errors import CommError, ConsistencyError, TopologyError  # noqa: F401 - TopologyError re-exported
+from .functional import all_finite
 from .layout import shard_bounds
 from .wire import Frame, PayloadError, split_frames
 
@@ -368,16 +370,15 @@ class HierarchicalTransport(Transport):
         return frames
 
     def start(self, g, vec, grad, st):
-        from .config import NONE_LINK
         eng, hs = self.eng, self.hosts
         # NaN/Inf anywhere in this rank's vector: every local peer hears it, and they tell the
         # other hosts in the uplink, so every rank fails the step together.
-        from .engine import all_finite
         error = None if all_finite(vec) else eng.uplink_error(g, grad)
         peers = {}
         for r in hs.same_host(eng.rank):
             a, b = self._chunk(g, hs.local(r))
-            peers[r] = eng.frame([] if error else [eng.encode(vec[a:b], NONE_LINK, 0, a)], error)
+            # full precision inside the host (the payload of config.NONE_LINK)
+            peers[r] = eng.frame([] if error else [quantize(vec[a:b], "none", check_finite=False)], error)
         return {"handle": self._send(peers, f"hvd_qadam.host.{g.index}", st)}
 
     def complete(self, st) -> dict:

@@ -80,7 +80,7 @@ def _optimizer_math() -> None:
 
 def _gpu_kernels() -> None:
     try:
-        import cupy
+        import cupy  # optional: GPU only
     except ImportError:
         return
     try:

@@ -28,7 +28,9 @@ import numpy as np
 
 from .errors import PayloadError  # noqa: F401 - re-exported
 from .quant import codebooks as cb
+from .quant.backend import cpu_backend
 from .quant.common import MAX_BUCKET_SIZE, num_buckets, packed_nbytes, to_host
+from .quant.reference import unpack_codes
 
 
 MAGIC = b"HQAD"
@@ -251,7 +253,6 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
         return None
     if n_levels == (1 << bits) - 1 and bits in (2, 4, 6, 8):
         # a uniform grid's one invalid code is all ones: rule it out a word at a time first
-        from .quant.backend import cpu_backend
         be = cpu_backend()
         if hasattr(be, "any_all_ones_code") and not be.any_all_ones_code(packed, bits):
             return None
@@ -264,7 +265,6 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
             return None
         field = int(np.flatnonzero(fields[packed[b]] >= n_levels)[0])
         return b * per + field, int(fields[packed[b], field])
-    from .quant.reference import unpack_codes
     codes = unpack_codes(packed, bits, n)
     hits = np.flatnonzero(codes >= n_levels)
     return None if hits.size == 0 else (int(hits[0]), int(codes[hits[0]]))
@@ -273,7 +273,6 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
 def _first_flagged_byte(packed: np.ndarray, flagged: np.ndarray) -> int:
     """Index of the first byte whose entry in ``flagged`` is set, or -1: the numba kernel where
     it is available (one pass, stops at a hit), else a byte histogram and a search."""
-    from .quant.backend import cpu_backend
     be = cpu_backend()
     if hasattr(be, "first_flagged_byte"):
         return be.first_flagged_byte(packed, flagged)
