@@ -156,7 +156,7 @@ class Engine:
         # in another world the chunks differ, so they cannot be carried over: said, not dropped.
         host_residuals = [k for k in self.bank.current if "#" in k and k.endswith(".e")]
         if host_residuals:
-            warnings.warn(f"rank {rank}: the world changed under topology 'hierarchical'; this rank's "
+            warnings.warn(f"rank {rank}: the world changed under topology {self.cfg.topology!r}; this rank's "
                           f"error-feedback residuals of its host's chunks ({len(host_residuals)} groups) "
                           f"cannot be mapped onto the new chunks and are reset", RuntimeWarning, stacklevel=2)
             self.bank.clear(lambda k: k in host_residuals)
@@ -471,7 +471,7 @@ class Engine:
                 for name, v in g.views(value).items():
                     if self.kind == OUT_UPDATE:
                         params[name].sub_(v.to(params[name].dtype))
-                    elif self.kind == OUT_WEIGHTS and self.cfg.algorithm != "local_sgd":
+                    elif self.kind == OUT_WEIGHTS and not self.alg.steps_locally:
                         params[name].copy_(v)
         return "ok", self.frame(down, None)
 
@@ -498,10 +498,7 @@ class Engine:
     # ------------------------------------------------------------------ state
     def start(self, params: dict) -> None:
         """Called before the first step with the initial parameters (identical on all ranks)."""
-        if self.cfg.algorithm == "local_sgd":
-            for g in self.layout.groups:
-                if self.bank.get(f"g{g.index}.anchor") is None:
-                    self.bank.set(f"g{g.index}.anchor", g.flatten(params).clone())
+        self.alg.start(self, params)
 
     def reset_state(self, step: int) -> None:
         """Start the algorithm state afresh at ``step`` (residuals, moments, server state; the

@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from . import elastic
+from .algorithms import ALGORITHMS
 from .comm import ExcludedComm, HorovodComm, gloo_controller
 from .compression import quantizer_of
 from .config import Config, LinkSpec, NONE_LINK
@@ -175,7 +176,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._reshard = False
         params = {name: p.detach() for name, p in self._layout.params()}
         self._engine.start(params)
-        if self._qcfg.topology == "ps":
+        if self._engine.transport.dedicated_server:
             self._comm.hello(self._engine, params)
         self._started = True
 
@@ -301,7 +302,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         if getattr(self._comm, "excluded", False):
             super(self.__class__, self).step()      # not in the process set: a local step, as Horovod
             return loss
-        if self._qcfg.algorithm == "local_sgd":
+        if self._engine.alg.steps_locally:
             self._ensure_started()
             super(self.__class__, self).step()          # local step on local gradients
             self._reset_round()
@@ -332,7 +333,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         save one file per rank to resume the exact trajectory."""
         sd = super(self.__class__, self).state_dict()
         sd[STATE_KEY] = self._engine.state_dict()
-        if self._qcfg.topology == "ps" and self._started:
+        if self._engine.transport.dedicated_server and self._started:
             status, server = self._comm.ps_request(("state",))   # the server's moments and residuals
             sd[STATE_KEY]["ps_server"] = server
         return sd
@@ -344,7 +345,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         if ours is not None:
             self._engine.load_state_dict(ours)
             self._engine.alg.restore(self._engine)
-            if self._qcfg.topology == "ps" and ours.get("ps_server") is not None:
+            if self._engine.transport.dedicated_server and ours.get("ps_server") is not None:
                 if not self._started:
                     self._start()
                 self._comm.ps_request(("load", ours["ps_server"]))
@@ -462,6 +463,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         raise ValueError("backward_passes_per_step must be > 0")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {tuple(ALGORITHMS)}")
     op_sum = _check_op(op, gradient_predivide_factor, algorithm)
     if groups is not None:
         raise ValueError("explicit groups= are not supported: hvd_qadam fuses parameters into groups by size "
@@ -478,7 +481,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     elif fusion_threshold_mb is None:
         fusion_threshold_mb = min(25.0, max(2.0, total / (1 << 20)))      # 4 bytes x total / 4
     if nonfinite is None:
-        nonfinite = "propagate" if algorithm == "qsgd" else "raise"
+        nonfinite = ALGORITHMS[algorithm].default_nonfinite
     # Error feedback needs a contractive compressor: an unbiased quantizer whose variance factor
     # exceeds 1 (QSGD at 4 bits, bucket 512: ~3) makes the residual grow without bound. Nearest
     # rounding is never worse than rounding to 0, so it is the default wherever EF is on.
@@ -496,17 +499,17 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         if cb.kind(q).passthrough:
             return NONE_LINK if q == "none" else LinkSpec(q, q_bits, _bucket_size_for(q, downlink_bucket_size))
         return LinkSpec(q, q_bits, _bucket_size_for(q, downlink_bucket_size, bucket_size),
-                        downlink_rounding or ("nearest" if server_error_feedback and algorithm != "qadam_weights"
+                        downlink_rounding or ("nearest" if server_error_feedback and ALGORITHMS[algorithm].server_ef
                                               else None))
 
     if hierarchical is not None and not isinstance(hierarchical, bool):
         raise ValueError(f"hierarchical must be None, True or False, got {hierarchical!r}")
     if topology not in TOPOLOGY_CLASSES and topology != AUTO:
         raise ValueError(f"unknown topology {topology!r}; choose one of {(AUTO,) + tuple(TOPOLOGY_CLASSES)}")
-    if hierarchical and topology not in (AUTO, "hierarchical"):
+    if hierarchical and topology != AUTO and not TOPOLOGY_CLASSES[topology].two_level:
         raise ValueError(f"hierarchical=True asks for the two-level exchange, but topology={topology!r}; pass "
                          f"topology='auto' or 'hierarchical'")
-    if topology == "ps" and comm is None:
+    if topology != AUTO and TOPOLOGY_CLASSES[topology].dedicated_server and comm is None:
         _refuse_ps_under_gloo()
         comm = ps_worker_comm()
     if comm is None:
@@ -567,7 +570,7 @@ def _check_op(op, predivide: float, algorithm: str) -> bool:
         raise ValueError(f"op must be hvd.Average or hvd.Sum, got {op!r}")
     if predivide != 1.0 and op != average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
-    if op == total and algorithm != "qsgd":
+    if op == total and ALGORITHMS[algorithm].output != OUT_GRAD:
         raise ValueError(f"op=hvd.Sum sums gradients; algorithm {algorithm!r} exchanges updates or weights, "
                          f"which are averaged")
     return op == total

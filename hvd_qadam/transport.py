@@ -115,6 +115,8 @@ def payload_bytes_per_element(link) -> float:
 class Transport:
     name = ""
     overlaps = True          # groups may be started during backward
+    dedicated_server = False  # a server rank outside the workers holds the server state (needs MPI)
+    two_level = False        # the exchange inside hosts, then between them (``hierarchical=True``)
     local_downlink = False   # a full-precision downlink needs no message (every rank has it)
     downlink_travels = True  # whether the server's result crosses the network (so a downlink
                              # quantizer saves bytes; under allgather every rank computes it)
@@ -313,6 +315,7 @@ class HierarchicalTransport(Transport):
     replicas stay identical. The worker residual e_{h,l} covers chunk l only (the host's mean
     is what the rank quantizes); it is this rank's state, as under the flat topologies."""
     name = "hierarchical"
+    two_level = True
 
     @property
     def hosts(self) -> Hosts:
@@ -453,6 +456,7 @@ class HierarchicalTransport(Transport):
 class PSTransport(Transport):
     name = "ps"
     overlaps = False
+    dedicated_server = True
 
     @classmethod
     def bytes_per_rank(cls, numel, up, down, hosts):
