@@ -60,13 +60,14 @@ def _backend_for(arr, backend):
 FP16_MAX = 65504.0
 
 
-def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: int = 512, seed: int = 0,
+def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: int | None = None, seed: int = 0,
              rounding: str | None = None, codebook=None, *, key: int | None = None, offset: int = 0,
              backend: str | None = None, check_finite: bool = True) -> Payload:
     """Quantize ``x`` into a :class:`Payload`.
 
-    ``bits=None`` is the quantizer's default: 4, or the fixed width of sign (1), terngrad (2),
-    fp16 (16) and none (32). ``seed`` (or an explicit stream ``key`` from :func:`hvd_qadam.quant.rng.stream_key`) fixes the
+    ``bits=None`` is the quantizer's default: 6 for qsgd and qsgdinf, the fixed width of sign (1),
+    terngrad (2), fp16 (16) and none (32), 4 for the others; ``bucket_size=None`` is 128 (512
+    for the 1-bit sign): the defaults of ``DistributedOptimizer`` (``quant.codebooks.DEFAULT_BITS``). ``seed`` (or an explicit stream ``key`` from :func:`hvd_qadam.quant.rng.stream_key`) fixes the
     stochastic rounding; ``offset`` is the index of x[0] in its stream, so that chunks of one vector
     quantized separately draw exactly what the whole vector would. ``codebook`` is required for
     the adaptive quantizers (alq, amq, ...), whose levels travel with the payload.
@@ -95,7 +96,7 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
         codes = arr.astype(np.float16 if k.name == "fp16" else arr.dtype, copy=True)
         codes = to_host(codes)
         return Payload(k.name, bits, 0, int(arr.size), shape, None, codes, None, False, dtype, array_kind)
-    bucket_size = check_bucket_size(bucket_size)
+    bucket_size = check_bucket_size(k.default_bucket_size if bucket_size is None else bucket_size)
     if k.adaptive:
         if codebook is None:
             raise cb.QuantizerError(f"quantizer {k.name!r} needs a codebook (its levels are learned)")

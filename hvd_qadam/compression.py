@@ -56,7 +56,7 @@ class QuantizeDequantizeCompressor(Compressor):
     Horovod passes no name or step to a compressor.
     """
 
-    def __init__(self, quantizer: str = "qsgd", bits: int | None = 4, bucket_size: int = 512,
+    def __init__(self, quantizer: str = "qsgd", bits: int | None = None, bucket_size: int | None = None,
                  rounding: str | None = None, seed: int = 0, rank: int | None = None):
         # Validate eagerly, on a tiny tensor, so a bad bit width fails at construction.
         quantize(torch.zeros(1), quantizer, bits, bucket_size, rounding=rounding)
@@ -90,8 +90,9 @@ class Compression:
     fp16 = FP16Compressor
 
     @staticmethod
-    def simulated(quantizer: str = "qsgd", bits: int | None = 4, bucket_size: int = 512,
+    def simulated(quantizer: str = "qsgd", bits: int | None = None, bucket_size: int | None = None,
                   rounding: str | None = None, seed: int = 0) -> QuantizeDequantizeCompressor:
+        """``bits``/``bucket_size`` None: the quantizer's defaults, as for :func:`hvd_qadam.quantize`."""
         return QuantizeDequantizeCompressor(quantizer, bits, bucket_size, rounding, seed)
 
 

@@ -13,25 +13,21 @@ from .transport import TOPOLOGIES  # noqa: F401 - re-exported; the optimizer als
 DEFAULT_FREEZE_STEP = OnebitAdam.DEFAULT_FREEZE_STEP
 DEFAULT_V_REFRESH_EVERY = OnebitAdam.DEFAULT_V_REFRESH_EVERY
 FREEZE_AUTO_NEVER = OnebitAdam.FREEZE_AUTO_NEVER
-# A link's bit width when none is given, where it differs from the quantizer's own default (4).
-# The max-abs and L2 grids default to 6 bits in the pipeline: at 4 bits the defaults trained a
-# 10M-parameter LM 1.9 % above Horovod Adam's validation loss (3 seeds), at 6 bits 0.2 %, for a
-# step 21 % slower than 4 bits on a 100 Mbit/s link and 4 % on 1 Gbit/s (README, Convergence).
-LINK_DEFAULT_BITS = {"qsgd": 6, "qsgdinf": 6}
 
 
 @dataclass(frozen=True)
 class LinkSpec:
     """One direction's quantizer: name, bit width, bucket size, rounding."""
     quantizer: str = "qsgd"
-    bits: int | None = None         # None: LINK_DEFAULT_BITS, else the quantizer's default (4, or its fixed width)
-    bucket_size: int = 128          # see optimizer._default_bucket_size
+    bits: int | None = None         # None: the quantizer's default (QuantizerKind.default_bits)
+    bucket_size: int | None = None  # None: the quantizer's default (QuantizerKind.default_bucket_size)
     rounding: str | None = None     # None: the quantizer's default (stochastic if unbiased)
 
     def __post_init__(self):
         k = cb.kind(self.quantizer)
-        bits = LINK_DEFAULT_BITS.get(self.quantizer) if self.bits is None else self.bits
-        object.__setattr__(self, "bits", k.check_bits(bits))
+        object.__setattr__(self, "bits", k.check_bits(self.bits))
+        if self.bucket_size is None:
+            object.__setattr__(self, "bucket_size", k.default_bucket_size)
         if not k.passthrough:
             check_bucket_size(self.bucket_size)
         if self.rounding is not None and self.rounding not in ROUNDINGS:
@@ -61,7 +57,7 @@ class Config:
     warmup_steps: int = 0                   # uncompressed steps first
     min_compress_numel: int = 1024          # smaller tensors (biases, norms) travel as fp32
     fusion_threshold_bytes: int = 25 << 20  # fp32 bytes per fused buffer
-    nonfinite: str = "raise"
+    nonfinite: str | None = None            # None: the algorithm's default_nonfinite
     # algorithm hyper-parameters that are not in the torch param_groups
     bias_correction: bool = True
     momentum_steps: int | None = None       # ef_sgd early momentum: momentum only for the first E steps
@@ -77,6 +73,8 @@ class Config:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {tuple(ALGORITHMS)}")
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"unknown topology {self.topology!r}; choose one of {tuple(TOPOLOGIES)}")
+        if self.nonfinite is None:
+            object.__setattr__(self, "nonfinite", ALGORITHMS[self.algorithm].default_nonfinite)
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         for name in ("warmup_steps", "min_compress_numel"):

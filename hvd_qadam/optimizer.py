@@ -480,8 +480,6 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         fusion_threshold_mb = max(4 * total / num_groups, 4.0) / (1 << 20)
     elif fusion_threshold_mb is None:
         fusion_threshold_mb = min(25.0, max(2.0, total / (1 << 20)))      # 4 bytes x total / 4
-    if nonfinite is None:
-        nonfinite = ALGORITHMS[algorithm].default_nonfinite
     # Error feedback needs a contractive compressor: an unbiased quantizer whose variance factor
     # exceeds 1 (QSGD at 4 bits, bucket 512: ~3) makes the residual grow without bound. Nearest
     # rounding is never worse than rounding to 0, so it is the default wherever EF is on.
@@ -590,20 +588,10 @@ def _process_set(process_set):
     return None if process_set is hvd.global_process_set else process_set
 
 
-def _default_bucket_size(quantizer: str) -> int:
-    """Elements per fp32 scale when the caller does not say: 128, which trained closer to Horovod
-    Adam than 512 on the LM at 4 bits (README, scripts/convergence_lm.py), for 6 % more bytes;
-    512 for 1-bit quantizers (sign), whose payload a scale per 128 elements would grow by 25 %."""
-    return 512 if cb.kind(quantizer).fixed_bits == 1 else 128
-
-
 def _bucket_size_for(quantizer: str, *given):
     """The first bucket size the caller gave (None: not given; a bad one such as 0 goes on to
-    LinkSpec, which refuses it), else the quantizer's default."""
-    for size in given:
-        if size is not None:
-            return size
-    return _default_bucket_size(quantizer)
+    LinkSpec, which refuses it), else None: the quantizer's default (QuantizerKind.default_bucket_size)."""
+    return next((size for size in given if size is not None), None)
 
 
 def _warn_stalling(config: Config) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 import os
 
+import torch
+
 import hvd_qadam
 from hvd_qadam.algorithms import ALGORITHMS
 from hvd_qadam.transport import TOPOLOGIES
@@ -58,3 +60,17 @@ def test_the_name_check_sees_comparisons(tmp_path):
 def test_config_names_are_the_registries():
     from hvd_qadam import config
     assert config.ALGORITHMS is ALGORITHMS and config.TOPOLOGIES is TOPOLOGIES
+
+
+def test_nonfinite_default_is_the_algorithms():
+    """Config and DistributedOptimizer resolve nonfinite=None the same way: the algorithm's
+    default_nonfinite (propagate for qsgd, as Horovod; raise for the algorithms that step)."""
+    from hvd_qadam.comm import SimWorld
+    from hvd_qadam.config import Config
+    for name, cls in ALGORITHMS.items():
+        assert Config(algorithm=name).nonfinite == cls.default_nonfinite
+    assert Config().nonfinite == "propagate" and Config(algorithm="qadam").nonfinite == "raise"
+    p = torch.nn.Parameter(torch.zeros(4))
+    for alg, opt in (("qsgd", torch.optim.SGD([p], lr=0.1)), ("qadam", torch.optim.Adam([p]))):
+        q = hvd_qadam.DistributedOptimizer(opt, [("p", p)], comm=SimWorld(1).comm(0), algorithm=alg)
+        assert q.config.nonfinite == ALGORITHMS[alg].default_nonfinite
