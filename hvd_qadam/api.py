@@ -24,6 +24,16 @@ except ImportError:  # pragma: no cover
 ROUNDINGS = ("stochastic", "nearest")
 
 
+def stochastic_rounding(k: cb.QuantizerKind, rounding: str | None) -> bool:
+    """Whether ``rounding`` (None: the quantizer's default) is stochastic; anything but the
+    :data:`ROUNDINGS` is refused (a typo must not silently mean nearest)."""
+    if rounding is None:
+        return k.stochastic
+    if rounding not in ROUNDINGS:
+        raise cb.QuantizerError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding == "stochastic"
+
+
 def _is_torch(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
@@ -74,12 +84,7 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
     """
     k = cb.kind(quantizer)
     bits = k.check_bits(bits)
-    if rounding is None:
-        stochastic = k.stochastic
-    elif rounding in ROUNDINGS:
-        stochastic = rounding == "stochastic"
-    else:
-        raise cb.QuantizerError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    stochastic = stochastic_rounding(k, rounding)
     arr, array_kind, dtype, shape = _flat_fp32(x, keep_float64=k.name == "none")
     if dtype not in ("float32", "float16", "bfloat16", "float64"):
         raise cb.QuantizerError(f"unsupported dtype {dtype}")
@@ -177,7 +182,7 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
     temporaries); elsewhere (NumPy backend, pass-through) it runs them separately."""
     k = cb.kind(quantizer)
     bits = k.check_bits(bits)
-    stochastic = k.stochastic if rounding is None else rounding == "stochastic"
+    stochastic = stochastic_rounding(k, rounding)
     if k.adaptive:
         if codebook is None:
             raise cb.QuantizerError(f"quantizer {k.name!r} needs a codebook (its levels are learned)")

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .algorithms import ALGORITHMS, NONFINITE_POLICIES, OnebitAdam  # noqa: F401 - ALGORITHMS re-exported
-from .api import ROUNDINGS, check_bucket_size
+from .api import check_bucket_size, stochastic_rounding
 from .quant import codebooks as cb
 from .transport import TOPOLOGIES  # noqa: F401 - re-exported; the optimizer also takes "auto"
 
@@ -30,12 +30,11 @@ class LinkSpec:
             object.__setattr__(self, "bucket_size", k.default_bucket_size)
         if not k.passthrough:
             check_bucket_size(self.bucket_size)
-        if self.rounding is not None and self.rounding not in ROUNDINGS:
-            raise cb.QuantizerError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        stochastic_rounding(k, self.rounding)      # validates
 
     @property
     def stochastic(self) -> bool:
-        return cb.kind(self.quantizer).stochastic if self.rounding is None else self.rounding == "stochastic"
+        return stochastic_rounding(cb.kind(self.quantizer), self.rounding)
 
     @property
     def passthrough(self) -> bool:

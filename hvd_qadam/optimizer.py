@@ -20,11 +20,12 @@ import torch
 
 from . import elastic
 from .algorithms import ALGORITHMS
+from .api import ROUNDINGS
 from .comm import ExcludedComm, HorovodComm, gloo_controller
 from .compression import quantizer_of
 from .config import Config, LinkSpec, NONE_LINK
 from .engine import OUT_GRAD, OUT_UPDATE, STATE_KEY, Engine
-from .errors import ConsistencyError, NonFiniteGradientError
+from .errors import CommError, ConsistencyError, NonFiniteGradientError
 from .layout import Layout
 from .ps import ps_worker_comm
 from .quant import codebooks as cb
@@ -334,8 +335,8 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         sd = super(self.__class__, self).state_dict()
         sd[STATE_KEY] = self._engine.state_dict()
         if self._engine.transport.dedicated_server and self._started:
-            status, server = self._comm.ps_request(("state",))   # the server's moments and residuals
-            sd[STATE_KEY]["ps_server"] = server
+            # the server's moments and residuals
+            sd[STATE_KEY]["ps_server"] = _ps_answer(self._comm.ps_request(("state",)), "its state")
         return sd
 
     def load_state_dict(self, state_dict):
@@ -348,7 +349,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             if self._engine.transport.dedicated_server and ours.get("ps_server") is not None:
                 if not self._started:
                     self._start()
-                self._comm.ps_request(("load", ours["ps_server"]))
+                _ps_answer(self._comm.ps_request(("load", ours["ps_server"])), "loading its state")
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=None, backward_passes_per_step: int = 1,
@@ -483,8 +484,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     # Error feedback needs a contractive compressor: an unbiased quantizer whose variance factor
     # exceeds 1 (QSGD at 4 bits, bucket 512: ~3) makes the residual grow without bound. Nearest
     # rounding is never worse than rounding to 0, so it is the default wherever EF is on.
+    if downlink_rounding not in (None,) + ROUNDINGS:      # checked here: a pass-through downlink takes none
+        raise cb.QuantizerError(f"downlink_rounding must be one of {ROUNDINGS}, got {downlink_rounding!r}")
     uplink = LinkSpec(quantizer, bits, _bucket_size_for(quantizer, bucket_size),
-                      rounding or ("nearest" if error_feedback else None))
+                      rounding if rounding is not None else ("nearest" if error_feedback else None))
 
     def downlink_for(topology_class) -> LinkSpec:
         if downlink_quantizer == "none" or (downlink_quantizer is None and not topology_class.downlink_travels):
@@ -497,8 +500,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         if cb.kind(q).passthrough:
             return NONE_LINK if q == "none" else LinkSpec(q, q_bits, _bucket_size_for(q, downlink_bucket_size))
         return LinkSpec(q, q_bits, _bucket_size_for(q, downlink_bucket_size, bucket_size),
-                        downlink_rounding or ("nearest" if server_error_feedback and ALGORITHMS[algorithm].server_ef
-                                              else None))
+                        downlink_rounding if downlink_rounding is not None else
+                        ("nearest" if server_error_feedback and ALGORITHMS[algorithm].server_ef else None))
 
     if hierarchical is not None and not isinstance(hierarchical, bool):
         raise ValueError(f"hierarchical must be None, True or False, got {hierarchical!r}")
@@ -536,6 +539,15 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     opt._engine.topology_reason = opt._engine.stats.topology_reason = topology_reason
     opt._engine.stats.topology = topology
     return opt
+
+
+def _ps_answer(reply, what: str):
+    """The value of the parameter server's ``(status, value)`` reply; any status but "ok" raises
+    CommError with the server's message (never a checkpoint without the server's state)."""
+    status, value = reply
+    if status != "ok":
+        raise CommError(f"parameter server, {what}: {status}: {value}")
+    return value
 
 
 def _on_horovod(comm) -> bool:

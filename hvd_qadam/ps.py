@@ -179,6 +179,26 @@ class ParameterServer:
         self.engine = Engine(first["config"], layout, _ServerComm(len(self.workers)), lambda i: self.hyper[i])
         return None
 
+    def _checkpoint(self, kind: str, msg) -> tuple:
+        """(status, value) for a "state" or "load" request: a request the server cannot honour
+        (before the workers' first step, a checkpoint of another model) is answered with an
+        error for the worker to raise, instead of ending the server."""
+        if self.engine is None:
+            return "error", f"{kind!r} before the workers' first step: the server has no model yet"
+        try:
+            if kind == "state":
+                return "ok", {"engine": self.engine.state_dict(),
+                              "params": {n: t.clone() for n, t in self.params.items()}}
+            if set(self.params) != set(msg[1]["params"]):
+                return "error", "the checkpoint's parameters are not this model's"
+            self.engine.load_state_dict(msg[1]["engine"])
+            self.engine.alg.restore(self.engine)
+            for n, t in msg[1]["params"].items():
+                self.params[n].data.copy_(t)
+            return "ok", None
+        except (ConsistencyError, ValueError, KeyError, RuntimeError) as e:
+            return "error", f"{type(e).__name__}: {e}"
+
     def serve(self) -> None:
         pending_hello, pending_steps, done = {}, {}, set()
         gone = None          # set once a worker left: every later step is answered with an error
@@ -209,15 +229,8 @@ class ParameterServer:
                         reply = self.engine.server_step(frames, self.params)
                     self._reply_all(reply)
                     pending_steps = {}
-            elif kind == "state":
-                self.comm.send(("ok", {"engine": self.engine.state_dict(),
-                                       "params": {n: t.clone() for n, t in self.params.items()}}), dest=src, tag=TAG)
-            elif kind == "load":
-                self.engine.load_state_dict(msg[1]["engine"])
-                self.engine.alg.restore(self.engine)
-                for n, t in msg[1]["params"].items():
-                    self.params[n].data.copy_(t)
-                self.comm.send(("ok", None), dest=src, tag=TAG)
+            elif kind in ("state", "load"):
+                self.comm.send(self._checkpoint(kind, msg), dest=src, tag=TAG)
             else:
                 raise RuntimeError(f"unknown request {kind!r} from rank {src}")
 
