@@ -507,19 +507,6 @@ class Engine:
         self.bank.clear(lambda k: not k.endswith(".anchor"))
         self.counters = {"step": int(step), "worker_adam_step": {}, "server_adam_step": {}}
 
-    def residual_views(self, server: bool = False) -> dict:
-        """{name: residual tensor}: worker residuals by parameter name, server ones by shard key."""
-        out = {}
-        for k, v in self.bank.current.items():
-            if not k.endswith(".e"):
-                continue
-            if "@" in k:
-                if server:
-                    out[k[:-2]] = v
-            elif not server:
-                out.update(self.layout.groups[int(k[1:-2])].views(v))
-        return out
-
     def state_dict(self) -> dict:
         return {"config": self.cfg.as_dict(), "layout_hash": self.layout.hash, "world_size": self.size,
                 "rank": self.rank, "state": self.bank.state_dict(),

@@ -394,25 +394,20 @@ class Frame:
         return cls(rank, step, layout, payloads)
 
 
-def split_frames(buf, lengths=None) -> list:
-    """Cut a concatenation of frames (as an allgather returns it) into one view per frame, by the
-    given lengths or, without them, by each frame header's body length."""
+def split_frames(buf) -> list:
+    """Cut a concatenation of frames (as an allgather returns it) into one view per frame, by
+    each frame header's body length."""
     mv = memoryview(buf).cast("B")
     out, pos = [], 0
-    if lengths is None:
-        while pos < len(mv):
-            if len(mv) - pos < FRAME_HEADER_SIZE:
-                raise PayloadError(f"gathered buffer: truncated frame header at byte {pos}")
-            magic, *_rest, body_len, _crc = _FRAME.unpack(bytes(mv[pos:pos + FRAME_HEADER_SIZE]))
-            if magic != FRAME_MAGIC:
-                raise PayloadError(f"gathered buffer: bad frame magic {magic!r} at byte {pos}")
-            lengths_n = FRAME_HEADER_SIZE + body_len
-            out.append(mv[pos:pos + lengths_n])
-            pos += lengths_n
-    else:
-        for n in lengths:
-            out.append(mv[pos:pos + n])
-            pos += n
+    while pos < len(mv):
+        if len(mv) - pos < FRAME_HEADER_SIZE:
+            raise PayloadError(f"gathered buffer: truncated frame header at byte {pos}")
+        magic, *_rest, body_len, _crc = _FRAME.unpack(bytes(mv[pos:pos + FRAME_HEADER_SIZE]))
+        if magic != FRAME_MAGIC:
+            raise PayloadError(f"gathered buffer: bad frame magic {magic!r} at byte {pos}")
+        n = FRAME_HEADER_SIZE + body_len
+        out.append(mv[pos:pos + n])
+        pos += n
     if pos != len(mv):
         raise PayloadError(f"gathered buffer has {len(mv)} bytes, frames account for {pos}")
     return out
