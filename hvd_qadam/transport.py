@@ -454,12 +454,16 @@ class HierarchicalTransport(Transport):
 
 
 class PSTransport(Transport):
+    """Every group's uplink payload in one frame to the server rank (:mod:`hvd_qadam.ps`), which
+    answers with the downlink frame of every group; it is sent after the last group is ready."""
     name = "ps"
     overlaps = False
     dedicated_server = True
 
     @classmethod
     def bytes_per_rank(cls, numel, up, down, hosts):
+        """Each worker's frame to the server and its answer, counted as crossing hosts (the server
+        rank is taken to sit on another host)."""
         total = numel * (up + down)
         return {"total": total, "inter_host": total}
 
