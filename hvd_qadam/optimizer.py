@@ -481,11 +481,11 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         fusion_threshold_mb = max(4 * total / num_groups, 4.0) / (1 << 20)
     elif fusion_threshold_mb is None:
         fusion_threshold_mb = min(25.0, max(2.0, total / (1 << 20)))      # 4 bytes x total / 4
+    if downlink_rounding not in (None,) + ROUNDINGS:      # checked here: a pass-through downlink takes none
+        raise cb.QuantizerError(f"downlink_rounding must be one of {ROUNDINGS}, got {downlink_rounding!r}")
     # Error feedback needs a contractive compressor: an unbiased quantizer whose variance factor
     # exceeds 1 (QSGD at 4 bits, bucket 512: ~3) makes the residual grow without bound. Nearest
     # rounding is never worse than rounding to 0, so it is the default wherever EF is on.
-    if downlink_rounding not in (None,) + ROUNDINGS:      # checked here: a pass-through downlink takes none
-        raise cb.QuantizerError(f"downlink_rounding must be one of {ROUNDINGS}, got {downlink_rounding!r}")
     uplink = LinkSpec(quantizer, bits, _bucket_size_for(quantizer, bucket_size),
                       rounding if rounding is not None else ("nearest" if error_feedback else None))
 
