@@ -9,7 +9,8 @@ from .api import check_bucket_size, stochastic_rounding
 from .quant import codebooks as cb
 from .transport import TOPOLOGIES  # noqa: F401 - re-exported; the optimizer also takes "auto"
 
-# The registries (algorithms.ALGORITHMS, transport.TOPOLOGIES) are the lists of names.
+# The names a Config accepts are the registries' (ALGORITHMS, TOPOLOGIES above). onebit_adam's
+# defaults are defined on its class; the names here stay for those who import them from here.
 DEFAULT_FREEZE_STEP = OnebitAdam.DEFAULT_FREEZE_STEP
 DEFAULT_V_REFRESH_EVERY = OnebitAdam.DEFAULT_V_REFRESH_EVERY
 FREEZE_AUTO_NEVER = OnebitAdam.FREEZE_AUTO_NEVER
