@@ -24,23 +24,41 @@ import math
 import numpy as np
 
 from . import functional as F
+from .errors import AlgorithmOptionError  # noqa: F401 - re-exported
 
 OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS = "grad", "update", "weights"
-
-
-class AlgorithmOptionError(ValueError):
-    """The wrapped optimizer has an option this algorithm cannot honour."""
+# What happens to a step with NaN/Inf on some rank: every rank raises NonFiniteGradientError, skips
+# the step, or hands back non-finite averaged gradients (as Horovod does; qsgd only).
+NONFINITE_POLICIES = ("raise", "skip", "propagate")
 
 
 class Algorithm:
+    """One algorithm: its math (the hooks below) and its policy (the class attributes), which the
+    rest of the package reads instead of comparing names. A subclass with a new ``name`` becomes
+    a choice of ``DistributedOptimizer(algorithm=...)`` by :func:`register`."""
     name = ""
     output = OUT_GRAD        # what the engine's result is: an averaged gradient, an update, weights
     server_ef = True         # server error feedback on a quantized downlink (update-type outputs)
     server_state = False     # the server side S keeps state per served range (not just the mean)
     overlap = True           # the worker side may run from backward hooks (needs only gradients)
+    steps_locally = False    # the wrapped optimizer steps on local gradients; exchanges average models
+    default_nonfinite = "raise"   # Config.nonfinite when the user does not choose (see Config)
+    keeps_float64 = False    # the result is the plain mean of what workers send, so float64 groups
+                             # that travel uncompressed can stay float64 (Config.exact_float64)
+    options = ()             # Config fields that only this algorithm reads (refused with the others)
 
     def __init__(self, config):
         self.cfg = config
+
+    @classmethod
+    def resolve_options(cls, config) -> dict:
+        """Validate this algorithm's own ``options`` in ``config`` and return {field: value} for
+        those whose value follows from others (defaults filled in); called by ``Config``."""
+        return {}
+
+    def start(self, eng, params: dict) -> None:
+        """Called before the first step with the initial parameters {name: tensor} (identical on
+        every rank) and after a reset; state that starts from the weights is made here."""
 
     def check_optimizer(self, optimizer) -> None:
         """Refuse, at construction, wrapped-optimizer options this algorithm would not honour."""
@@ -101,6 +119,10 @@ class QSGD(Algorithm):
     Any wrapped optimizer works (its options are its own)."""
     name = "qsgd"
     output = OUT_GRAD
+    # Like Horovod: every rank's averaged gradient is non-finite, so a GradScaler skips the step
+    # on every rank.
+    default_nonfinite = "propagate"
+    keeps_float64 = True
 
 
 class EfficientAdam(_AdamFamily):
@@ -219,6 +241,12 @@ class LocalSGD(Algorithm):
     name = "local_sgd"
     output = OUT_WEIGHTS
     overlap = False          # the exchange follows the local optimizer step, not backward
+    steps_locally = True
+
+    def start(self, eng, params):
+        for g in eng.layout.groups:
+            if eng.bank.get(f"g{g.index}.anchor") is None:
+                eng.bank.set(f"g{g.index}.anchor", g.flatten(params).clone())
 
     def worker(self, eng, g, grad, step):
         d = eng.scratch(f"g{g.index}.w", g.numel, grad.device)
@@ -281,7 +309,7 @@ class OnebitAdam(_AdamFamily):
     take no Adam step after the freeze (DeepSpeed asks the user for a "momentum mask" instead).
 
     The freeze. The warm-up is the engine's uncompressed warm-up (``warmup_steps``, which the
-    configuration sets to ``freeze_step``, default 100 = :data:`hvd_qadam.config.DEFAULT_FREEZE_STEP`).
+    configuration sets to ``freeze_step``, default 100 = ``DEFAULT_FREEZE_STEP``).
     ``freeze_step="auto"`` decides it at run time: after warm-up step t > K the norm of the
     bias-corrected second moment, n_t = ||v_t / (1 - b2^t)|| over every group, is compared with
     n_{t-K}; when |n_t - n_{t-K}| <= tol n_t, v freezes and step t + 1 is the first compressed one
@@ -294,6 +322,10 @@ class OnebitAdam(_AdamFamily):
     step the freeze starts at and the last K + 1 norms (counters and bank): all checkpointed."""
     name = "onebit_adam"
     output = OUT_UPDATE
+    options = ("freeze_step", "v_refresh_every")
+    DEFAULT_FREEZE_STEP = 100          # full-precision Adam steps before v is frozen
+    DEFAULT_V_REFRESH_EVERY = 50       # steps between uncompressed v refreshes after the freeze
+    FREEZE_AUTO_NEVER = 2 ** 62        # freeze_step="auto" without a cap: warm up until v is stable
     AUTO_WINDOW = 20                   # K: compare ||v_hat|| with its value K warm-up steps ago
     AUTO_TOLERANCE = 0.05              # freeze when it changed by at most this fraction
     FREEZE_AT = "onebit.freeze_at"     # counter: the first compressed step ("auto", once decided)
@@ -302,6 +334,33 @@ class OnebitAdam(_AdamFamily):
     def __init__(self, config):
         super().__init__(config)
         self._norms = (None, {})       # (step in flight, {group: sum of v_hat^2}), "auto" only
+
+    @classmethod
+    def resolve_options(cls, config) -> dict:
+        """The warm-up is the engine's uncompressed warm-up: warmup_steps is derived from
+        freeze_step (for "auto", warmup_steps, if given, caps the freeze step; the algorithm lowers
+        it at run time when it decides to freeze)."""
+        f, k = config.freeze_step, config.v_refresh_every
+        if k is None:
+            k = cls.DEFAULT_V_REFRESH_EVERY
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"v_refresh_every must be a non-negative integer (0: never refresh v), got {k!r}")
+        out = {"v_refresh_every": k}
+        if f is None:
+            f = cls.DEFAULT_FREEZE_STEP
+        if f == "auto":
+            if config.warmup_steps == 0:
+                out["warmup_steps"] = cls.FREEZE_AUTO_NEVER
+        elif isinstance(f, bool) or not isinstance(f, int) or f < 1:
+            raise ValueError(f"freeze_step must be a positive integer or 'auto', got {f!r} (onebit_adam needs "
+                             f"full-precision steps to estimate the second moment it freezes)")
+        elif config.warmup_steps not in (0, f):
+            raise ValueError(f"onebit_adam: warmup_steps={config.warmup_steps} conflicts with freeze_step={f}; its "
+                             f"uncompressed warm-up is freeze_step (pass that only)")
+        else:
+            out["warmup_steps"] = f
+        out["freeze_step"] = f
+        return out
 
     @property
     def auto(self) -> bool:
@@ -377,8 +436,24 @@ class OnebitAdam(_AdamFamily):
         self._norms = (None, {})
 
 
-ALGORITHMS = {cls.name: cls for cls in (QSGD, EfficientAdam, QAdam, QAdamWeights, EFSGD, LocalSGD,
-                                                 OnebitAdam)}
+ALGORITHMS: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Make ``cls`` (an :class:`Algorithm` subclass with a new ``name``) a choice of
+    ``DistributedOptimizer(algorithm=cls.name)`` and ``Config``; usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)) or not cls.name:
+        raise TypeError(f"register() takes an Algorithm subclass with a name, got {cls!r}")
+    if ALGORITHMS.get(cls.name, cls) is not cls:
+        raise ValueError(f"algorithm {cls.name!r} is already registered ({ALGORITHMS[cls.name].__qualname__})")
+    if cls.default_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"{cls.__qualname__}.default_nonfinite must be one of {NONFINITE_POLICIES}")
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+for _cls in (QSGD, EfficientAdam, QAdam, QAdamWeights, EFSGD, LocalSGD, OnebitAdam):
+    register(_cls)
 
 
 def make(config) -> Algorithm:

@@ -25,6 +25,16 @@ except ImportError:  # pragma: no cover
 ROUNDINGS = ("stochastic", "nearest")
 
 
+def stochastic_rounding(k: cb.QuantizerKind, rounding: str | None) -> bool:
+    """Whether ``rounding`` (None: the quantizer's default) is stochastic; anything but the
+    :data:`ROUNDINGS` is refused (a typo must not silently mean nearest)."""
+    if rounding is None:
+        return k.stochastic
+    if rounding not in ROUNDINGS:
+        raise cb.QuantizerError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding == "stochastic"
+
+
 def _is_torch(x) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
@@ -39,7 +49,7 @@ def _flat_fp32(x, keep_float64: bool = False):
         wide = keep_float64 and x.dtype == torch.float64
         flat = x.detach().reshape(-1).to(torch.float64 if wide else torch.float32).contiguous()
         if flat.is_cuda:
-            import cupy
+            import cupy  # optional: GPU only
             arr = cupy.from_dlpack(flat)
         else:
             arr = flat.numpy()
@@ -62,25 +72,21 @@ FP16_MAX = 65504.0
 BF16_MAX = 3.3895313892515355e38
 
 
-def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: int = 512, seed: int = 0,
+def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: int | None = None, seed: int = 0,
              rounding: str | None = None, codebook=None, *, key: int | None = None, offset: int = 0,
              backend: str | None = None, check_finite: bool = True) -> Payload:
     """Quantize ``x`` into a :class:`Payload`.
 
-    ``bits=None`` is the quantizer's default: 4, or the fixed width of sign (1), terngrad (2),
-    fp16 and bf16 (16) and none (32). ``seed`` (or an explicit stream ``key`` from :func:`hvd_qadam.quant.rng.stream_key`) fixes the
+    ``bits=None`` is the quantizer's default: 6 for qsgd and qsgdinf, the fixed width of sign (1),
+    terngrad (2), fp16 and bf16 (16) and none (32), 4 for the others; ``bucket_size=None`` is 128 (512
+    for the 1-bit sign): the defaults of ``DistributedOptimizer`` (``quant.codebooks.DEFAULT_BITS``). ``seed`` (or an explicit stream ``key`` from :func:`hvd_qadam.quant.rng.stream_key`) fixes the
     stochastic rounding; ``offset`` is the index of x[0] in its stream, so that chunks of one vector
     quantized separately draw exactly what the whole vector would. ``codebook`` is required for
     the adaptive quantizers (alq, amq, ...), whose levels travel with the payload.
     """
     k = cb.kind(quantizer)
     bits = k.check_bits(bits)
-    if rounding is None:
-        stochastic = k.stochastic
-    elif rounding in ROUNDINGS:
-        stochastic = rounding == "stochastic"
-    else:
-        raise cb.QuantizerError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    stochastic = stochastic_rounding(k, rounding)
     arr, array_kind, dtype, shape = _flat_fp32(x, keep_float64=k.name == "none")
     if dtype not in ("float32", "float16", "bfloat16", "float64"):
         raise cb.QuantizerError(f"unsupported dtype {dtype}")
@@ -92,7 +98,7 @@ def quantize(x, quantizer: str = "qsgd", bits: int | None = None, bucket_size: i
     if k.passthrough:
         codes = _passthrough_values(arr, k.name)
         return Payload(k.name, bits, 0, int(arr.size), shape, None, codes, None, False, dtype, array_kind)
-    bucket_size = check_bucket_size(bucket_size)
+    bucket_size = check_bucket_size(k.default_bucket_size if bucket_size is None else bucket_size)
     if k.adaptive:
         if codebook is None:
             raise cb.QuantizerError(f"quantizer {k.name!r} needs a codebook (its levels are learned)")
@@ -207,7 +213,7 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
     temporaries); elsewhere (NumPy backend, pass-through) it runs them separately."""
     k = cb.kind(quantizer)
     bits = k.check_bits(bits)
-    stochastic = k.stochastic if rounding is None else rounding == "stochastic"
+    stochastic = stochastic_rounding(k, rounding)
     if k.adaptive:
         if codebook is None:
             raise cb.QuantizerError(f"quantizer {k.name!r} needs a codebook (its levels are learned)")
@@ -228,7 +234,7 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
         return p, False
     bucket_size = check_bucket_size(bucket_size)
     if cuda_fused:
-        import cupy
+        import cupy  # optional: GPU only
         # on torch's current stream, so the kernels are ordered with the ops that made v and resid
         with cupy.cuda.Device(v.device.index or 0), \
                 cupy.cuda.ExternalStream(torch.cuda.current_stream(v.device).cuda_stream):
@@ -262,7 +268,7 @@ def mean_on_device(payloads, out) -> bool:
             and np.array_equal(to_host(p.levels), to_host(first.levels)) for p in payloads):
         return False
     try:
-        import cupy
+        import cupy  # optional: GPU only
     except ImportError:
         return False
     with cupy.cuda.Device(out.device.index or 0), \
@@ -289,7 +295,7 @@ def decode_on_device(payload, out) -> bool:
     if payload.kind.passthrough or not (out.is_cuda and out.dtype == torch.float32 and out.is_contiguous()):
         return False
     try:
-        import cupy
+        import cupy  # optional: GPU only
     except ImportError:
         return False
     with cupy.cuda.Device(out.device.index or 0), \

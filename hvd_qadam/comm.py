@@ -5,6 +5,7 @@ the simulator. Collective calls return peers' data in rank order.
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import sys
@@ -14,17 +15,13 @@ import time
 import numpy as np
 import torch
 
+from .errors import CollectiveTimeout, CommError  # noqa: F401 - re-exported
+from .quant.backend import share_cores
+from .transport import Hosts, horovod_hosts
+
 TIMEOUT_ENV = "HVD_QADAM_TIMEOUT"
 EXIT_GRACE_ENV = "HVD_QADAM_TIMEOUT_EXIT_GRACE"
 _ALIVE_TAG = 7412
-
-
-class CommError(RuntimeError):
-    """A collective could not complete (a peer failed or left)."""
-
-
-class CollectiveTimeout(CommError):
-    """A collective did not complete within the deadline (a peer hangs or died)."""
 
 
 def collective_timeout(timeout: float | None = None) -> float:
@@ -39,7 +36,7 @@ def gloo_controller() -> bool:
     """Whether Horovod runs its Gloo controller (``horovodrun --gloo``, elastic): then there is no
     MPI world to ask or to abort, and mpi4py would only start a singleton of its own."""
     try:
-        import horovod.torch as hvd
+        import horovod.torch as hvd  # optional here: the simulator and the NumPy API run without it
         return hvd.is_initialized() and hvd.gloo_enabled()
     except Exception:  # noqa: BLE001 - Horovod absent or shut down: not Gloo as far as we know
         return False
@@ -51,7 +48,7 @@ def _missing_ranks(size: int, grace: float = 2.0):
     if gloo_controller():
         return None
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # optional: only launches with mpirun have it, and it starts MPI
         comm = MPI.COMM_WORLD
         if comm.Get_size() != size:
             return None
@@ -79,7 +76,7 @@ def _end_job(message: str) -> None:
     sys.stdout.flush()
     try:
         if not gloo_controller():      # under Gloo the launcher sees the exit (elastic: a failure)
-            from mpi4py import MPI
+            from mpi4py import MPI  # optional: only launches with mpirun have it, and it starts MPI
             MPI.COMM_WORLD.Abort(1)
     finally:
         os._exit(1)
@@ -97,7 +94,6 @@ def _abort_later(message: str) -> None:
     caller carries on, with a non-zero status."""
     grace = float(os.environ.get(EXIT_GRACE_ENV, "10"))
     if not _timed_out:
-        import atexit
         atexit.register(_at_exit)      # registered after Horovod's: runs before it
         _timed_out.append(message)
 
@@ -116,7 +112,7 @@ class HorovodComm:
     from), from ``hvd.synchronize`` as soon as ``hvd.poll`` sees the failed operation."""
 
     def __init__(self, process_set=None, timeout: float | None = None):
-        import horovod.torch as hvd
+        import horovod.torch as hvd  # optional: only this comm needs Horovod
         self.hvd = hvd
         self.timeout = collective_timeout(timeout)
         kw = {} if process_set is None else {"process_set": process_set}
@@ -124,7 +120,6 @@ class HorovodComm:
         self._process_set = process_set
         self.rank, self.size = self._place()
         self.hosts = self._hosts()
-        from .quant.backend import share_cores
         share_cores(hvd.local_size())
 
     def _place(self) -> tuple:
@@ -132,7 +127,6 @@ class HorovodComm:
         return (self.hvd.rank(), self.hvd.size()) if ps_ is None else (ps_.rank(), ps_.size())
 
     def _hosts(self):
-        from .transport import Hosts, horovod_hosts
         # Horovod's local/cross ranks describe the global world; a process set is taken as flat.
         return horovod_hosts(self.hvd, self.size) if self._process_set is None else Hosts(self.size, 1)
 
@@ -148,7 +142,6 @@ class HorovodComm:
         self.rank, self.size = place
         if changed:
             self.hosts = self._hosts()
-            from .quant.backend import share_cores
             share_cores(self.hvd.local_size())
         return changed
 
@@ -225,7 +218,6 @@ class SimWorld:
     """Shared state of N simulated ranks that run as threads of one process."""
 
     def __init__(self, size: int, timeout: float = 120.0, local_size: int = 1):
-        from .transport import Hosts
         self.size = size
         self.hosts = Hosts(size, local_size)     # simulated hosts of local_size consecutive ranks
         self._barrier = threading.Barrier(size, timeout=timeout)

@@ -56,7 +56,7 @@ class QuantizeDequantizeCompressor(Compressor):
     Horovod passes no name or step to a compressor.
     """
 
-    def __init__(self, quantizer: str = "qsgd", bits: int | None = 4, bucket_size: int = 512,
+    def __init__(self, quantizer: str = "qsgd", bits: int | None = None, bucket_size: int | None = None,
                  rounding: str | None = None, seed: int = 0, rank: int | None = None):
         # Validate eagerly, on a tiny tensor, so a bad bit width fails at construction.
         quantize(torch.zeros(1), quantizer, bits, bucket_size, rounding=rounding)
@@ -67,7 +67,7 @@ class QuantizeDequantizeCompressor(Compressor):
     def _stream(self) -> int:
         if self._rank is None:
             try:
-                import horovod.torch as hvd
+                import horovod.torch as hvd  # optional: the NumPy/torch-only use runs without it
                 self._rank = hvd.rank() if hvd.is_initialized() else 0
             except ImportError:
                 self._rank = 0
@@ -90,8 +90,9 @@ class Compression:
     fp16 = FP16Compressor
 
     @staticmethod
-    def simulated(quantizer: str = "qsgd", bits: int | None = 4, bucket_size: int = 512,
+    def simulated(quantizer: str = "qsgd", bits: int | None = None, bucket_size: int | None = None,
                   rounding: str | None = None, seed: int = 0) -> QuantizeDequantizeCompressor:
+        """``bits``/``bucket_size`` None: the quantizer's defaults, as for :func:`hvd_qadam.quantize`."""
         return QuantizeDequantizeCompressor(quantizer, bits, bucket_size, rounding, seed)
 
 

@@ -4,45 +4,39 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .api import ROUNDINGS, check_bucket_size
+from .algorithms import ALGORITHMS, NONFINITE_POLICIES, OnebitAdam  # noqa: F401 - ALGORITHMS re-exported
+from .api import check_bucket_size, stochastic_rounding
 from .quant import codebooks as cb
-from .exchange import DEFAULT as DEFAULT_EXCHANGE, POLICIES as _EXCHANGE_POLICIES
-from .transport import TOPOLOGIES as _TOPOLOGY_CLASSES
+from .exchange import DEFAULT as DEFAULT_EXCHANGE, POLICIES as EXCHANGES
+from .transport import TOPOLOGIES  # noqa: F401 - re-exported; the optimizer also takes "auto"
 
-ALGORITHMS = ("qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd", "local_sgd", "onebit_adam")
-TOPOLOGIES = tuple(_TOPOLOGY_CLASSES)      # resolved names; the optimizer also takes "auto"
-EXCHANGES = tuple(_EXCHANGE_POLICIES)
-NONFINITE_POLICIES = ("raise", "skip", "propagate")
-DEFAULT_FREEZE_STEP = 100           # onebit_adam: full-precision Adam steps before v is frozen
-DEFAULT_V_REFRESH_EVERY = 50        # onebit_adam: steps between uncompressed v refreshes after the freeze
-FREEZE_AUTO_NEVER = 2 ** 62         # freeze_step="auto" without a cap: warm up until v is stable
-# A link's bit width when none is given, where it differs from the quantizer's own default (4).
-# The max-abs and L2 grids default to 6 bits in the pipeline: at 4 bits the defaults trained a
-# 10M-parameter LM 1.9 % above Horovod Adam's validation loss (3 seeds), at 6 bits 0.2 %, for a
-# step 21 % slower than 4 bits on a 100 Mbit/s link and 4 % on 1 Gbit/s (README, Convergence).
-LINK_DEFAULT_BITS = {"qsgd": 6, "qsgdinf": 6}
+# The names a Config accepts are the registries' (ALGORITHMS, TOPOLOGIES, EXCHANGES above). onebit_adam's
+# defaults are defined on its class; the names here stay for those who import them from here.
+DEFAULT_FREEZE_STEP = OnebitAdam.DEFAULT_FREEZE_STEP
+DEFAULT_V_REFRESH_EVERY = OnebitAdam.DEFAULT_V_REFRESH_EVERY
+FREEZE_AUTO_NEVER = OnebitAdam.FREEZE_AUTO_NEVER
 
 
 @dataclass(frozen=True)
 class LinkSpec:
     """One direction's quantizer: name, bit width, bucket size, rounding."""
     quantizer: str = "qsgd"
-    bits: int | None = None         # None: LINK_DEFAULT_BITS, else the quantizer's default (4, or its fixed width)
-    bucket_size: int = 128          # see optimizer._default_bucket_size
+    bits: int | None = None         # None: the quantizer's default (QuantizerKind.default_bits)
+    bucket_size: int | None = None  # None: the quantizer's default (QuantizerKind.default_bucket_size)
     rounding: str | None = None     # None: the quantizer's default (stochastic if unbiased)
 
     def __post_init__(self):
         k = cb.kind(self.quantizer)
-        bits = LINK_DEFAULT_BITS.get(self.quantizer) if self.bits is None else self.bits
-        object.__setattr__(self, "bits", k.check_bits(bits))
+        object.__setattr__(self, "bits", k.check_bits(self.bits))
+        if self.bucket_size is None:
+            object.__setattr__(self, "bucket_size", k.default_bucket_size)
         if not k.passthrough:
             check_bucket_size(self.bucket_size)
-        if self.rounding is not None and self.rounding not in ROUNDINGS:
-            raise cb.QuantizerError(f"rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        stochastic_rounding(k, self.rounding)      # validates
 
     @property
     def stochastic(self) -> bool:
-        return cb.kind(self.quantizer).stochastic if self.rounding is None else self.rounding == "stochastic"
+        return stochastic_rounding(cb.kind(self.quantizer), self.rounding)
 
     @property
     def passthrough(self) -> bool:
@@ -66,7 +60,7 @@ class Config:
     min_compress_numel: int = 1024          # smaller tensors (biases, norms) travel unquantized
                                             # (fp32, or 2 bytes: see passthrough_wire)
     fusion_threshold_bytes: int = 25 << 20  # fp32 bytes per fused buffer
-    nonfinite: str = "raise"
+    nonfinite: str | None = None            # None: the algorithm's default_nonfinite
     # algorithm hyper-parameters that are not in the torch param_groups
     bias_correction: bool = True
     momentum_steps: int | None = None       # ef_sgd early momentum: momentum only for the first E steps
@@ -79,11 +73,13 @@ class Config:
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {ALGORITHMS}")
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {tuple(ALGORITHMS)}")
         if self.topology not in TOPOLOGIES:
-            raise ValueError(f"unknown topology {self.topology!r}; choose one of {TOPOLOGIES}")
+            raise ValueError(f"unknown topology {self.topology!r}; choose one of {tuple(TOPOLOGIES)}")
         if self.exchange not in EXCHANGES:
-            raise ValueError(f"unknown exchange {self.exchange!r}; choose one of {EXCHANGES}")
+            raise ValueError(f"unknown exchange {self.exchange!r}; choose one of {tuple(EXCHANGES)}")
+        if self.nonfinite is None:
+            object.__setattr__(self, "nonfinite", ALGORITHMS[self.algorithm].default_nonfinite)
         if self.nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {self.nonfinite!r}")
         for name in ("warmup_steps", "min_compress_numel"):
@@ -94,39 +90,20 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        self._check_freeze_step()
+        self._check_algorithm_options()
 
-    def _check_freeze_step(self):
-        """onebit_adam's warm-up is the engine's uncompressed warm-up: warmup_steps is derived from
-        freeze_step (for "auto", warmup_steps, if given, caps the freeze step; the algorithm lowers it
-        at run time when it decides to freeze)."""
-        f, k = self.freeze_step, self.v_refresh_every
-        if self.algorithm != "onebit_adam":
-            if f is not None:
-                raise ValueError(f"freeze_step is an option of algorithm 'onebit_adam', not {self.algorithm!r} "
-                                 f"(use warmup_steps for uncompressed steps first)")
-            if k is not None:
-                raise ValueError(f"v_refresh_every is an option of algorithm 'onebit_adam', not {self.algorithm!r}")
-            return
-        if k is None:
-            k = DEFAULT_V_REFRESH_EVERY
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"v_refresh_every must be a non-negative integer (0: never refresh v), got {k!r}")
-        object.__setattr__(self, "v_refresh_every", k)
-        if f is None:
-            f = DEFAULT_FREEZE_STEP
-        if f == "auto":
-            if self.warmup_steps == 0:
-                object.__setattr__(self, "warmup_steps", FREEZE_AUTO_NEVER)
-        elif isinstance(f, bool) or not isinstance(f, int) or f < 1:
-            raise ValueError(f"freeze_step must be a positive integer or 'auto', got {f!r} (onebit_adam needs "
-                             f"full-precision steps to estimate the second moment it freezes)")
-        elif self.warmup_steps not in (0, f):
-            raise ValueError(f"onebit_adam: warmup_steps={self.warmup_steps} conflicts with freeze_step={f}; its "
-                             f"uncompressed warm-up is freeze_step (pass that only)")
-        else:
-            object.__setattr__(self, "warmup_steps", f)
-        object.__setattr__(self, "freeze_step", f)
+    def _check_algorithm_options(self):
+        """An option only some algorithm reads (``Algorithm.options``) is refused with another; the
+        chosen algorithm validates its own and fills in their defaults."""
+        alg = ALGORITHMS[self.algorithm]
+        for other in ALGORITHMS.values():
+            for name in other.options:
+                if name not in alg.options and getattr(self, name) is not None:
+                    raise ValueError(f"{name} is an option of algorithm {other.name!r}, not {self.algorithm!r}"
+                                     + (" (use warmup_steps for uncompressed steps first)"
+                                        if name == "freeze_step" else ""))
+        for name, value in alg.resolve_options(self).items():
+            object.__setattr__(self, name, value)
 
     def exact_float64(self, compressed: bool) -> bool:
         """Whether float64 parameters of a group keep float64 end to end (buffers, wire values,
@@ -134,7 +111,7 @@ class Config:
         mean is computed, i.e. ``qsgd``'s gradient averaging of an uncompressed group (the small
         tensors' group, or every group with ``quantizer="none"`` and no downlink quantizer).
         Elsewhere the values are quantized from float32, and algorithm state is float32."""
-        if self.algorithm != "qsgd":
+        if not ALGORITHMS[self.algorithm].keeps_float64:
             return False
         return not compressed or (self.uplink.quantizer == "none" and self.downlink.quantizer == "none")
 

@@ -43,7 +43,7 @@ import warnings
 
 import torch
 
-from .optimizer import STATE_KEY
+from .engine import STATE_KEY
 
 COMMITTED_KEY = "elastic_server"      # the committed whole server state in an elastic save
 
@@ -234,7 +234,7 @@ def sync_from_root(opt) -> None:
     """After ``hvd.broadcast_optimizer_state``: a rank that is not at rank 0's step (it joined, or
     its commit is older) takes rank 0's hvd_qadam state, except the residuals (zero: it has sent
     nothing) and the server shards (re-partitioned at the next step). Collective."""
-    import horovod.torch as hvd
+    import horovod.torch as hvd  # optional: elastic runs only under Horovod
     eng = opt._engine
     opt._comm.refresh_world()
     root = None
@@ -267,14 +267,14 @@ def _restart(opt) -> None:
 
 
 def _handler_base():
-    from horovod.torch.elastic.state import OptimizerStateHandler
+    from horovod.torch.elastic.state import OptimizerStateHandler  # optional: Horovod's elastic module
     return OptimizerStateHandler
 
 
 def register_state_handler() -> None:
     """Put :class:`QuantizedOptimizerStateHandler` first in TorchState's handler registry (once)."""
     try:
-        from horovod.torch.elastic import state as hvd_state
+        from horovod.torch.elastic import state as hvd_state  # optional: Horovod's elastic module
     except ImportError:  # pragma: no cover - Horovod without its elastic module
         return
     registry = hvd_state.get_handler_registry()
@@ -314,7 +314,7 @@ def _make_handler_class():
             load_elastic_state_dict(self.value, self._saved_optimizer_state)
 
         def sync(self):
-            from horovod.torch.functions import broadcast_optimizer_state
+            from horovod.torch.functions import broadcast_optimizer_state  # optional: Horovod
             broadcast_optimizer_state(self.value, root_rank=0)
             sync_from_root(self.value)
 

@@ -28,6 +28,7 @@ position, so the ``allgather`` and ``sharded`` topologies produce bit-identical 
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,27 +37,22 @@ import torch
 from . import algorithms
 from . import exchange as exchange_policies
 from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exported
-from .api import decode_flat, decode_on_device, fits_passthrough, mean_on_device, quantize
-from .comm import CommError
+from .adaptive import LevelAdapter
+from .api import decode_flat, decode_on_device, fits_passthrough, mean_on_device, quantize, quantize_ef
+from .errors import CommError, ConsistencyError, NonFiniteGradientError  # noqa: F401 - re-exported
 from .config import NONE_LINK, Config, LinkSpec
+from .functional import all_finite  # noqa: F401 - re-exported
 from .layout import Layout, shard_alignment
 from .memory import StateBank, persistent_buffer
 from .quant import codebooks as cb
 from .quant import rng
-from .quant.backend import cpu_backend
+from .quant.backend import cpu_backend, gpu_backend
 from .transport import TOPOLOGIES, AllreduceTransport, Hosts, make_transport
 from .wire import Frame, PayloadError
 
 SERVER_RANK = 2 ** 31 - 1     # the rank used in the server's random-stream keys
+STATE_KEY = "hvd_qadam"        # the engine's state in an optimizer's state_dict
 _PASSTHROUGH_LINKS = {q: LinkSpec(q, None) for q in ("fp16", "bf16")}     # Engine.wire_link
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """Some rank had NaN/Inf in a gradient; the step was not taken and no state changed."""
-
-
-class ConsistencyError(RuntimeError):
-    """Ranks disagree about the model, the configuration or the step they are in."""
 
 
 @dataclass
@@ -134,7 +130,6 @@ class Engine:
         self.pending: PendingStep | None = None
         self.uplink_levels = None    # adaptive quantizers: hvd_qadam.adaptive.LevelAdapter
         if cb.kind(config.uplink.quantizer).adaptive:
-            from .adaptive import LevelAdapter
             self.uplink_levels = LevelAdapter(config.uplink.quantizer, config.uplink.bits,
                                               config.uplink.bucket_size, schedule=tuple(config.level_schedule),
                                               every=config.level_every)
@@ -192,8 +187,7 @@ class Engine:
         # in another world the chunks differ, so they cannot be carried over: said, not dropped.
         host_residuals = [k for k in self.bank.current if "#" in k and k.endswith(".e")]
         if host_residuals:
-            import warnings
-            warnings.warn(f"rank {rank}: the world changed under topology 'hierarchical'; this rank's "
+            warnings.warn(f"rank {rank}: the world changed under topology {self.cfg.topology!r}; this rank's "
                           f"error-feedback residuals of its host's chunks ({len(host_residuals)} groups) "
                           f"cannot be mapped onto the new chunks and are reset", RuntimeWarning, stacklevel=2)
             self.bank.clear(lambda k: k in host_residuals)
@@ -265,7 +259,6 @@ class Engine:
 
     def encode_ef(self, vec, resid, resid_out, link: LinkSpec, key: int, offset: int, codebook=None):
         """(payload, nonfinite): quantize vec + resid, the new residual into resid_out, one pass."""
-        from .api import quantize_ef
         return quantize_ef(vec, resid, resid_out, link.quantizer, link.bits, link.bucket_size,
                            rounding=link.rounding, key=key, offset=offset, codebook=codebook)
 
@@ -544,7 +537,7 @@ class Engine:
                 for name, v in g.views(value).items():
                     if self.kind == OUT_UPDATE:
                         params[name].sub_(v.to(params[name].dtype))
-                    elif self.kind == OUT_WEIGHTS and self.cfg.algorithm != "local_sgd":
+                    elif self.kind == OUT_WEIGHTS and not self.alg.steps_locally:
                         params[name].copy_(v)
         return "ok", self.frame(down, None)
 
@@ -571,10 +564,7 @@ class Engine:
     # ------------------------------------------------------------------ state
     def start(self, params: dict) -> None:
         """Called before the first step with the initial parameters (identical on all ranks)."""
-        if self.cfg.algorithm == "local_sgd":
-            for g in self.layout.groups:
-                if self.bank.get(f"g{g.index}.anchor") is None:
-                    self.bank.set(f"g{g.index}.anchor", g.flatten(params).clone())
+        self.alg.start(self, params)
 
     def reset_state(self, step: int) -> None:
         """Start the algorithm state afresh at ``step`` (residuals, moments, server state; the
@@ -583,19 +573,6 @@ class Engine:
         self.bank.clear(lambda k: not k.endswith(".anchor"))
         self.counters = {"step": int(step), "worker_adam_step": {}, "server_adam_step": {}}
         self.exchange.restart()
-
-    def residual_views(self, server: bool = False) -> dict:
-        """{name: residual tensor}: worker residuals by parameter name, server ones by shard key."""
-        out = {}
-        for k, v in self.bank.current.items():
-            if not k.endswith(".e"):
-                continue
-            if "@" in k:
-                if server:
-                    out[k[:-2]] = v
-            elif not server:
-                out.update(self.layout.groups[int(k[1:-2])].views(v))
-        return out
 
     def state_dict(self) -> dict:
         return {"config": self.cfg.as_dict(), "layout_hash": self.layout.hash, "world_size": self.size,
@@ -607,7 +584,6 @@ class Engine:
                 "levels": None if self.uplink_levels is None else self.uplink_levels.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        import warnings
         if state.get("layout_hash") != self.layout.hash:
             raise ConsistencyError("checkpoint was saved for a different model layout (parameter names, shapes "
                                    "or fusion settings differ)")
@@ -634,13 +610,6 @@ class Engine:
             self.uplink_levels.load_state_dict(state["levels"])
 
 
-def all_finite(vec: torch.Tensor) -> bool:
-    """Whether ``vec`` holds no NaN/Inf. A sum is ~5x cheaper than isfinite().all() and
-    non-finite whenever an element is (or, rarely, when finite values overflow: then the exact
-    check clears it)."""
-    return np.isfinite(float(vec.sum())) or bool(torch.isfinite(vec).all())
-
-
 def _decode_on(payload, device, dtype=torch.float32) -> torch.Tensor:
     """Decode where the result is needed: payloads received from the wire are host bytes; for a
     CUDA buffer their codes and scales go up (1/8 of fp32 at 4 bits) and the CuPy kernels decode
@@ -650,8 +619,7 @@ def _decode_on(payload, device, dtype=torch.float32) -> torch.Tensor:
         raw = torch.from_numpy(np.ascontiguousarray(payload.codes).view(np.int16)).to(device)
         return raw.view(torch.bfloat16 if payload.quantizer == "bf16" else torch.float16).to(dtype)
     if device.type == "cuda" and not payload.kind.passthrough and isinstance(payload.codes, np.ndarray):
-        import cupy
-        from .quant.backend import gpu_backend
+        import cupy  # optional: GPU only
         with cupy.cuda.Device(device.index or 0):
             levels = cupy.asarray(payload.levels)
             arr = gpu_backend().decode(cupy.asarray(payload.scales), cupy.asarray(payload.codes), levels,

@@ -65,10 +65,6 @@ class StateBank:
             del self.current[k]
             self._spare.pop(k, None)
 
-    def norm(self, suffix: str = "") -> float:
-        return float(sum(float(t.double().pow(2).sum()) for k, t in self.current.items()
-                         if k.endswith(suffix)) ** 0.5)
-
     def state_dict(self) -> dict:
         return {k: v.detach().clone() for k, v in self.current.items()}
 

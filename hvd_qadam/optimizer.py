@@ -18,14 +18,19 @@ import warnings
 
 import torch
 
+from . import elastic
 from . import exchange as exchange_policies
+from .algorithms import ALGORITHMS
+from .api import ROUNDINGS
+from .comm import ExcludedComm, HorovodComm, gloo_controller
+from .compression import quantizer_of
 from .config import Config, LinkSpec, NONE_LINK
-from .transport import AUTO, TOPOLOGIES as TOPOLOGY_CLASSES, Hosts, choose
-from .engine import OUT_GRAD, OUT_UPDATE, ConsistencyError, Engine, NonFiniteGradientError
+from .engine import OUT_GRAD, OUT_UPDATE, STATE_KEY, Engine
+from .errors import CommError, ConsistencyError, NonFiniteGradientError
 from .layout import Layout
+from .ps import ps_worker_comm
 from .quant import codebooks as cb
-
-STATE_KEY = "hvd_qadam"
+from .transport import AUTO, TOPOLOGIES as TOPOLOGY_CLASSES, Hosts, choose
 
 
 class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
@@ -62,7 +67,6 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                            for i, p in enumerate(pg["params"])}
         self._parameter_names = dict(self._names)      # Horovod's attribute, read by its tests
         if comm is None:
-            from .comm import HorovodComm
             comm = HorovodComm()
         self._comm = comm
         self._layout = Layout(self.param_groups, self._names, config.min_compress_numel,
@@ -136,7 +140,6 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         """First step, and first step after an elastic reset: check that every rank has the same
         model, configuration and step (no hang, a clear error); after a reset, with the rank and
         size Horovod has now, and the server state re-partitioned over them (:mod:`hvd_qadam.elastic`)."""
-        from . import elastic
         refresh = getattr(self._comm, "refresh_world", None)
         if refresh is not None and refresh():
             self._reshard = True
@@ -176,7 +179,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._reshard = False
         params = {name: p.detach() for name, p in self._layout.params()}
         self._engine.start(params)
-        if self._qcfg.topology == "ps":
+        if self._engine.transport.dedicated_server:
             self._comm.hello(self._engine, params)
         self._started = True
 
@@ -302,7 +305,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         if getattr(self._comm, "excluded", False):
             super(self.__class__, self).step()      # not in the process set: a local step, as Horovod
             return loss
-        if self._qcfg.algorithm == "local_sgd":
+        if self._engine.alg.steps_locally:
             self._ensure_started()
             super(self.__class__, self).step()          # local step on local gradients
             self._reset_round()
@@ -333,9 +336,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         save one file per rank to resume the exact trajectory."""
         sd = super(self.__class__, self).state_dict()
         sd[STATE_KEY] = self._engine.state_dict()
-        if self._qcfg.topology == "ps" and self._started:
-            status, server = self._comm.ps_request(("state",))   # the server's moments and residuals
-            sd[STATE_KEY]["ps_server"] = server
+        if self._engine.transport.dedicated_server and self._started:
+            # the server's moments and residuals
+            sd[STATE_KEY]["ps_server"] = _ps_answer(self._comm.ps_request(("state",)), "its state")
         return sd
 
     def load_state_dict(self, state_dict):
@@ -345,10 +348,10 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         if ours is not None:
             self._engine.load_state_dict(ours)
             self._engine.alg.restore(self._engine)
-            if self._qcfg.topology == "ps" and ours.get("ps_server") is not None:
+            if self._engine.transport.dedicated_server and ours.get("ps_server") is not None:
                 if not self._started:
                     self._start()
-                self._comm.ps_request(("load", ours["ps_server"]))
+                _ps_answer(self._comm.ps_request(("load", ours["ps_server"])), "loading its state")
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=None, backward_passes_per_step: int = 1,
@@ -475,6 +478,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         raise ValueError("backward_passes_per_step must be > 0")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"DistributedOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {tuple(ALGORITHMS)}")
     op_sum = _check_op(op, gradient_predivide_factor, algorithm)
     if groups is not None:
         raise ValueError("explicit groups= are not supported: hvd_qadam fuses parameters into groups by size "
@@ -490,13 +495,13 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         fusion_threshold_mb = max(4 * total / num_groups, 4.0) / (1 << 20)
     elif fusion_threshold_mb is None:
         fusion_threshold_mb = min(25.0, max(2.0, total / (1 << 20)))      # 4 bytes x total / 4
-    if nonfinite is None:
-        nonfinite = "propagate" if algorithm == "qsgd" else "raise"
+    if downlink_rounding not in (None,) + ROUNDINGS:      # checked here: a pass-through downlink takes none
+        raise cb.QuantizerError(f"downlink_rounding must be one of {ROUNDINGS}, got {downlink_rounding!r}")
     # Error feedback needs a contractive compressor: an unbiased quantizer whose variance factor
     # exceeds 1 (QSGD at 4 bits, bucket 512: ~3) makes the residual grow without bound. Nearest
     # rounding is never worse than rounding to 0, so it is the default wherever EF is on.
     uplink = LinkSpec(quantizer, bits, _bucket_size_for(quantizer, bucket_size),
-                      rounding or ("nearest" if error_feedback else None))
+                      rounding if rounding is not None else ("nearest" if error_feedback else None))
 
     def downlink_for(topology_class) -> LinkSpec:
         if downlink_quantizer == "none" or (downlink_quantizer is None and not topology_class.downlink_travels):
@@ -509,22 +514,20 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         if cb.kind(q).passthrough:
             return NONE_LINK if q == "none" else LinkSpec(q, q_bits, _bucket_size_for(q, downlink_bucket_size))
         return LinkSpec(q, q_bits, _bucket_size_for(q, downlink_bucket_size, bucket_size),
-                        downlink_rounding or ("nearest" if server_error_feedback and algorithm != "qadam_weights"
-                                              else None))
+                        downlink_rounding if downlink_rounding is not None else
+                        ("nearest" if server_error_feedback and ALGORITHMS[algorithm].server_ef else None))
 
     if hierarchical is not None and not isinstance(hierarchical, bool):
         raise ValueError(f"hierarchical must be None, True or False, got {hierarchical!r}")
     if topology not in TOPOLOGY_CLASSES and topology != AUTO:
         raise ValueError(f"unknown topology {topology!r}; choose one of {(AUTO,) + tuple(TOPOLOGY_CLASSES)}")
-    if hierarchical and topology not in (AUTO, "hierarchical"):
+    if hierarchical and topology != AUTO and not TOPOLOGY_CLASSES[topology].two_level:
         raise ValueError(f"hierarchical=True asks for the two-level exchange, but topology={topology!r}; pass "
                          f"topology='auto' or 'hierarchical'")
-    if topology == "ps" and comm is None:
+    if topology != AUTO and TOPOLOGY_CLASSES[topology].dedicated_server and comm is None:
         _refuse_ps_under_gloo()
-        from .ps import ps_worker_comm
         comm = ps_worker_comm()
     if comm is None:
-        from .comm import ExcludedComm, HorovodComm
         ps_ = _process_set(process_set)
         comm = ExcludedComm() if ps_ is not None and not ps_.included() else HorovodComm(ps_, timeout=timeout)
     hosts = getattr(comm, "hosts", None) or Hosts(comm.size, 1)
@@ -544,9 +547,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_QuantizedDistributedOptimizer.__dict__))
     if _on_horovod(comm):
-        from .elastic import QuantizedOptimizer, register_state_handler
-        QuantizedOptimizer.register(cls)      # hvd.elastic.TorchState picks hvd_qadam's state handler
-        register_state_handler()
+        elastic.QuantizedOptimizer.register(cls)      # hvd.elastic.TorchState picks hvd_qadam's state handler
+        elastic.register_state_handler()
     opt = cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap, op_sum)
     opt._engine.topology_reason = opt._engine.stats.topology_reason = topology_reason
     opt._engine.stats.topology = topology
@@ -554,15 +556,22 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     return opt
 
 
+def _ps_answer(reply, what: str):
+    """The value of the parameter server's ``(status, value)`` reply; any status but "ok" raises
+    CommError with the server's message (never a checkpoint without the server's state)."""
+    status, value = reply
+    if status != "ok":
+        raise CommError(f"parameter server, {what}: {status}: {value}")
+    return value
+
+
 def _on_horovod(comm) -> bool:
     """Whether ``comm`` runs on Horovod's collectives (elastic training applies to these only)."""
-    from .comm import HorovodComm
     return isinstance(comm, HorovodComm)
 
 
 def _refuse_ps_under_gloo() -> None:
     """``ps`` talks to its server rank over MPI (mpi4py), which a Gloo launch does not have."""
-    from .comm import gloo_controller
     if gloo_controller():
         raise ValueError("topology='ps' needs MPI: its server rank is reached with mpi4py, and Horovod runs its "
                          "Gloo controller here (horovodrun --gloo, or elastic), where there is no MPI world. "
@@ -575,7 +584,7 @@ def _check_op(op, predivide: float, algorithm: str) -> bool:
     if op is None:
         return False
     try:
-        import horovod.torch as hvd
+        import horovod.torch as hvd  # optional here: the simulator runs without Horovod
         average, total, adasum = hvd.Average, hvd.Sum, hvd.Adasum
     except ImportError:  # pragma: no cover - Horovod is installed with hvd_qadam
         average, total, adasum = 0, 1, 2
@@ -586,7 +595,7 @@ def _check_op(op, predivide: float, algorithm: str) -> bool:
         raise ValueError(f"op must be hvd.Average or hvd.Sum, got {op!r}")
     if predivide != 1.0 and op != average:
         raise ValueError("gradient_predivide_factor not supported with op != Average")
-    if op == total and algorithm != "qsgd":
+    if op == total and ALGORITHMS[algorithm].output != OUT_GRAD:
         raise ValueError(f"op=hvd.Sum sums gradients; algorithm {algorithm!r} exchanges updates or weights, "
                          f"which are averaged")
     return op == total
@@ -596,31 +605,20 @@ def _quantizer_from_compression(compression) -> str:
     """Horovod's compression argument -> our uplink quantizer (the default one for ``none``)."""
     if compression is None:
         return "qsgdinf"
-    from .compression import quantizer_of
     return quantizer_of(compression) or "qsgdinf"
 
 
 def _process_set(process_set):
     if process_set is None:
         return None
-    import horovod.torch as hvd
+    import horovod.torch as hvd  # optional: only a process set brings Horovod here
     return None if process_set is hvd.global_process_set else process_set
-
-
-def _default_bucket_size(quantizer: str) -> int:
-    """Elements per fp32 scale when the caller does not say: 128, which trained closer to Horovod
-    Adam than 512 on the LM at 4 bits (README, scripts/convergence_lm.py), for 6 % more bytes;
-    512 for 1-bit quantizers (sign), whose payload a scale per 128 elements would grow by 25 %."""
-    return 512 if cb.kind(quantizer).fixed_bits == 1 else 128
 
 
 def _bucket_size_for(quantizer: str, *given):
     """The first bucket size the caller gave (None: not given; a bad one such as 0 goes on to
-    LinkSpec, which refuses it), else the quantizer's default."""
-    for size in given:
-        if size is not None:
-            return size
-    return _default_bucket_size(quantizer)
+    LinkSpec, which refuses it), else None: the quantizer's default (QuantizerKind.default_bucket_size)."""
+    return next((size for size in given if size is not None), None)
 
 
 def _warn_stalling(config: Config) -> None:

@@ -22,7 +22,11 @@ import time
 
 import torch
 
-from .comm import CommError
+from .comm import collective_timeout
+from .engine import Engine
+from .errors import CommError, ConsistencyError
+from .layout import Layout
+from .quant.backend import share_cores
 
 TAG = 7411
 TIMEOUT_ENV = "HVD_QADAM_PS_TIMEOUT"
@@ -31,13 +35,12 @@ _worker_comm = None
 
 
 def _timeout() -> float:
-    from .comm import collective_timeout
     return float(os.environ[TIMEOUT_ENV]) if TIMEOUT_ENV in os.environ else collective_timeout()
 
 
 def _recv(comm, source, what: str):
     """Receive a pickled message, giving up after the timeout (so a lost peer cannot hang us)."""
-    from mpi4py import MPI
+    from mpi4py import MPI  # optional: only ps launches need it, and importing it starts MPI
     deadline = time.monotonic() + _timeout()
     status = MPI.Status()
     while True:
@@ -78,7 +81,6 @@ class PSWorkerComm:
                 "params": {n: t.detach().cpu().clone() for n, t in params.items()}}
         status, reply = self.ps_request(("hello", meta))
         if status != "ok":
-            from .engine import ConsistencyError
             raise ConsistencyError(f"parameter server: {reply}")
         self._said_hello = True
 
@@ -104,7 +106,7 @@ def ps_init(server_rank: int | None = None):
     """
     global _worker_comm
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # optional: only ps launches need it, and importing it starts MPI
     except ImportError as e:
         raise RuntimeError("topology='ps' needs mpi4py (pip install mpi4py) and an MPI launch") from e
     world = MPI.COMM_WORLD
@@ -119,7 +121,6 @@ def ps_init(server_rank: int | None = None):
     is_server = world.Get_rank() == server
     worker_comm = world.Split(MPI.UNDEFINED if is_server else 1, world.Get_rank())
     ps_comm = world.Dup()
-    from .quant.backend import share_cores
     share_cores(world.Split_type(MPI.COMM_TYPE_SHARED).Get_size())   # ranks on this host, server included
     if is_server:
         code = 0
@@ -131,7 +132,7 @@ def ps_init(server_rank: int | None = None):
             code = 1
             world.Abort(1)
         sys.exit(code)
-    import horovod.torch as hvd
+    import horovod.torch as hvd  # not on the server rank, which never returns from above
     hvd.init(comm=worker_comm)
     _worker_comm = PSWorkerComm(worker_comm, ps_comm, server)
     atexit.register(_worker_comm.bye)
@@ -160,8 +161,6 @@ class ParameterServer:
             self.comm.send(reply, dest=w, tag=TAG)
 
     def _setup(self, metas: dict):
-        from .engine import Engine
-        from .layout import Layout
         first = metas[self.workers[0]]
         for w, m in metas.items():
             if m["signature"] != first["signature"] or m["config"] != first["config"]:
@@ -180,6 +179,26 @@ class ParameterServer:
         self.hyper = [g["hyper"] for g in first["groups"]]
         self.engine = Engine(first["config"], layout, _ServerComm(len(self.workers)), lambda i: self.hyper[i])
         return None
+
+    def _checkpoint(self, kind: str, msg) -> tuple:
+        """(status, value) for a "state" or "load" request: a request the server cannot honour
+        (before the workers' first step, a checkpoint of another model) is answered with an
+        error for the worker to raise, instead of ending the server."""
+        if self.engine is None:
+            return "error", f"{kind!r} before the workers' first step: the server has no model yet"
+        try:
+            if kind == "state":
+                return "ok", {"engine": self.engine.state_dict(),
+                              "params": {n: t.clone() for n, t in self.params.items()}}
+            if set(self.params) != set(msg[1]["params"]):
+                return "error", "the checkpoint's parameters are not this model's"
+            self.engine.load_state_dict(msg[1]["engine"])
+            self.engine.alg.restore(self.engine)
+            for n, t in msg[1]["params"].items():
+                self.params[n].data.copy_(t)
+            return "ok", None
+        except (ConsistencyError, ValueError, KeyError, RuntimeError) as e:
+            return "error", f"{type(e).__name__}: {e}"
 
     def serve(self) -> None:
         pending_hello, pending_steps, done = {}, {}, set()
@@ -211,19 +230,12 @@ class ParameterServer:
                         reply = self.engine.server_step(frames, self.params)
                     self._reply_all(reply)
                     pending_steps = {}
-            elif kind == "state":
-                self.comm.send(("ok", {"engine": self.engine.state_dict(),
-                                       "params": {n: t.clone() for n, t in self.params.items()}}), dest=src, tag=TAG)
-            elif kind == "load":
-                self.engine.load_state_dict(msg[1]["engine"])
-                self.engine.alg.restore(self.engine)
-                for n, t in msg[1]["params"].items():
-                    self.params[n].data.copy_(t)
-                self.comm.send(("ok", None), dest=src, tag=TAG)
+            elif kind in ("state", "load"):
+                self.comm.send(self._checkpoint(kind, msg), dest=src, tag=TAG)
             else:
                 raise RuntimeError(f"unknown request {kind!r} from rank {src}")
 
 
 def _any_source() -> int:
-    from mpi4py import MPI
+    from mpi4py import MPI  # optional: only ps launches need it, and importing it starts MPI
     return MPI.ANY_SOURCE

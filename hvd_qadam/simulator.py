@@ -12,6 +12,7 @@ import threading
 import torch
 
 from .comm import SimWorld
+from .errors import CommError
 
 
 def simulate(world_size: int, worker, timeout: float = 300.0, local_size: int = 1) -> list:
@@ -50,5 +51,4 @@ def simulate(world_size: int, worker, timeout: float = 300.0, local_size: int = 
 
 
 def _is_peer_abort(e: BaseException) -> bool:
-    from .comm import CommError
     return isinstance(e, CommError)

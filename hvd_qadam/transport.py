@@ -35,14 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .api import quantize
+from .errors import CommError, ConsistencyError, TopologyError  # noqa: F401 - TopologyError re-exported
+from .functional import all_finite
 from .layout import shard_bounds
 from .wire import Frame, PayloadError, split_frames
 
 LOCAL_SIZE_ENV = "HVD_QADAM_LOCAL_SIZE"
-
-
-class TopologyError(ValueError):
-    """A topology cannot run on this world (wrong layout of ranks over hosts, missing MPI, ...)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +115,8 @@ def payload_bytes_per_element(link) -> float:
 class Transport:
     name = ""
     overlaps = True          # groups may be started during backward
+    dedicated_server = False  # a server rank outside the workers holds the server state (needs MPI)
+    two_level = False        # the exchange inside hosts, then between them (``hierarchical=True``)
     local_downlink = False   # a full-precision downlink needs no message (every rank has it)
     downlink_travels = True  # whether the server's result crosses the network (so a downlink
                              # quantizer saves bytes; under allgather every rank computes it)
@@ -224,7 +225,6 @@ class AllgatherTransport(Transport):
             st.stats.received_bytes += len(gathered) - len(data)
             views = split_frames(gathered)
             if len(views) != eng.size:
-                from .engine import ConsistencyError
                 raise ConsistencyError(f"expected {eng.size} frames in the allgather, got {len(views)}")
             # Peers' frames are parsed and validated; our own we already hold as objects.
             frames = eng.parse(views, "uplink", skip=eng.rank)
@@ -320,6 +320,7 @@ class HierarchicalTransport(Transport):
     replicas stay identical. The worker residual e_{h,l} covers chunk l only (the host's mean
     is what the rank quantizes); it is this rank's state, as under the flat topologies."""
     name = "hierarchical"
+    two_level = True
 
     @property
     def hosts(self) -> Hosts:
@@ -377,16 +378,15 @@ class HierarchicalTransport(Transport):
         return frames
 
     def start(self, g, vec, grad, st):
-        from .config import NONE_LINK
         eng, hs = self.eng, self.hosts
         # NaN/Inf anywhere in this rank's vector: every local peer hears it, and they tell the
         # other hosts in the uplink, so every rank fails the step together.
-        from .engine import all_finite
         error = None if all_finite(vec) else eng.uplink_error(g, grad)
         peers = {}
         for r in hs.same_host(eng.rank):
             a, b = self._chunk(g, hs.local(r))
-            peers[r] = eng.frame([] if error else [eng.encode(vec[a:b], NONE_LINK, 0, a)], error)
+            # full precision inside the host (the payload of config.NONE_LINK)
+            peers[r] = eng.frame([] if error else [quantize(vec[a:b], "none", check_finite=False)], error)
         return {"handle": self._send(peers, f"hvd_qadam.host.{g.index}", st)}
 
     def complete(self, st, groups) -> dict:
@@ -459,12 +459,17 @@ class HierarchicalTransport(Transport):
 
 
 class PSTransport(Transport):
+    """Every group's uplink payload in one frame to the server rank (:mod:`hvd_qadam.ps`), which
+    answers with the downlink frame of every group; it is sent after the last group is ready."""
     name = "ps"
     overlaps = False
     full_precision_allreduce = False   # the workers reach the server rank only, over mpi4py
+    dedicated_server = True
 
     @classmethod
     def bytes_per_rank(cls, numel, up, down, hosts):
+        """Each worker's frame to the server and its answer, counted as crossing hosts (the server
+        rank is taken to sit on another host)."""
         total = numel * (up + down)
         return {"total": total, "inter_host": total}
 
@@ -473,7 +478,6 @@ class PSTransport(Transport):
         return {"payloads": payloads, "error": error}
 
     def complete(self, st, groups) -> dict:
-        from .engine import ConsistencyError
         eng = self.eng
         error = next((st.launched[g.index]["error"] for g in groups if st.launched[g.index]["error"]), None)
         payloads = [] if error is not None else [st.launched[g.index]["payloads"][0] for g in groups]
@@ -487,7 +491,6 @@ class PSTransport(Transport):
             st.errors.append(reply)
             return {}
         if status == "error":
-            from .comm import CommError
             raise CommError(f"parameter server: {reply}")
         if status != "ok":
             raise ConsistencyError(f"parameter server: {reply}")
@@ -544,13 +547,11 @@ class AllreduceTransport(Transport):
         nbytes = 2 * (eng.size - 1) * g.numel * send.element_size() // eng.size     # a ring's volume
         st.stats.sent_bytes += nbytes
         st.stats.received_bytes += nbytes
-        from .engine import all_finite      # the engine imports this module
         # Said only if the sum comes back non-finite (then every rank hears who, see complete).
         error = None if all_finite(send) else eng.uplink_error(g, grad)
         return {"handle": eng.comm.allreduce_async(send, f"hvd_qadam.fp.{g.index}"), "error": error}
 
     def complete(self, st, groups) -> dict:
-        from .engine import all_finite      # the engine imports this module
         eng, results = self.eng, {}
         for g in groups:
             h = st.launched[g.index]

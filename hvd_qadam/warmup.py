@@ -22,7 +22,6 @@ import torch
 
 from . import functional as F
 from .api import decode_flat, quantize, quantize_ef
-from .config import LINK_DEFAULT_BITS
 from .quant.backend import cpu_backend, gpu_backend
 from .quant.codebooks import KINDS, default_adaptive_codebook
 from .wire import Payload
@@ -37,10 +36,8 @@ def _quantizers(backend) -> None:
     for name, k in KINDS.items():
         if k.passthrough:
             continue
-        # the pipeline's own default width as well as the quantizer's (6-bit payloads take a
-        # wire check of their own)
-        pipeline_bits = (LINK_DEFAULT_BITS[name],) if name in LINK_DEFAULT_BITS else ()
-        widths = (3,) if k.adaptive else (None,) + pipeline_bits
+        # the default width and 4 bits (6-bit payloads take a wire check of their own)
+        widths = (3,) if k.adaptive else (None,) if k.fixed_bits or k.default_bits == 4 else (None, 4)
         for bits, rounding in ((b, r) for b in widths for r in ("stochastic", "nearest")):
             codebook = default_adaptive_codebook(bits) if k.adaptive else None
             sent = quantize(x, name, bits, _BUCKET, rounding=rounding, codebook=codebook)
@@ -80,7 +77,7 @@ def _optimizer_math() -> None:
 
 def _gpu_kernels() -> None:
     try:
-        import cupy
+        import cupy  # optional: GPU only
     except ImportError:
         return
     try:

@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .errors import PayloadError  # noqa: F401 - re-exported
 from .quant import codebooks as cb
+from .quant.backend import cpu_backend
 from .quant.common import MAX_BUCKET_SIZE, bf16_finite, num_buckets, packed_nbytes, to_host
-
-
-class PayloadError(ValueError):
-    """Bytes that are not a valid payload or frame; the message says which field is wrong."""
+from .quant.reference import unpack_codes
 
 
 MAGIC = b"HQAD"
@@ -265,7 +264,6 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
         return None
     if n_levels == (1 << bits) - 1 and bits in (2, 4, 6, 8):
         # a uniform grid's one invalid code is all ones: rule it out a word at a time first
-        from .quant.backend import cpu_backend
         be = cpu_backend()
         if hasattr(be, "any_all_ones_code") and not be.any_all_ones_code(packed, bits):
             return None
@@ -278,7 +276,6 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
             return None
         field = int(np.flatnonzero(fields[packed[b]] >= n_levels)[0])
         return b * per + field, int(fields[packed[b], field])
-    from .quant.reference import unpack_codes
     codes = unpack_codes(packed, bits, n)
     hits = np.flatnonzero(codes >= n_levels)
     return None if hits.size == 0 else (int(hits[0]), int(codes[hits[0]]))
@@ -287,7 +284,6 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
 def _first_flagged_byte(packed: np.ndarray, flagged: np.ndarray) -> int:
     """Index of the first byte whose entry in ``flagged`` is set, or -1: the numba kernel where
     it is available (one pass, stops at a hit), else a byte histogram and a search."""
-    from .quant.backend import cpu_backend
     be = cpu_backend()
     if hasattr(be, "first_flagged_byte"):
         return be.first_flagged_byte(packed, flagged)
@@ -409,25 +405,20 @@ class Frame:
         return cls(rank, step, layout, payloads)
 
 
-def split_frames(buf, lengths=None) -> list:
-    """Cut a concatenation of frames (as an allgather returns it) into one view per frame, by the
-    given lengths or, without them, by each frame header's body length."""
+def split_frames(buf) -> list:
+    """Cut a concatenation of frames (as an allgather returns it) into one view per frame, by
+    each frame header's body length."""
     mv = memoryview(buf).cast("B")
     out, pos = [], 0
-    if lengths is None:
-        while pos < len(mv):
-            if len(mv) - pos < FRAME_HEADER_SIZE:
-                raise PayloadError(f"gathered buffer: truncated frame header at byte {pos}")
-            magic, *_rest, body_len, _crc = _FRAME.unpack(bytes(mv[pos:pos + FRAME_HEADER_SIZE]))
-            if magic != FRAME_MAGIC:
-                raise PayloadError(f"gathered buffer: bad frame magic {magic!r} at byte {pos}")
-            lengths_n = FRAME_HEADER_SIZE + body_len
-            out.append(mv[pos:pos + lengths_n])
-            pos += lengths_n
-    else:
-        for n in lengths:
-            out.append(mv[pos:pos + n])
-            pos += n
+    while pos < len(mv):
+        if len(mv) - pos < FRAME_HEADER_SIZE:
+            raise PayloadError(f"gathered buffer: truncated frame header at byte {pos}")
+        magic, *_rest, body_len, _crc = _FRAME.unpack(bytes(mv[pos:pos + FRAME_HEADER_SIZE]))
+        if magic != FRAME_MAGIC:
+            raise PayloadError(f"gathered buffer: bad frame magic {magic!r} at byte {pos}")
+        n = FRAME_HEADER_SIZE + body_len
+        out.append(mv[pos:pos + n])
+        pos += n
     if pos != len(mv):
         raise PayloadError(f"gathered buffer has {len(mv)} bytes, frames account for {pos}")
     return out

@@ -87,6 +87,27 @@ def test_adam_kernel_equals_its_numpy_statement(decoupled, wd, maximize, bc):
         assert np.array_equal(got.numpy(), want)
 
 
+@pytest.mark.parametrize("momentum,dampening,nesterov,wd,maximize,first", [
+    (0.9, 0.0, False, 0.0, False, True), (0.9, 0.1, False, 1e-4, False, False), (0.9, 0.0, True, 1e-4, False, False),
+    (0.5, 0.0, False, 0.0, True, False), (0.0, 0.0, False, 1e-4, False, False)])
+def test_momentum_kernel_equals_its_numpy_statement(momentum, dampening, nesterov, wd, maximize, first):
+    """ef_sgd's worker transform (the numba kernel on the CPU) against F.momentum_reference, bit for bit."""
+    rs = np.random.default_rng(1)
+    n = 100_003
+    g, buf, x = (rs.standard_normal(n).astype(np.float32) for _ in range(3))
+    c = F.momentum_constants(0.05, momentum, dampening, nesterov, wd, maximize, first)
+    buf_out = torch.empty(n) if momentum else None
+    d_out = torch.empty(n)
+    F.momentum_update(torch.from_numpy(g), None if first else torch.from_numpy(buf), torch.from_numpy(x), buf_out,
+                      d_out, c)
+    want_buf, want_d = F.momentum_reference(g, None if first else buf, x, c)
+    assert np.array_equal(d_out.numpy(), want_d)
+    if momentum:
+        assert np.array_equal(buf_out.numpy(), want_buf)
+    else:
+        assert want_buf is None
+
+
 @pytest.mark.parametrize("cls,kw", [(torch.optim.Adam, {}), (torch.optim.Adam, {"weight_decay": 0.1}),
                                     (torch.optim.AdamW, {"weight_decay": 0.1}), (torch.optim.Adam, {"maximize": True})])
 def test_qadam_uncompressed_matches_torch_adam_on_the_mean_gradient(cls, kw):

@@ -942,10 +942,26 @@ def test_unknown_quantizer_and_rounding():
         quantize(XV, "qsgd", 4, rounding="floor")
 
 
-@pytest.mark.parametrize("bucket", [0, -1, -512, 2.5, 512.0, "512", True, None])
+@pytest.mark.parametrize("bucket", [0, -1, -512, 2.5, 512.0, "512", True])
 def test_bad_bucket_size(bucket):
     with pytest.raises(QuantizerError, match=r"bucket_size must be a positive integer, got " + re.escape(repr(bucket))):
         quantize(XV, "qsgd", 4, bucket)
+
+
+def test_defaults_are_the_optimizers():
+    """bits / bucket_size None: one default per quantizer, the same for quantize(), LinkSpec (what
+    DistributedOptimizer sends) and Compression.simulated."""
+    from hvd_qadam.config import LinkSpec
+    for name, bits, bucket in (("qsgd", 6, 128), ("qsgdinf", 6, 128), ("nuq", 4, 128), ("sign", 1, 512),
+                               ("terngrad", 2, 128)):
+        p = quantize(XV, name)
+        assert (p.bits, p.bucket_size) == (bits, bucket), name
+        link = LinkSpec(name)
+        assert (link.bits, link.bucket_size) == (bits, bucket), name
+        sim = hvd_qadam.Compression.simulated(name)
+        a = sim.compress(torch.from_numpy(XV))[0].numpy()
+        want = dequantize(quantize(XV, name, bits, bucket, key=rng.stream_key(0, sim._rank, 0)))
+        assert np.array_equal(a, want), name
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

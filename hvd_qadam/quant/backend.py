@@ -88,5 +88,5 @@ def share_cores(local_ranks: int) -> None:
         # Before numba starts its pool: size the pool itself (idle pool threads also spin).
         os.environ["NUMBA_NUM_THREADS"] = str(share)
         return
-    import numba
+    import numba  # already imported (checked above): the pool is running, resize it
     numba.set_num_threads(min(share, numba.config.NUMBA_NUM_THREADS))

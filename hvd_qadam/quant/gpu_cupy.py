@@ -45,6 +45,7 @@ kinds of :mod:`.codebooks`, NumPy's summation sizes and the level-table layout o
 from __future__ import annotations
 
 import functools
+import time
 
 import numpy as np
 
@@ -938,7 +939,6 @@ def axpby(a, b, out, alpha: float, beta: float) -> None:
 
 def warmup():
     """Compile the kernels for the current device; returns the seconds it took."""
-    import time
     _require_cupy()
     t0 = time.perf_counter()
     x = cp.linspace(-1, 1, 40, dtype=cp.float32)

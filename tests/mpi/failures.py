@@ -73,7 +73,7 @@ except hvd_qadam.CommError as e:
     print(f"RANK {rank} ERROR {type(e).__name__}: {e} | after {time.time() - t0:.1f}s", flush=True)
     sys.exit(4)
 except (hvd_qadam.NonFiniteGradientError, hvd_qadam.ConsistencyError) as e:
-    resid = opt.engine.bank.norm(".e")
+    resid = sum(float(t.double().square().sum()) for k, t in opt.engine.bank.current.items() if k.endswith(".e")) ** 0.5
     print(f"RANK {rank} ERROR {type(e).__name__}: {e} | step_count={opt.engine.step_count} "
           f"residual_norm={resid:.6g} after {time.time() - t0:.1f}s", flush=True)
     MPI.COMM_WORLD.Barrier()   # let every rank report before mpirun tears the job down
