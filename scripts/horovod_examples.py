@@ -493,9 +493,9 @@ def run_cases(cases, files: dict, work: str | None = None, impls=IMPLS, log=prin
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _summary(r: dict) -> str:
+def _summary(r: dict, width: int = 110) -> str:
     if r["outcome"] == "error":
-        return r["error"][:110]
+        return r["error"][:width]
     if "accuracy" in r:
         return f"accuracy {r['accuracy']:.2f}%  test loss {r['test_loss']:.4f}"
     if "img_sec_total" in r:
@@ -514,7 +514,7 @@ def table(results: list) -> str:
             if r is None:
                 cells.append("not run")
                 continue
-            cell = _summary(r) if r["outcome"] in ("ok", "error", "skipped") else r["outcome"]
+            cell = _summary(r, width=400) if r["outcome"] in ("ok", "error", "skipped") else r["outcome"]
             if r["outcome"] == "error":
                 cell = f"refused: {cell}" if "not supported" in cell else f"failed: {cell}"
             if r.get("resized"):

@@ -20,8 +20,9 @@ import pytest
 import horovod_examples as hx
 
 # Test accuracy of the swap against Horovod's, in percentage points: 297 test digits (one digit is
-# 0.34 points); two runs of Horovod itself that differ only in fp32 rounding (--gradient-predivide-factor)
-# land within a point or two of each other after 5 short epochs.
+# 0.34 points). Measured after the 5 epochs: swap 0.68 points below Horovod (fp32 and predivide),
+# 0.34 (fp16); Horovod's own fp16 run is 0.68 from its fp32 run, and from one epoch to the next
+# the accuracy of either moves by several points at this learning rate.
 ACCURACY_TOLERANCE = 3.0
 LEARNED = 80.0          # clearly above chance (10 %)
 
