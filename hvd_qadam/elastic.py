@@ -121,12 +121,24 @@ def assemble(parts: list, layout, step: int) -> dict:
 
 
 def install(engine, whole: dict | None) -> None:
-    """Replace this rank's server state by its shard of ``whole`` (None: no server state, a reset)."""
+    """Replace this rank's server state by its shard of ``whole`` (None: no server state, a reset).
+
+    Server residuals (suffix ``e``) exist only for a quantized downlink; where the topology now
+    runs a full-precision one (``topology="auto"`` went from ``sharded`` to ``allgather`` at a
+    shrink) they are dropped, with a warning: at most one downlink quantization error per element."""
     engine.bank.clear(lambda k: _parse_server_key(k) is not None)
     engine.counters["server_adam_step"] = {}
     if whole is None:
         return
+    full_downlink = engine.cfg.downlink.passthrough
+    dropped = [full for (_, s), full in whole["values"].items() if s == "e" and full_downlink]
+    if any(bool(full.any()) for full in dropped):
+        warnings.warn(f"topology {engine.cfg.topology!r} runs a full-precision downlink in this world: the server "
+                      f"error-feedback residuals of the previous world's quantized downlink are dropped (at most "
+                      f"one downlink quantization error per element)", RuntimeWarning, stacklevel=3)
     for (g, s), full in whole["values"].items():
+        if s == "e" and full_downlink:
+            continue
         a, b = engine.served_range(engine.layout.groups[g])
         device = engine.layout.groups[g].device
         engine.bank.set(f"g{g}@{a}.{s}", full[a:b].to(device).clone())
@@ -245,7 +257,11 @@ def sync_from_root(opt) -> None:
         root = {"step": eng.step_count, "state": sd}
     root = hvd.broadcast_object(root, root_rank=0, name="hvd_qadam.elastic.sync")
     if eng.step_count != root["step"]:
-        _load(opt, dict(root["state"], world_size=eng.size, rank=eng.rank), None)
+        # rank 0's state may come from the previous world's topology (``auto`` chooses again for
+        # this world at the next step, on every rank); it holds no sharded state to check.
+        state = root["state"]
+        _load(opt, dict(state, world_size=eng.size, rank=eng.rank,
+                        config=dict(state["config"], topology=eng.cfg.topology)), None)
     _restart(opt)
 
 

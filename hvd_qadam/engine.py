@@ -27,6 +27,7 @@ position, so the ``allgather`` and ``sharded`` topologies produce bit-identical 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -191,6 +192,17 @@ class Engine:
                           f"error-feedback residuals of its host's chunks ({len(host_residuals)} groups) "
                           f"cannot be mapped onto the new chunks and are reset", RuntimeWarning, stacklevel=2)
             self.bank.clear(lambda k: k in host_residuals)
+
+    def set_topology(self, topology: str, downlink: LinkSpec) -> None:
+        """Run another topology (and its downlink) from the next step on: ``topology="auto"``
+        after an elastic resize. The step in flight is forgotten; the server state keyed by the
+        old layout is the caller's to re-partition (:mod:`hvd_qadam.elastic`)."""
+        self.abort(drain=False)
+        self.cfg = dataclasses.replace(self.cfg, topology=topology, downlink=downlink)
+        self.align = shard_alignment(self.cfg.uplink.bucket_size, downlink.bucket_size)
+        self.bounds = self._shard_bounds()
+        self.transport = make_transport(topology, self)
+        self.stats.topology = topology
 
     def served_range(self, g) -> tuple:
         """(start, stop) of group ``g`` whose server side this rank runs."""

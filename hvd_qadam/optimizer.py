@@ -14,6 +14,7 @@ update (their hyper-parameters are read live from ``param_groups``, so lr schedu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 
 import torch
@@ -88,6 +89,8 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._started = False
         self._reshard = False             # server state to re-partition at the next start (elastic)
         self._committed_server = None     # the whole server state of the last elastic commit
+        # topology="auto": (uplink, downlink_for, hierarchical), to choose again after a resize
+        self._auto_topology = None
         # Elastic resets this optimizer went through: step, new rank and size, and how the server
         # state was carried over ("live", "committed", "none": nothing to carry, "reset": lost).
         self.elastic_resets = []
@@ -145,6 +148,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             self._reshard = True
         if (self._engine.rank, self._engine.size) != (self._comm.rank, self._comm.size):
             self._engine.set_world(self._comm.rank, self._comm.size)
+            self._follow_world()
         mine = {"layout": self._layout.signature, "params": self._layout.param_signature,
                 "config": dict(self._qcfg.as_dict(), ranks_per_host=self._engine.hosts.local_size),
                 "step": self._engine.step_count, "elastic": elastic.reshard_summary(self)}
@@ -182,6 +186,23 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         if self._engine.transport.dedicated_server:
             self._comm.hello(self._engine, params)
         self._started = True
+
+    def _follow_world(self) -> None:
+        """``topology="auto"`` after an elastic resize: choose again for the new world, as a rank
+        that joins it does at construction (every rank computes the choice from the same world, so
+        old and new ranks agree in the handshake). The server state moves to the new layout with
+        the re-partition that follows (:func:`hvd_qadam.elastic.reshard`)."""
+        if self._auto_topology is None:
+            return
+        uplink, downlink_for, hierarchical = self._auto_topology
+        hosts = getattr(self._comm, "hosts", None) or Hosts(self._comm.size, 1)
+        topology, reason = choose(hosts, uplink, downlink_for, hierarchical)
+        if topology != self._qcfg.topology:
+            downlink = downlink_for(TOPOLOGY_CLASSES[topology])
+            self._qcfg = dataclasses.replace(self._qcfg, topology=topology, downlink=downlink)
+            self._engine.set_topology(topology, downlink)
+            self._reshard = True
+        self._engine.topology_reason = self._engine.stats.topology_reason = reason
 
     # ----------------------------------------------------------------- gradients into groups
     def _copy_grad(self, g, s) -> None:
@@ -531,7 +552,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         ps_ = _process_set(process_set)
         comm = ExcludedComm() if ps_ is not None and not ps_.included() else HorovodComm(ps_, timeout=timeout)
     hosts = getattr(comm, "hosts", None) or Hosts(comm.size, 1)
-    if topology == AUTO:
+    auto = topology == AUTO
+    if auto:
         topology, topology_reason = choose(hosts, uplink, downlink_for, hierarchical)
     else:
         topology_reason = "given"
@@ -551,6 +573,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         elastic.register_state_handler()
     opt = cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap, op_sum)
     opt._engine.topology_reason = opt._engine.stats.topology_reason = topology_reason
+    if auto:
+        opt._auto_topology = (uplink, downlink_for, hierarchical)
     opt._engine.stats.topology = topology
     opt._engine.stats.exchange_reason = opt._engine.exchange.reason
     return opt

@@ -33,10 +33,18 @@ if ! py_here -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('
   log "installing torch==$TORCH_VERSION (CPU build)"
   "$PY" -m pip install -q "torch==$TORCH_VERSION"
 fi
+# torchvision for Horovod's own examples (scripts/horovod_examples.py): the release made for this
+# torch, without its dependencies so that torch's CPU build stays. PyPI's wheel is built against
+# torch's CUDA build, so its C++ ops (detection only) do not load here; the examples use none of them.
+TORCHVISION_VERSION=0.28.0
+if ! py_here -c "import importlib.metadata as m, sys; sys.exit(m.version('torchvision') != '$TORCHVISION_VERSION')" >/dev/null 2>&1; then
+  log "installing torchvision==$TORCHVISION_VERSION (no dependencies: keeps torch $TORCH_VERSION)"
+  "$PY" -m pip install -q --no-deps "torchvision==$TORCHVISION_VERSION"
+fi
 need=()
 for mod in numpy:numpy scipy:scipy numba:numba mpi4py:mpi4py sklearn:scikit-learn tqdm:tqdm \
            matplotlib:matplotlib pytest:pytest pytest_timeout:pytest-timeout psutil:psutil \
-           cloudpickle:cloudpickle yaml:pyyaml packaging:packaging wheel:wheel; do
+           cloudpickle:cloudpickle yaml:pyyaml packaging:packaging wheel:wheel PIL:pillow filelock:filelock; do
   have "${mod%%:*}" || need+=("${mod##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

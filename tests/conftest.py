@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import subprocess
 import sys
 
@@ -22,6 +21,7 @@ if SCRIPTS not in sys.path:
     sys.path.insert(0, SCRIPTS)
 
 import digits  # noqa: E402 - scripts/digits.py
+import launch  # noqa: E402 - scripts/launch.py
 
 import hvd_qadam  # noqa: E402
 
@@ -29,22 +29,18 @@ import hvd_qadam  # noqa: E402
 # ----------------------------------------------------------------------------- real MPI ranks
 
 def mpirun_available() -> bool:
-    return shutil.which("mpirun") is not None
+    return launch.mpirun_missing() is None
 
 
 def run_mpi(np_: int, script: str, *args: str, timeout: float = 180, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python tests/mpi/<script> args`` on ``np_`` ranks (Open MPI, oversubscribed, as root
-    if need be); with ``check`` a failing rank fails the launch."""
-    if not mpirun_available():
-        pytest.skip("mpirun not installed (run scripts/install.sh)")
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(np_), "-bind-to", "none",
-           "-mca", "btl", "self,tcp", "-mca", "btl_tcp_if_include", "lo",
-           "-mca", "oob_tcp_if_include", "lo",
-           sys.executable, os.path.join(HERE, "mpi", script), *args]
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HOROVOD_LOG_LEVEL="warning")
-    full_env.update(env or {})
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if need be; scripts/launch.py); with ``check`` a failing rank fails the launch."""
+    why = launch.mpirun_missing()
+    if why:
+        pytest.skip(why)
+    cmd = launch.mpirun_command(np_, sys.executable, os.path.join(HERE, "mpi", script), *args)
+    proc = launch.run_job(cmd, timeout, env=launch.job_env(env))
     if check and proc.returncode != 0:
         raise AssertionError(f"mpirun -np {np_} {script} failed with code {proc.returncode}\n"
                              f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")

@@ -6,8 +6,6 @@ Horovod's Gloo controller check the launch modes and a real resize (2 -> 3 -> 2 
 """
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 
 import digits
 import hvd_qadam
+import launch
 from hvd_qadam import elastic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,19 +154,10 @@ def test_elastic_reset_instead_of_repartition_changes_the_run():
 
 # ----------------------------------------------------------------------------- real horovodrun jobs
 
-def _horovodrun():
-    exe = shutil.which("horovodrun")
-    if exe is None:
-        pytest.skip("horovodrun not installed (scripts/install.sh)")
-    import horovod.torch as hvd
-    if not hvd.gloo_built():
-        pytest.skip("Horovod built without Gloo (scripts/install.sh builds it with HOROVOD_WITH_GLOO=1)")
-    return exe
-
-
-def _env():
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HOROVOD_LOG_LEVEL="warning",
-                PYTHONPATH=os.pathsep.join([os.path.dirname(HERE)] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+def _need_horovodrun():
+    why = launch.horovodrun_gloo_missing()
+    if why:
+        pytest.skip(why)
 
 
 def _result(stdout: str, tag: str) -> dict:
@@ -182,9 +172,10 @@ def _result(stdout: str, tag: str) -> dict:
 def test_gloo_horovodrun_trains_with_identical_replicas(topology):
     """``horovodrun -np 3 --gloo`` (no mpirun): Horovod's Gloo controller runs hvd_qadam's
     collectives; the replicas end identical, the loss decreases; topology="ps" is refused."""
-    cmd = [_horovodrun(), "-np", "3", "--gloo", "--network-interface", "lo",
-           sys.executable, os.path.join(HERE, "mpi", "gloo_train.py"), "--topology", topology, "--steps", "30"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=200, env=_env())
+    _need_horovodrun()
+    cmd = launch.horovodrun_gloo_command(3, sys.executable, os.path.join(HERE, "mpi", "gloo_train.py"),
+                                         "--topology", topology, "--steps", "30")
+    proc = launch.run_job(cmd, 200)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
     res = _result(proc.stdout, "GLOO_RESULT ")
     assert res["size"] == 3 and res["gloo"] and not res["mpi"]
@@ -196,23 +187,14 @@ def test_gloo_horovodrun_trains_with_identical_replicas(topology):
 def _elastic_run(tmp_path, name: str, *script_args: str, timeout: float = 150) -> list:
     """One ``horovodrun`` elastic job on localhost (2 slots at first; the script resizes it through
     the file the discovery script prints). Returns rank 0's events."""
-    exe = _horovodrun()
-    slots = tmp_path / f"{name}.slots"
-    slots.write_text("localhost:2\n")
-    discover = tmp_path / f"{name}.discover.sh"
-    discover.write_text(f"#!/bin/sh\ncat '{slots}'\n")
-    discover.chmod(0o755)
+    _need_horovodrun()
+    hosts = launch.ElasticHosts(tmp_path, name)
     events = tmp_path / f"{name}.events"
-    # --gloo-timeout-seconds: how long Gloo waits for a peer that died before Horovod gives up
-    cmd = [exe, "-np", "2", "--min-np", "2", "--max-np", "3", "--host-discovery-script", str(discover),
-           "--network-interface", "lo", "--elastic-timeout", "60", "--gloo-timeout-seconds", "10",
-           sys.executable, os.path.join(HERE, "mpi", "elastic_train.py"), "--slots-file", str(slots),
-           "--events-file", str(events), *script_args]
-    env = dict(_env(), HVD_QADAM_TIMEOUT="60", HVD_QADAM_TIMEOUT_EXIT_GRACE="2")
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, start_new_session=True)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"elastic job {name} did not finish within {timeout} s\n{e.stdout}\n{e.stderr}") from None
+    # gloo_timeout 10 s: how long Gloo waits for a peer that died before Horovod gives up
+    cmd = hosts.command(2, 2, 3, sys.executable, os.path.join(HERE, "mpi", "elastic_train.py"),
+                        "--slots-file", hosts.slots, "--events-file", str(events), *script_args, gloo_timeout=10)
+    env = launch.job_env({"HVD_QADAM_TIMEOUT": "60", "HVD_QADAM_TIMEOUT_EXIT_GRACE": "2"})
+    proc = launch.run_job(cmd, timeout, env=env)
     out = proc.stdout[-6000:] + proc.stderr[-6000:]
     assert proc.returncode == 0, f"elastic job {name} failed ({proc.returncode}):\n{out}"
     assert events.exists(), out
