@@ -14,6 +14,7 @@ update (their hyper-parameters are read live from ``param_groups``, so lr schedu
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 
 import torch
@@ -22,6 +23,8 @@ from .config import Config, LinkSpec, NONE_LINK
 from .transport import AUTO, TOPOLOGIES as TOPOLOGY_CLASSES, Hosts, choose
 from .engine import OUT_GRAD, OUT_UPDATE, ConsistencyError, Engine, NonFiniteGradientError
 from .layout import Layout
+from . import stall
+from .telemetry import from_options as telemetry_from_options, residual_ratio
 from .quant import codebooks as cb
 
 STATE_KEY = "hvd_qadam"
@@ -88,6 +91,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._should_synchronize = True
         self._synchronized = False
         self._local_iterations = 0
+        self._telemetry = None            # hvd_qadam.telemetry.Telemetry where telemetry is on
         # Backward hooks: gradients are copied into a persistent flat buffer per group, and a
         # group's exchange starts as soon as its last gradient of the step arrived.
         self._grad_bufs = {g.index: torch.zeros(g.numel, dtype=g.dtype, device=g.device)
@@ -254,6 +258,11 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             self._reset_round()
         if out is None:
             return False          # skipped (nonfinite="skip"): nothing changed
+        # Telemetry (off: None, and nothing else runs): the residual ratio before the apply loop,
+        # which may write into buffers the gradients came from; the apply loop timed.
+        record = self._telemetry is not None and self._telemetry.wants(self._engine.stats.step, self._engine.rank)
+        if record:
+            ratio, t_apply = residual_ratio(self._engine, self._grad_bufs), time.perf_counter()
         scale = float(self._comm.size) if self._op_sum else None
         with torch.no_grad():
             for g in self._layout.groups:
@@ -278,6 +287,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                         p.sub_(value.to(p.dtype))
                     else:
                         p.copy_(value)
+        if record:
+            self._telemetry.record(self._engine.stats, time.perf_counter() - t_apply, ratio, self._engine.size,
+                                   self._qcfg)
         self._synchronized = True
         return True
 
@@ -363,7 +375,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          nonfinite: str | None = None, bias_correction: bool = True,
                          momentum_steps: int | None = None, sync_every: int = 1, level_schedule=(0, 100, 2000),
                          level_every: int = 10000, timeout: float | None = None, comm=None,
-                         freeze_step: int | str | None = None, v_refresh_every: int | None = None):
+                         freeze_step: int | str | None = None, v_refresh_every: int | None = None,
+                         telemetry=None, telemetry_every: int = 1):
     """Wrap ``optimizer`` so that ``step()`` averages across ranks with quantized communication.
 
     The first ten arguments are ``hvd.DistributedOptimizer``'s, with its meaning:
@@ -455,6 +468,15 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       every live rank raises CollectiveTimeout naming the collective and the ranks that did not
       answer, and the job ends (non-zero) after HVD_QADAM_TIMEOUT_EXIT_GRACE seconds (10).
     comm: a transport (the simulator's); default Horovod.
+    telemetry (None) / telemetry_every (1): per-exchange records written by rank 0 (of this
+      optimizer's ranks) every ``telemetry_every`` steps: bytes sent and received, the ratio to
+      Horovod's fp32 ring, encode / exchange-wait / decode / apply seconds, each group's path,
+      whether the step was compressed, the topology, and ||EF residual|| / ||gradient||
+      (:mod:`hvd_qadam.telemetry`). A path ending in ``.jsonl``: JSON lines; any other path: a
+      directory for TensorBoard event files (``torch.utils.tensorboard``; ``telemetry.jsonl`` in
+      it where TensorBoard is not installed). ``None``: the ``HVD_QADAM_TELEMETRY`` environment
+      variable (a path, as above); unset: off, at no cost per step. ``scripts/plot_telemetry.py``
+      plots a JSON-lines log.
     """
     if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
             or backward_passes_per_step <= 0:
@@ -526,7 +548,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                     bias_correction=bias_correction, momentum_steps=momentum_steps, sync_every=sync_every,
                     level_schedule=tuple(level_schedule), level_every=level_every, freeze_step=freeze_step,
                     v_refresh_every=v_refresh_every)
-    _warn_stalling(config)
+    stall.check(config)      # refuses (or warns about) settings error feedback cannot carry
+    recorder = telemetry_from_options(telemetry, telemetry_every)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_QuantizedDistributedOptimizer.__dict__))
     if _on_horovod(comm):
@@ -536,6 +559,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
     opt = cls(optimizer.param_groups, named_parameters, config, backward_passes_per_step, comm, overlap, op_sum)
     opt._engine.topology_reason = opt._engine.stats.topology_reason = topology_reason
     opt._engine.stats.topology = topology
+    opt._telemetry = recorder
     return opt
 
 
@@ -606,16 +630,3 @@ def _bucket_size_for(quantizer: str, *given):
         if size is not None:
             return size
     return _default_bucket_size(quantizer)
-
-
-def _warn_stalling(config: Config) -> None:
-    """Refuse combinations measured to stall: an L2-scaled grid at <= 3 bits with nearest rounding
-    under error feedback rounds almost every element to zero (the scale is the bucket's norm)."""
-    up = config.uplink
-    k = cb.kind(up.quantizer)
-    if (config.error_feedback and not k.passthrough and not k.adaptive and k.scale == cb.SCALE_L2
-            and up.bits <= 3 and not up.stochastic):
-        raise ValueError(f"quantizer={up.quantizer!r} at {up.bits} bits scales by the bucket's L2 norm, so with "
-                         f"nearest rounding under error feedback almost every element rounds to zero and training "
-                         f"stalls; use quantizer='qsgdinf' (max-abs scale), more bits, or an adaptive quantizer "
-                         f"('alq'/'amq')")
