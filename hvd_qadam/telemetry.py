@@ -185,15 +185,13 @@ def path_bits(path: str) -> float:
 def residual_ratio(engine, grad_bufs: dict) -> float | None:
     """||worker EF residuals|| / ||this step's local gradients of the compressed groups||
     (None without a residual; see the module)."""
-    res2, found = 0.0, False
-    for key, e in engine.bank.current.items():
-        if key.endswith(".e") and "@" not in key:
-            res2 += float(torch.linalg.vector_norm(e, dtype=torch.float64)) ** 2
-            found = True
-    if not found:
+    residuals = [e for key, e in engine.bank.current.items() if key.endswith(".e") and "@" not in key]
+    grads = [grad_bufs[g.index] for g in engine.layout.groups if g.compressed]
+    if not residuals or not grads:
         return None
-    grad2 = sum(float(torch.linalg.vector_norm(grad_bufs[g.index], dtype=torch.float64)) ** 2
-                for g in engine.layout.groups if g.compressed)
+    # one float32 norm per buffer (no float64 copy of the model), one host sync for all of them
+    norms = torch.stack([torch.linalg.vector_norm(t.float()).double() for t in residuals + grads]).square()
+    res2, grad2 = (float(x) for x in (norms[:len(residuals)].sum(), norms[len(residuals):].sum()))
     return math.sqrt(res2 / grad2) if grad2 > 0 else float("inf")
 
 
