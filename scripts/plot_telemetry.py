@@ -13,20 +13,9 @@ import math
 import os
 import sys
 
+from hvd_qadam.telemetry import path_bits
+
 TIMES = ("encode_s", "exchange_s", "decode_s", "apply_s")
-
-
-def path_bits(path: str) -> float:
-    """Bits per element of a group's path (as hvd_qadam.telemetry.path_bits, kept here so the
-    script plots a log without hvd_qadam installed)."""
-    name, _, tail = path.partition(":")
-    if tail.isdigit():
-        return float(tail)
-    if "fp16" in path:
-        return 16.0
-    if name in ("horovod", "none", "fp32"):
-        return 32.0
-    return float("nan")
 
 
 def load(path: str) -> tuple[dict, list]:
