@@ -413,7 +413,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       measured closer to Horovod Adam than 512 on the LM, README), or 512 for the 1-bit ``sign``,
       whose payload a scale per 128 would grow by a quarter. ``rounding=None`` means nearest where
       error feedback is on (EF needs a contractive compressor) and the quantizer's own default
-      where it is off.
+      where it is off. Under error feedback a setting whose residual would not settle (e.g.
+      ``qsgd`` at 3 bits, bucket 128) is refused, and one that settles high (``qsgd`` at 4 bits,
+      bucket 512) warned about, by a rule computed from the quantizer (:mod:`hvd_qadam.stall`).
     downlink_quantizer (None: the topology's default) / downlink_bits (None: by quantizer, as
       ``bits``) / downlink_bucket_size (the uplink's) / downlink_rounding: server -> workers
       (averaged gradients, updates; weights for ``qadam_weights``). ``None``: where the downlink
