@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 import warnings
 
 import torch
@@ -29,7 +30,9 @@ from .config import Config, LinkSpec, NONE_LINK
 from .engine import OUT_GRAD, OUT_UPDATE, STATE_KEY, Engine
 from .errors import CommError, ConsistencyError, NonFiniteGradientError
 from .layout import Layout
+from . import stall
 from .ps import ps_worker_comm
+from .telemetry import from_options as telemetry_from_options, residual_ratio
 from .quant import codebooks as cb
 from .transport import AUTO, TOPOLOGIES as TOPOLOGY_CLASSES, Hosts, choose
 
@@ -97,6 +100,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._should_synchronize = True
         self._synchronized = False
         self._local_iterations = 0
+        self._telemetry = None            # hvd_qadam.telemetry.Telemetry where telemetry is on
         # Backward hooks: gradients are copied into a persistent flat buffer per group, and a
         # group's exchange starts as soon as its last gradient of the step arrived.
         self._grad_bufs = {g.index: torch.zeros(g.numel, dtype=g.dtype, device=g.device)
@@ -280,6 +284,11 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             self._reset_round()
         if out is None:
             return False          # skipped (nonfinite="skip"): nothing changed
+        # Telemetry (off: None, and nothing else runs): the residual ratio before the apply loop,
+        # which may write into buffers the gradients came from; the apply loop timed.
+        record = self._telemetry is not None and self._telemetry.wants(self._engine.stats.step, self._engine.rank)
+        if record:
+            ratio, t_apply = residual_ratio(self._engine, self._grad_bufs), time.perf_counter()
         scale = float(self._comm.size) if self._op_sum else None
         with torch.no_grad():
             for g in self._layout.groups:
@@ -304,6 +313,9 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                         p.sub_(value.to(p.dtype))
                     else:
                         p.copy_(value)
+        if record:
+            self._telemetry.record(self._engine.stats, time.perf_counter() - t_apply, ratio, self._engine.size,
+                                   self._qcfg)
         self._synchronized = True
         return True
 
@@ -390,7 +402,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                          nonfinite: str | None = None, bias_correction: bool = True,
                          momentum_steps: int | None = None, sync_every: int = 1, level_schedule=(0, 100, 2000),
                          level_every: int = 10000, timeout: float | None = None, comm=None,
-                         freeze_step: int | str | None = None, v_refresh_every: int | None = None):
+                         freeze_step: int | str | None = None, v_refresh_every: int | None = None,
+                         telemetry=None, telemetry_every: int = 1):
     """Wrap ``optimizer`` so that ``step()`` averages across ranks with quantized communication.
 
     The first ten arguments are ``hvd.DistributedOptimizer``'s, with its meaning:
@@ -427,7 +440,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       measured closer to Horovod Adam than 512 on the LM, README), or 512 for the 1-bit ``sign``,
       whose payload a scale per 128 would grow by a quarter. ``rounding=None`` means nearest where
       error feedback is on (EF needs a contractive compressor) and the quantizer's own default
-      where it is off.
+      where it is off. Under error feedback a setting whose residual would not settle (e.g.
+      ``qsgd`` at 3 bits, bucket 128) is refused, and one that settles high (``qsgd`` at 4 bits,
+      bucket 512) warned about, by a rule computed from the quantizer (:mod:`hvd_qadam.stall`).
     downlink_quantizer (None: the topology's default) / downlink_bits (None: by quantizer, as
       ``bits``) / downlink_bucket_size (the uplink's) / downlink_rounding: server -> workers
       (averaged gradients, updates; weights for ``qadam_weights``). ``None``: where the downlink
@@ -493,6 +508,15 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       every live rank raises CollectiveTimeout naming the collective and the ranks that did not
       answer, and the job ends (non-zero) after HVD_QADAM_TIMEOUT_EXIT_GRACE seconds (10).
     comm: a transport (the simulator's); default Horovod.
+    telemetry (None) / telemetry_every (1): per-exchange records written by rank 0 (of this
+      optimizer's ranks) every ``telemetry_every`` steps: bytes sent and received, the ratio to
+      Horovod's fp32 ring, encode / exchange-wait / decode / apply seconds, each group's path,
+      whether the step was compressed, the topology, and ||EF residual|| / ||gradient||
+      (:mod:`hvd_qadam.telemetry`). A path ending in ``.jsonl``: JSON lines; any other path: a
+      directory for TensorBoard event files (``torch.utils.tensorboard``; ``telemetry.jsonl`` in
+      it where TensorBoard is not installed). ``None``: the ``HVD_QADAM_TELEMETRY`` environment
+      variable (a path, as above); unset: off, at no cost per step. ``scripts/plot_telemetry.py``
+      plots a JSON-lines log.
     """
     if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
             or backward_passes_per_step <= 0:
@@ -565,7 +589,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
                     bias_correction=bias_correction, momentum_steps=momentum_steps, sync_every=sync_every,
                     level_schedule=tuple(level_schedule), level_every=level_every, freeze_step=freeze_step,
                     v_refresh_every=v_refresh_every)
-    _warn_stalling(config)
+    stall.check(config)      # refuses (or warns about) settings error feedback cannot carry
+    recorder = telemetry_from_options(telemetry, telemetry_every)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,),
                dict(_QuantizedDistributedOptimizer.__dict__))
     if _on_horovod(comm):
@@ -577,6 +602,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
         opt._auto_topology = (uplink, downlink_for, hierarchical)
     opt._engine.stats.topology = topology
     opt._engine.stats.exchange_reason = opt._engine.exchange.reason
+    opt._telemetry = recorder
     return opt
 
 
@@ -643,16 +669,3 @@ def _bucket_size_for(quantizer: str, *given):
     """The first bucket size the caller gave (None: not given; a bad one such as 0 goes on to
     LinkSpec, which refuses it), else None: the quantizer's default (QuantizerKind.default_bucket_size)."""
     return next((size for size in given if size is not None), None)
-
-
-def _warn_stalling(config: Config) -> None:
-    """Refuse combinations measured to stall: an L2-scaled grid at <= 3 bits with nearest rounding
-    under error feedback rounds almost every element to zero (the scale is the bucket's norm)."""
-    up = config.uplink
-    k = cb.kind(up.quantizer)
-    if (config.error_feedback and not k.passthrough and not k.adaptive and k.scale == cb.SCALE_L2
-            and up.bits <= 3 and not up.stochastic):
-        raise ValueError(f"quantizer={up.quantizer!r} at {up.bits} bits scales by the bucket's L2 norm, so with "
-                         f"nearest rounding under error feedback almost every element rounds to zero and training "
-                         f"stalls; use quantizer='qsgdinf' (max-abs scale), more bits, or an adaptive quantizer "
-                         f"('alq'/'amq')")

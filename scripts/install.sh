@@ -44,7 +44,8 @@ fi
 need=()
 for mod in numpy:numpy scipy:scipy numba:numba mpi4py:mpi4py sklearn:scikit-learn tqdm:tqdm \
            matplotlib:matplotlib pytest:pytest pytest_timeout:pytest-timeout psutil:psutil \
-           cloudpickle:cloudpickle yaml:pyyaml packaging:packaging wheel:wheel PIL:pillow filelock:filelock; do
+           cloudpickle:cloudpickle yaml:pyyaml packaging:packaging wheel:wheel PIL:pillow filelock:filelock \
+           tensorboard:tensorboard; do
   have "${mod%%:*}" || need+=("${mod##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
