@@ -85,8 +85,8 @@ class Auto(ExchangePolicy):
     SETTLE = 3              # first steps: compressed (warming the codec up), not measured
     ROUNDS = 3              # probe: this many (Horovod, compressed) pairs of steps
     HYSTERESIS = 0.05       # a path must be this much faster to be taken (to be switched to)
-    CHECK_EVERY = 20        # steps between checks of the chosen path's step time
-    CHANGE = 0.3            # relative change of that time that starts a new probe
+    CHECK_EVERY = 10        # steps between checks of the chosen path's step time
+    CHANGE = 0.25           # relative change of that time that starts a new probe
     REVISIT = 500           # steps between probes when nothing changed
 
     def __init__(self):

@@ -10,7 +10,8 @@ changes every host's link rate when rank 0 reports the phase's last step:
 Worker (what netlab runs): trains the LM with ``hvd_qadam.DistributedOptimizer(Adam,
 exchange="auto")`` for ``len(phases) x steps`` steps, printing each step's path, time and loss;
 then checks that every rank ends with identical weights, and trains the same steps with plain
-``hvd.DistributedOptimizer`` (Adam, fp32) from the same seed, for the loss to compare against.
+``hvd.DistributedOptimizer`` (Adam, fp32) and with ``exchange="compressed"`` from the same seed,
+on the unshaped link, for the losses to compare against.
 The driver prints where the decision changed, relative to where the link changed, and writes
 JSON. Horovod's allreduce runs on Open MPI's ring.
 """
@@ -20,8 +21,10 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -83,8 +86,14 @@ def worker(args):
     if rank == 0:
         print("[auto-done]", flush=True)
     ref_rows, _, _ = train(horovod, "horovod")
+
+    def compressed(model):
+        return hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-3),
+                                              named_parameters=model.named_parameters(), exchange="compressed")
+    comp_rows, _, _ = train(compressed, "compressed")
     if rank == 0:
-        print("[result] " + json.dumps({"rows": rows, "reference": ref_rows, "decisions": decisions,
+        print("[result] " + json.dumps({"rows": rows, "reference": ref_rows, "compressed": comp_rows,
+                                        "decisions": decisions,
                                         "replicas_identical": len(set(digests)) == 1,
                                         "reason": opt.communication_stats.exchange_reason}), flush=True)
     hvd.shutdown()
@@ -120,9 +129,38 @@ def driver(args):
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMPI_MCA_coll_tuned_use_dynamic_rules="1",
                OMPI_MCA_coll_tuned_allreduce_algorithm="4")
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    for attempt in range(3):
+        rc, result, changes = _run_once(cmd, env, args)
+        if rc != 125:
+            break
+        print(f"    ranks not up after {args.start_timeout:.0f} s (Open MPI's launcher across namespaces); "
+              f"retrying ({attempt + 1}/3)", file=sys.stderr, flush=True)
+    if result is None:
+        print(f"lab_switch: no result (netlab exited {rc})", file=sys.stderr)
+        return 1
+    result.update(phases=args.phases, steps_per_phase=args.steps, ranks=args.ranks, size=args.size,
+                  batch=args.batch, rate_changes=changes)
+    report(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def _run_once(cmd, env, args):
+    """(exit status, result or None, rate changes); 125 when the ranks did not come up in time."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                            start_new_session=True)
+    ready = threading.Event()
+
+    def watchdog():
+        if not ready.wait(args.start_timeout):
+            os.killpg(proc.pid, signal.SIGTERM)      # netlab's trap tears the lab down
+    threading.Thread(target=watchdog, daemon=True).start()
     result, changes = None, []
     for line in proc.stdout:
+        if line.startswith("[ready]"):
+            ready.set()
         if line.startswith("[auto] "):
             step = int(line.split()[1])
             phase = (step + 1) // args.steps
@@ -139,16 +177,7 @@ def driver(args):
         elif args.verbose:
             sys.stderr.write("    " + line)
     rc = proc.wait()
-    if result is None:
-        print(f"lab_switch: no result (netlab exited {rc})", file=sys.stderr)
-        return 1
-    result.update(phases=args.phases, steps_per_phase=args.steps, ranks=args.ranks, size=args.size,
-                  batch=args.batch, rate_changes=changes)
-    report(result)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return 0
+    return (125 if not ready.is_set() else rc), result, changes
 
 
 def report(res: dict) -> None:
@@ -162,8 +191,10 @@ def report(res: dict) -> None:
         print(f"  phase {p} ({rate:>7}): {paths}  median step (second half) {med:.3f} s")
     print(f"  decisions: {res['decisions']}")
     print(f"  replicas identical: {res['replicas_identical']}")
+    comp = res.get("compressed") or ref
     print(f"  final loss (mean of last 10): auto {sum(r['loss'] for r in rows[-10:]) / 10:.4f}, "
-          f"Horovod Adam {sum(r['loss'] for r in ref[-10:]) / 10:.4f}")
+          f"Horovod Adam {sum(r['loss'] for r in ref[-10:]) / 10:.4f}, "
+          f"compressed throughout {sum(r['loss'] for r in comp[-10:]) / 10:.4f}")
 
 
 def main():
@@ -175,6 +206,7 @@ def main():
     p.add_argument("--size", default="small")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--start-timeout", type=float, default=150, help="seconds for every rank to come up")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
     if args.worker:

@@ -302,6 +302,8 @@ def test_auto_follows_a_link_shaped_down_mid_run_in_the_lab(tmp_path):
     assert res["rate_changes"] == [{"after_step": 39, "rate": "100mbit"}]
     assert all(r["path"] == "compressed" for r in rows[-8:]), [r["path"] for r in rows[40:]]
     assert res["decisions"], "no decision taken"
-    auto = sum(r["loss"] for r in rows[-10:]) / 10
-    ref = sum(r["loss"] for r in res["reference"][-10:]) / 10
-    assert abs(auto - ref) < 0.05 * ref, (auto, ref)
+    auto, ref, comp = (sum(r["loss"] for r in runs[-10:]) / 10
+                       for runs in (rows, res["reference"], res["compressed"]))
+    # switching paths does not disturb the loss: it stays between (or near) compressing throughout
+    # and Horovod Adam's
+    assert min(ref, comp) - 0.02 * ref <= auto <= max(ref, comp) + 0.02 * ref, (auto, ref, comp)
