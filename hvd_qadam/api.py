@@ -267,13 +267,19 @@ def mean_on_device(payloads, out) -> bool:
             p.quantizer == first.quantizer and p.bits == first.bits and p.bucket_size == first.bucket_size
             and np.array_equal(to_host(p.levels), to_host(first.levels)) for p in payloads):
         return False
+    return _on_device(out, lambda arr: mean_payloads_into(arr, payloads))
+
+
+def _on_device(out, write) -> bool:
+    """``write(arr)`` with ``arr`` the CuPy view of the CUDA tensor ``out``, on out's device and
+    torch's current stream; False (nothing done) without CuPy."""
     try:
         import cupy  # optional: GPU only
     except ImportError:
         return False
     with cupy.cuda.Device(out.device.index or 0), \
             cupy.cuda.ExternalStream(torch.cuda.current_stream(out.device).cuda_stream):
-        mean_payloads_into(cupy.from_dlpack(out.detach()), payloads)
+        write(cupy.from_dlpack(out.detach()))
     return True
 
 
@@ -294,14 +300,7 @@ def decode_on_device(payload, out) -> bool:
     pass-through payload, or no CuPy."""
     if payload.kind.passthrough or not (out.is_cuda and out.dtype == torch.float32 and out.is_contiguous()):
         return False
-    try:
-        import cupy  # optional: GPU only
-    except ImportError:
-        return False
-    with cupy.cuda.Device(out.device.index or 0), \
-            cupy.cuda.ExternalStream(torch.cuda.current_stream(out.device).cuda_stream):
-        decode_payload_into(cupy.from_dlpack(out.detach()), payload)
-    return True
+    return _on_device(out, lambda arr: decode_payload_into(arr, payload))
 
 
 def decode_payload_into(out, payload) -> None:
