@@ -266,7 +266,8 @@ def _horovod_fp32_loss(base: str, steps: int, tmp_path) -> float:
                          ids=["bf16-defaults", "bf16-none", "fp16-defaults", "fp16-none"])
 def test_mpi_low_precision_model_keeps_its_dtype_and_sends_two_bytes(dtype, base, kwargs, tmp_path):
     """A bf16 (fp16) model under mpirun -np 3: every rank ends identical, in its dtype, equal bit
-    for bit to the simulator, with a loss close to Horovod's in fp32, and the pass-through
+    for bit to the simulator (fp16: to rounding, its pass-throughs are summed by Horovod's
+    allreduce), with a loss close to Horovod's in fp32, and the pass-through
     payloads (small tensors; everything with quantizer="none") at 2 bytes per element, read off
     each rank's communication_stats. fp16 trains with SGD (torch's Adam divides by
     sqrt(v) + 1e-8, and 1e-8 is 0 in float16)."""
@@ -277,8 +278,14 @@ def test_mpi_low_precision_model_keeps_its_dtype_and_sends_two_bytes(dtype, base
     res = torch.load(out)
     assert res["size"] == 3 and len(set(res["digests"])) == 1, "ranks ended with different weights"
     assert all(p.dtype == getattr(torch, dtype) for p in res["params"].values())
-    assert_same_params(res["params"], sim_train(3, steps, base, dtype=getattr(torch, dtype), **kwargs)[0],
-                       f"{dtype} mpirun -np 3 vs simulator")
+    sim = sim_train(3, steps, base, dtype=getattr(torch, dtype), **kwargs)[0]
+    if dtype == "bfloat16":
+        assert_same_params(res["params"], sim, f"{dtype} mpirun -np 3 vs simulator")
+    else:
+        # fp16 pass-throughs go through Horovod's allreduce, summed in fp16 in MPI's order: the
+        # simulator's trajectory to fp16 rounding (a few ulps of 2^-11 after 28 steps)
+        for n, p in res["params"].items():
+            assert float((p.float() - sim[n].float()).abs().max()) < 4e-3, n
     ref = _horovod_fp32_loss(base, steps, tmp_path)
     assert abs(res["loss"] - ref) < 0.02 + 0.05 * ref, (res["loss"], ref)
     for rank, stats in enumerate(res["stats"]):

@@ -58,8 +58,8 @@ digests = hvd.allgather_object(digest)
 stats = None
 if made:
     s = made[0].communication_stats
-    passthrough = any(not (g.compressed and s.compressed) or made[0].engine.links(g, True)[0].passthrough
-                      for g in made[0].engine.layout.groups)
+    passthrough = any(not (g.compressed and s.compressed) or s.exchange == "horovod"
+                      for g in made[0].engine.layout.groups) or made[0].config.uplink.passthrough
     stats = {"sent_bytes": s.sent_bytes, "fp32_bytes": s.fp32_bytes, "topology": s.topology,
              "passthrough_bytes_per_element": byte_count.passthrough_bytes_per_element(made[0])
              if passthrough and s.topology in ("allgather", "sharded") else None}
