@@ -140,13 +140,18 @@ class Engine:
         self.align = shard_alignment(config.uplink.bucket_size, config.downlink.bucket_size)
         self.hosts = None
         self.bounds = self._shard_bounds()
-        self.transport = make_transport(config.topology, self)
         self.topology_reason = "given"
-        # Full precision goes through Horovod's allreduce wherever it can carry it.
-        self.allreduce = (AllreduceTransport(self) if AllreduceTransport.carries(
-            TOPOLOGIES[config.topology], self.alg, comm) else None)
-        self.exchange = self._exchange_policy()
+        self._use_topology()
         self._params_source = None
+
+    def _use_topology(self) -> None:
+        """The transports of ``cfg.topology``: the topology's own, Horovod's allreduce for full
+        precision wherever it can carry it under that topology, and the exchange policy that
+        depends on both."""
+        self.transport = make_transport(self.cfg.topology, self)
+        self.allreduce = (AllreduceTransport(self) if AllreduceTransport.carries(
+            TOPOLOGIES[self.cfg.topology], self.alg, self.comm) else None)
+        self.exchange = self._exchange_policy()
 
     def _shard_bounds(self) -> dict:
         """{group index: [(start, stop)] per rank}: the elements each rank serves, as the topology
@@ -201,7 +206,7 @@ class Engine:
         self.cfg = dataclasses.replace(self.cfg, topology=topology, downlink=downlink)
         self.align = shard_alignment(self.cfg.uplink.bucket_size, downlink.bucket_size)
         self.bounds = self._shard_bounds()
-        self.transport = make_transport(topology, self)
+        self._use_topology()
         self.stats.topology = topology
 
     def served_range(self, g) -> tuple:
@@ -246,12 +251,6 @@ class Engine:
         if link.quantizer != "none" or g.wire == "none":
             return link
         return _PASSTHROUGH_LINKS[g.wire]
-
-    def _transport_for(self, g, st):
-        """Horovod's allreduce for a full-precision group where it can carry it, else the topology."""
-        if self.allreduce is not None and AllreduceTransport.takes(self.wire_link(g, self.links(g, st)[0])):
-            return self.allreduce
-        return self.transport
 
     def key(self, rank: int, group: int, direction: int) -> int:
         return rng.stream_key(self.cfg.seed, rank, self.step_count, group, direction)
@@ -349,11 +348,14 @@ class Engine:
             raise RuntimeError(f"group {g.index} was already exchanged in step {st.step}")
         t0 = time.perf_counter()
         vec = self.alg.worker(self, g, grad, st)
-        transport = self._transport_for(g, st)
-        st.paths[g.index] = transport
         up = self.wire_link(g, self.links(g, st)[0])
-        st.stats.group_paths[g.index] = transport.name if transport is self.allreduce else \
-            f"{up.quantizer}:{up.bits}"
+        # Horovod's allreduce for a full-precision group where it can carry it, else the topology
+        if self.allreduce is not None and AllreduceTransport.takes(up):
+            transport, path = self.allreduce, self.allreduce.name
+        else:
+            transport, path = self.transport, f"{up.quantizer}:{up.bits}"
+        st.paths[g.index] = transport
+        st.stats.group_paths[g.index] = path
         st.launched[g.index] = transport.start(g, vec, grad, st)
         st.stats.fp32_bytes += 8 * (self.size - 1) * g.numel // self.size
         st.stats.encode_s += time.perf_counter() - t0

@@ -307,3 +307,19 @@ def test_auto_follows_a_link_shaped_down_mid_run_in_the_lab(tmp_path):
     # switching paths does not disturb the loss: it stays between (or near) compressing throughout
     # and Horovod Adam's
     assert min(ref, comp) - 0.02 * ref <= auto <= max(ref, comp) + 0.02 * ref, (auto, ref, comp)
+
+
+def test_a_topology_change_re_decides_what_horovods_allreduce_may_carry():
+    """topology="auto" re-chooses the topology at an elastic resize (Engine.set_topology): qadam's
+    full-precision steps may take the allreduce under allgather (every rank holds the whole server
+    state), not under sharded (its server moments are sharded), and back."""
+    model = digits.make_model()
+    opt = hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters()), model.named_parameters(),
+                                         comm=SimWorld(2).comm(0), algorithm="qadam", topology="allgather",
+                                         exchange="auto")
+    eng = opt.engine
+    assert eng.allreduce is not None and eng.exchange.name == "auto"
+    eng.set_topology("sharded", eng.cfg.downlink)
+    assert eng.allreduce is None and "compresses every step" in eng.exchange.reason
+    eng.set_topology("allgather", eng.cfg.downlink)
+    assert eng.allreduce is not None and eng.exchange.name == "auto"
