@@ -371,6 +371,47 @@ def test_warmup_compiles_everything():
     assert not compiled_later, f"the workload compiled new signatures (warm-up, workload): {compiled_later}"
 
 
+THREADS_PROBE = r"""
+import json, sys, torch
+import numba, numba.np.ufunc.parallel as numba_parallel
+if sys.argv[1] == "bare":
+    numba_parallel._launch_threads()
+else:
+    import horovod.torch as hvd
+    import hvd_qadam
+    hvd.init()
+    model = torch.nn.Linear(300, 300)
+    opt = hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters()), model.named_parameters(),
+                                         min_compress_numel=0)
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(4, 300)).square().mean().backward()
+        opt.step()
+print("PROBE " + json.dumps({"torch": torch.get_num_threads(), "layer": numba.threading_layer(),
+                             "pool": numba.config.NUMBA_NUM_THREADS}))
+"""
+
+
+def _threads_probe(mode):
+    env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", THREADS_PROBE, mode], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.split("PROBE ", 1)[1])
+
+
+def test_numba_pool_keeps_torch_on_its_threads():
+    """A rank started with OMP_NUM_THREADS=1 keeps torch on one thread through construction and
+    steps. numba's OpenMP layer starts its pool (here 2 threads) with omp_set_num_threads in the
+    launching thread, which torch reads: the bare launch shows the hazard, the optimizer must not."""
+    pytest.importorskip("horovod.torch")
+    bare = _threads_probe("bare")
+    if bare["layer"] != "omp":
+        pytest.skip(f"numba runs on its {bare['layer']!r} threading layer, which leaves OpenMP alone")
+    assert bare["torch"] == 2, f"the hazard this test guards against did not show: {bare}"
+    assert _threads_probe("optimizer") == dict(bare, torch=1)
+
+
 # ----------------------------------------------------------------------------- CUDA source, no GPU
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")

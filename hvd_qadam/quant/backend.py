@@ -77,16 +77,49 @@ def gpu_backend():
     return _cache["cupy"]
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity: ``mpirun`` may bind a rank to one core)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity API on this platform
+        return os.cpu_count() or 1
+
+
+def start_numba_pool() -> None:
+    """Start numba's thread pool now, keeping the calling thread's torch thread count.
+
+    numba's OpenMP threading layer starts its pool with ``omp_set_num_threads(NUMBA_NUM_THREADS)``
+    in the thread that launches it, and torch, linked against the same libgomp, reads its intra-op
+    thread count from that thread's OpenMP setting. A rank that ran torch on one thread
+    (``OMP_NUM_THREADS=1`` as ``horovodrun`` users set, or ``torch.set_num_threads``) went on with
+    torch on every core after the first kernel call: ranks sharing a host then oversubscribe it
+    during forward and backward. The pool is started here, at a known point, and torch's count
+    is put back."""
+    import numba.np.ufunc.parallel as numba_parallel
+    if numba_parallel._is_initialized:
+        return
+    torch_module = sys.modules.get("torch")
+    torch_threads = torch_module.get_num_threads() if torch_module is not None else None
+    numba_parallel._launch_threads()
+    if torch_threads is not None and torch_module.get_num_threads() != torch_threads:
+        torch_module.set_num_threads(torch_threads)
+
+
 def share_cores(local_ranks: int) -> None:
     """Give each of ``local_ranks`` processes on this host its share of the cores for the parallel
-    CPU kernels. numba's thread pool defaults to every core in every process, and oversubscribed
-    pools spin against each other (seen here: 100x slower steps with 3 ranks on 2 cores)."""
-    if local_ranks <= 1 or os.environ.get("NUMBA_NUM_THREADS"):
-        return
-    share = max(1, (os.cpu_count() or 1) // local_ranks)
+    CPU kernels, and start numba's pool without touching torch's thread count
+    (:func:`start_numba_pool`). numba's pool defaults to every core in every process, and
+    oversubscribed pools spin against each other (seen here: 100x slower steps with 3 ranks on 2
+    cores)."""
+    share = None
+    if local_ranks > 1 and not os.environ.get("NUMBA_NUM_THREADS"):
+        share = max(1, _usable_cores() // local_ranks)
     if "numba" not in sys.modules:
-        # Before numba starts its pool: size the pool itself (idle pool threads also spin).
-        os.environ["NUMBA_NUM_THREADS"] = str(share)
+        if share is not None:
+            # Before numba starts its pool: size the pool itself (idle pool threads also spin).
+            os.environ["NUMBA_NUM_THREADS"] = str(share)
         return
-    import numba  # already imported (checked above): the pool is running, resize it
-    numba.set_num_threads(min(share, numba.config.NUMBA_NUM_THREADS))
+    import numba  # already imported (checked above): start its pool, then narrow it
+    start_numba_pool()
+    if share is not None:
+        numba.set_num_threads(min(share, numba.config.NUMBA_NUM_THREADS))
