@@ -17,7 +17,7 @@ import torch
 
 from .errors import CollectiveTimeout, CommError  # noqa: F401 - re-exported
 from .quant.backend import share_cores
-from .transport import Hosts, horovod_hosts
+from .topology import Hosts, horovod_hosts
 
 TIMEOUT_ENV = "HVD_QADAM_TIMEOUT"
 EXIT_GRACE_ENV = "HVD_QADAM_TIMEOUT_EXIT_GRACE"

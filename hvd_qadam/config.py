@@ -8,7 +8,7 @@ from .algorithms import ALGORITHMS, NONFINITE_POLICIES, OnebitAdam  # noqa: F401
 from .api import check_bucket_size, stochastic_rounding
 from .quant import codebooks as cb
 from .exchange import DEFAULT as DEFAULT_EXCHANGE, POLICIES as EXCHANGES
-from .transport import TOPOLOGIES  # noqa: F401 - re-exported; the optimizer also takes "auto"
+from .topology import TOPOLOGIES  # noqa: F401 - re-exported; the optimizer also takes "auto"
 
 # The names a Config accepts are the registries' (ALGORITHMS, TOPOLOGIES, EXCHANGES above). onebit_adam's
 # defaults are defined on its class; the names here stay for those who import them from here.

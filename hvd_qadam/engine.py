@@ -7,7 +7,7 @@ The engine owns the algorithm state of one rank (worker residuals and moments, a
 state of the shards it serves, in a double-buffered :class:`~hvd_qadam.memory.StateBank`) and
 talks to its peers only through a comm object that moves bytes (:mod:`hvd_qadam.comm`), so real
 ranks and the simulator run this same code. What W and S are is the algorithm's
-(:mod:`hvd_qadam.algorithms`); how frames travel is the topology's (:mod:`hvd_qadam.transport`).
+(:mod:`hvd_qadam.algorithms`); how frames travel is the topology's (:mod:`hvd_qadam.topology`).
 
 A step has two halves. :meth:`Engine.launch` runs the worker side of one fused group (transform,
 error feedback and quantization in one pass, see ``cpu_numba.encode_ef``) and starts its uplink
@@ -48,7 +48,7 @@ from .memory import StateBank, persistent_buffer
 from .quant import codebooks as cb
 from .quant import rng
 from .quant.backend import cpu_backend, gpu_backend
-from .transport import TOPOLOGIES, AllreduceTransport, Hosts, make_transport
+from .topology import TOPOLOGIES, AllreduceTransport, Hosts, make_transport
 from .wire import Frame, PayloadError
 
 SERVER_RANK = 2 ** 31 - 1     # the rank used in the server's random-stream keys

@@ -1,5 +1,5 @@
 """Which path a step's compressible groups take: hvd_qadam's compressed exchange, or full
-precision through Horovod's own allreduce (:class:`hvd_qadam.transport.AllreduceTransport`).
+precision through Horovod's own allreduce (:class:`hvd_qadam.topology.AllreduceTransport`).
 
 Compression pays only where the network is what a step waits for; on a fast link, or with few
 ranks on one machine, encoding and decoding cost more than the bytes they save. The policy is

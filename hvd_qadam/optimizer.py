@@ -34,7 +34,7 @@ from . import stall
 from .ps import ps_worker_comm
 from .telemetry import from_options as telemetry_from_options, residual_ratio
 from .quant import codebooks as cb
-from .transport import AUTO, TOPOLOGIES as TOPOLOGY_CLASSES, Hosts, choose
+from .topology import AUTO, TOPOLOGIES as TOPOLOGY_CLASSES, Hosts, choose
 
 
 class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
@@ -458,7 +458,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       sharded exchange only between hosts: 1/L of the host's inter-host bytes per rank),
       ``ps`` (a dedicated mpi4py server rank, see :mod:`hvd_qadam.ps`), or ``auto``: the one
       of ``allgather``/``sharded`` whose ranks send the fewest bytes across hosts
-      (:func:`hvd_qadam.transport.choose`): ``allgather`` up to 2 ranks, ``sharded`` beyond, and
+      (:func:`hvd_qadam.topology.choose`): ``allgather`` up to 2 ranks, ``sharded`` beyond, and
       ``hierarchical`` where the flat exchange would load each host's link more than Horovod's
       fp16 ring does (several ranks per host: from 4 per host at 12 ranks).
       ``communication_stats.topology`` / ``.topology_reason`` say which and why.

@@ -6,7 +6,7 @@
     codec   = elements the rank encodes and decodes per step / codec throughput
     latency = message rounds of the collectives x alpha
 
-Bytes per rank come from each topology's own byte model (``hvd_qadam.transport``, checked against
+Bytes per rank come from each topology's own byte model (``hvd_qadam.topology``, checked against
 real frames in the tests and against interface counters in the lab). From the lab
 (``scripts/bench_scaling.py``'s JSON) it fits, by least squares over every point:
   efficiency  the share of the link rate TCP delivers (Horovod's rows and ours),
@@ -34,7 +34,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 from hvd_qadam.config import LinkSpec  # noqa: E402
-from hvd_qadam.transport import TOPOLOGIES, Hosts, payload_bytes_per_element  # noqa: E402
+from hvd_qadam.topology import TOPOLOGIES, Hosts, payload_bytes_per_element  # noqa: E402
 
 RATES = {"100mbit": 1e8, "1gbit": 1e9, "10gbit": 1e10}
 

@@ -13,10 +13,10 @@ import hvd_qadam
 from hvd_qadam import AlgorithmOptionError
 from hvd_qadam.algorithms import ALGORITHMS, OUT_UPDATE, Algorithm, register
 from hvd_qadam.comm import SimWorld
-from hvd_qadam.transport import TOPOLOGIES
+from hvd_qadam.topology import TOPOLOGIES
 
 PACKAGE = os.path.dirname(hvd_qadam.__file__)
-REGISTRY_MODULES = {"algorithms.py", "transport.py"}
+REGISTRY_MODULES = {"algorithms.py", "topology.py"}
 # Other things that share a name with an algorithm or a topology.
 HOMONYMS = {("codebooks.py", "qsgd"),      # the quantizer named qsgd, in the quantizers' registry
             ("comm.py", "allgather")}      # Horovod's allgather collective (a handle's kind)
@@ -175,7 +175,7 @@ def test_contributing_names_what_exists():
     import re
 
     from hvd_qadam.quant.codebooks import QuantizerKind
-    from hvd_qadam.transport import Transport
+    from hvd_qadam.topology import Transport
     root = os.path.dirname(PACKAGE)
     text = open(os.path.join(root, "CONTRIBUTING.md")).read()
     for path in set(re.findall(r"`((?:hvd_qadam|tests|scripts)/[\w/]+\.(?:py|sh))`", text)):

@@ -95,7 +95,7 @@ def start_numba_pool() -> None:
     torch on every core after the first kernel call: ranks sharing a host then oversubscribe it
     during forward and backward. The pool is started here, at a known point, and torch's count
     is put back."""
-    import numba.np.ufunc.parallel as numba_parallel
+    import numba.np.ufunc.parallel as numba_parallel  # optional backend: called only once numba is imported
     if numba_parallel._is_initialized:
         return
     torch_module = sys.modules.get("torch")
