@@ -56,6 +56,11 @@ CONFIGS = {
     "qadam_compressed": ("hvd_qadam exchange='compressed'", None, dict(exchange="compressed")),
     # every exchange in full precision through Horovod's allreduce, and onebit_adam's warm-up
     "qadam_horovod": ("hvd_qadam exchange='horovod'", None, dict(exchange="horovod")),
+    # Horovod's allreduce with smaller fused groups: each starts earlier in backward
+    "qadam_horovod_fusion4": ("hvd_qadam exchange='horovod', 4 MB groups", None,
+                              dict(exchange="horovod", fusion_threshold_mb=4)),
+    "qadam_horovod_fusion1": ("hvd_qadam exchange='horovod', 1 MB groups", None,
+                              dict(exchange="horovod", fusion_threshold_mb=1)),
     "onebit_warmup": ("onebit_adam in its fp32 warm-up", None, dict(algorithm="onebit_adam", freeze_step=10 ** 6)),
     # the defaults with the two-level exchange (hosts of several ranks)
     "qadam_hierarchical": ("hvd_qadam defaults, hierarchical=True", None, dict(hierarchical=True)),
