@@ -12,7 +12,7 @@ import numpy as np
 
 from .quant import codebooks as cb
 from .quant import rng
-from .quant.backend import cpu_backend, gpu_backend
+from .quant.backend import cpu_backend, fused_kernels, gpu_backend
 from .quant.common import (array_module, bf16_bits, bf16_finite, bf16_values, check_bucket_size,  # noqa: F401
                            is_cupy, to_host)  # check_bucket_size is re-exported
 from .wire import MAX_NDIM, Payload
@@ -223,7 +223,7 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
     be = gpu_backend() if v.is_cuda else cpu_backend()
     cuda_fused = v.is_cuda and all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous()
                                    for t in (v, resid, resid_out))
-    if k.passthrough or (v.device.type != "cpu" and not cuda_fused) or not hasattr(be, "encode_ef"):
+    if k.passthrough or (v.device.type != "cpu" and not cuda_fused) or not fused_kernels(be).encode_ef:
         torch.add(v, resid, out=resid_out)
         if not bool(torch.isfinite(resid_out).all()):
             return None, True
