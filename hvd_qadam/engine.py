@@ -39,7 +39,7 @@ from . import algorithms
 from . import exchange as exchange_policies
 from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exported
 from .adaptive import LevelAdapter
-from .api import decode_flat, decode_on_device, fits_passthrough, mean_on_device, quantize, quantize_ef
+from .codec import decode_flat, decode_on_device, fits_passthrough, mean_on_device, quantize, quantize_ef
 from .errors import CommError, ConsistencyError, NonFiniteGradientError  # noqa: F401 - re-exported
 from .config import NONE_LINK, Config, LinkSpec
 from .functional import all_finite  # noqa: F401 - re-exported

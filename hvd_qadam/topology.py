@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import quantize
+from .codec import quantize
 from .errors import CommError, ConsistencyError, TopologyError  # noqa: F401 - TopologyError re-exported
 from .functional import all_finite
 from .layout import shard_bounds

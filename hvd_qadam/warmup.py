@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import functional as F
-from .api import decode_flat, quantize, quantize_ef
+from .codec import decode_flat, quantize, quantize_ef
 from .quant.backend import cpu_backend, fused_kernels, gpu_backend
 from .quant.codebooks import KINDS, default_adaptive_codebook
 from .wire import Payload

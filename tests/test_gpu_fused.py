@@ -156,7 +156,7 @@ def test_gpu_received_payloads_decode_on_the_device(cupy):
     for bit the CPU's; elements outside a slice are never written."""
     import torch
 
-    from hvd_qadam.api import (decode_flat, decode_on_device, decode_payload_into, mean_on_device,
+    from hvd_qadam.codec import (decode_flat, decode_on_device, decode_payload_into, mean_on_device,
                                mean_payloads_into, quantize)
     from hvd_qadam.layout import shard_bounds
     from hvd_qadam.wire import Frame
@@ -195,7 +195,7 @@ def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
     import torch
 
     from hvd_qadam import functional as F
-    from hvd_qadam.api import quantize_ef
+    from hvd_qadam.codec import quantize_ef
     if not torch.cuda.is_available():
         pytest.skip("needs torch with CUDA: DLPack hand-offs of tensors in real device memory")
     v_host, e_host = torch.from_numpy(sample(100_003, seed=8)), torch.from_numpy(sample(100_003, seed=9))
@@ -222,7 +222,7 @@ def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
     F.momentum_update(g.cuda(), m.cuda(), x.cuda(), buf, d, c)
     assert same_bits(buf.cpu().numpy(), buf_host.numpy()) and same_bits(d.cpu().numpy(), d_host.numpy())
     import hvd_qadam
-    from hvd_qadam.api import mean_on_device
+    from hvd_qadam.codec import mean_on_device
     payloads = [hvd_qadam.quantize(torch.from_numpy(sample(100_003, seed=r)), "qsgd", 6, 512, seed=r)
                 for r in range(3)]
     want = cpu_numba.decode_mean(np.empty(100_003, np.float32), [p.scales for p in payloads],
@@ -230,7 +230,7 @@ def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
     mean = torch.empty(100_003, device="cuda")
     assert mean_on_device(payloads, mean) and same_bits(mean.cpu().numpy(), want)
     # a received payload decoded in place into a slice of a CUDA buffer (the sharded downlink)
-    from hvd_qadam.api import decode_flat, decode_on_device
+    from hvd_qadam.codec import decode_flat, decode_on_device
     from hvd_qadam.wire import Payload
     received = Payload.from_bytes(payloads[1].to_bytes())
     buf = torch.full((100_003 + 10,), float("nan"), device="cuda")

@@ -8,7 +8,7 @@ import torch
 
 import hvd_qadam
 from hvd_qadam import CommError, QuantizerError
-from hvd_qadam.api import quantize_ef
+from hvd_qadam.codec import quantize_ef
 from hvd_qadam.comm import SimWorld
 from hvd_qadam.config import LinkSpec
 from hvd_qadam.ps import ParameterServer, PSWorkerComm
