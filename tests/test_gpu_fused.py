@@ -151,13 +151,13 @@ def test_gpu_decode_mean_refuses_bad_input(cupy):
 def test_gpu_received_payloads_decode_on_the_device(cupy):
     """What the engine does with a CUDA group buffer, up to the DLPack hand-off of the torch
     tensor: payloads received as frame bytes are decoded by the CUDA kernels in place into the
-    shard slices of one device buffer (Engine.decode_into -> api.decode_on_device, the sharded
-    downlink) and averaged in one pass (Engine.mean_into -> api.mean_on_device, the uplink), bit
+    shard slices of one device buffer (codec.decode_into -> codec.decode_on_device, the sharded
+    downlink) and averaged in one pass (codec.mean_into -> codec.mean_on_device, the uplink), bit
     for bit the CPU's; elements outside a slice are never written."""
     import torch
 
     from hvd_qadam.codec import (decode_flat, decode_on_device, decode_payload_into, mean_on_device,
-                               mean_payloads_into, quantize)
+                                 mean_payloads_into, quantize)
     from hvd_qadam.layout import shard_bounds
     from hvd_qadam.wire import Frame
     n, world, bucket = 10_007, 3, 128
@@ -238,7 +238,7 @@ def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
     host = buf.cpu().numpy()
     assert same_bits(host[5:100_008], decode_flat(received)) and np.isnan(host[:5]).all() and np.isnan(host[-5:]).all()
     # 2-byte pass-through payloads go up at 2 bytes and are widened on the device
-    from hvd_qadam.engine import _decode_on
+    from hvd_qadam.codec import _decode_on
     xb = torch.randn(1001).to(torch.bfloat16)
     for q, t in (("bf16", xb), ("fp16", xb.half())):
         got = _decode_on(Payload.from_bytes(hvd_qadam.quantize(t, q).to_bytes()), torch.device("cuda"))
