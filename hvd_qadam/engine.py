@@ -424,7 +424,7 @@ class Engine:
             self.abort()
             return self._fail(st.errors)
         out = {g.index: self.alg.finish(self, g, results[g.index], st) for g in self.layout.groups}
-        self._commit(st)
+        self.commit(st)
         return out
 
     def abort(self, drain: bool = True) -> None:
@@ -434,7 +434,8 @@ class Engine:
             self.transport.cancel(self.pending)
         self.pending = None
 
-    def _commit(self, st: PendingStep) -> None:
+    def commit(self, st: PendingStep) -> None:
+        """Make step ``st`` the current state: called once every group of every rank succeeded."""
         self.bank.commit(st.commit_keys)
         self.counters["worker_adam_step"].update(st.worker_adam_step)
         self.counters["server_adam_step"].update(st.server_adam_step)
@@ -454,42 +455,6 @@ class Engine:
             self.skipped_steps += 1
             return None
         raise NonFiniteGradientError(f"{msg}. No state was changed (residuals, moments, weights).")
-
-    # ------------------------------------------------------------------ parameter server (ps topology)
-    def server_step(self, frames_data: list, params: dict):
-        """Server rank of ``ps``: one step from the workers' frames. Returns (status, reply) where
-        reply is the downlink frame for status "ok", else an error message. The server's copy of
-        the parameters (``params``) is updated the way the workers update theirs."""
-        frames = self.parse(frames_data, "uplink")
-        errors = [f.error for f in frames if f.error is not None]
-        if errors:
-            return "nonfinite", "; ".join(errors)
-        try:
-            for src, f in enumerate(frames):
-                self.check_frame(src, f, "uplink frame")
-        except ConsistencyError as e:
-            return "consistency", str(e)
-        st = self.begin()
-        self.set_params_source(lambda g: [params[s.name] for s in g.slots])
-        try:
-            down = [self.serve(g, 0, g.numel, [f.payloads[g.index] for f in frames], st) for g in self.layout.groups]
-            values = []
-            for g, q in zip(self.layout.groups, down):
-                v = self.scratch(f"g{g.index}.down", g.numel, g.device, g.dtype)
-                codec.decode_into(q, v)
-                values.append(self.alg.finish(self, g, v, st))
-        except BaseException:
-            self.abort()
-            raise
-        self._commit(st)
-        with torch.no_grad():
-            for g, value in zip(self.layout.groups, values):
-                for name, v in g.views(value).items():
-                    if self.kind == OUT_UPDATE:
-                        params[name].sub_(v.to(params[name].dtype))
-                    elif self.kind == OUT_WEIGHTS and not self.alg.steps_locally:
-                        params[name].copy_(v)
-        return "ok", self.frame(down, None)
 
     def hyper_groups(self) -> list:
         n = 1 + max((g.param_group for g in self.layout.groups), default=0)

@@ -62,7 +62,7 @@ class LocalPS(PSWorkerComm):
         if kind == "step":
             self.server.hyper = message[2]
             with torch.no_grad():
-                return self.server.engine.server_step([message[1]], self.server.params)
+                return self.server.step([message[1]])
         return self.server._checkpoint(kind, message)
 
 
