@@ -7,7 +7,8 @@ The engine owns the algorithm state of one rank (worker residuals and moments, a
 state of the shards it serves, in a double-buffered :class:`~hvd_qadam.memory.StateBank`) and
 talks to its peers only through a comm object that moves bytes (:mod:`hvd_qadam.comm`), so real
 ranks and the simulator run this same code. What W and S are is the algorithm's
-(:mod:`hvd_qadam.algorithms`); how frames travel is the topology's (:mod:`hvd_qadam.topology`).
+(:mod:`hvd_qadam.algorithms`); how frames travel is the topology's (:mod:`hvd_qadam.topology`);
+how values become payloads and back is the codec's (:mod:`hvd_qadam.codec`).
 
 A step has two halves. :meth:`Engine.launch` runs the worker side of one fused group (transform,
 error feedback and quantization in one pass, see ``cpu_numba.encode_ef``) and starts its uplink

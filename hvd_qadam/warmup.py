@@ -4,8 +4,8 @@ numba compiles a kernel on its first call for each combination of argument types
 result in its on-disk cache (``NUMBA_CACHE_DIR``). ``scripts/install.sh`` runs
 :func:`compile_kernels` once, so that N ranks starting together load compiled kernels instead of
 each compiling them for tens of seconds. The calls below go through the entry points a training
-step uses -- the API on NumPy arrays and torch tensors, payloads parsed from received bytes, the
-engine's fused decodes (``decode_into``, ``decode_add`` with and without a divisor,
+step uses -- the codec on NumPy arrays and torch tensors, payloads parsed from received bytes, the
+codec's fused decodes (``decode_into``, ``decode_add`` with and without a divisor,
 ``decode_mean``), error feedback fused with quantization (``encode_ef``), and every kernel of the
 optimizer math in :mod:`hvd_qadam.functional` on float32 tensors -- so they produce the types a
 run produces (tests/test_kernels.py checks that a training workload compiles nothing more).
