@@ -9,7 +9,7 @@
 Every exception the package raises is in :mod:`hvd_qadam.errors` (and here), with when it is
 raised and what to do.
 """
-from .api import dequantize, quantize  # noqa: F401
+from .codec import dequantize, quantize  # noqa: F401
 from .compression import Compression  # noqa: F401
 from .errors import (AlgorithmOptionError, CollectiveTimeout, CommError, ConsistencyError,  # noqa: F401
                      NonFiniteGradientError, PayloadError, QuantizerError, TopologyError)

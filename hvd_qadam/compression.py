@@ -16,7 +16,7 @@ import itertools
 
 import torch
 
-from .api import dequantize, quantize
+from .codec import dequantize, quantize
 from .quant import rng
 
 

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .algorithms import ALGORITHMS, NONFINITE_POLICIES, OnebitAdam  # noqa: F401 - ALGORITHMS re-exported
-from .api import check_bucket_size, stochastic_rounding
+from .codec import check_bucket_size, stochastic_rounding
 from .quant import codebooks as cb
 from .exchange import DEFAULT as DEFAULT_EXCHANGE, POLICIES as EXCHANGES
 from .topology import TOPOLOGIES  # noqa: F401 - re-exported; the optimizer also takes "auto"

@@ -7,7 +7,8 @@ The engine owns the algorithm state of one rank (worker residuals and moments, a
 state of the shards it serves, in a double-buffered :class:`~hvd_qadam.memory.StateBank`) and
 talks to its peers only through a comm object that moves bytes (:mod:`hvd_qadam.comm`), so real
 ranks and the simulator run this same code. What W and S are is the algorithm's
-(:mod:`hvd_qadam.algorithms`); how frames travel is the topology's (:mod:`hvd_qadam.topology`).
+(:mod:`hvd_qadam.algorithms`); how frames travel is the topology's (:mod:`hvd_qadam.topology`);
+how values become payloads and back is the codec's (:mod:`hvd_qadam.codec`).
 
 A step has two halves. :meth:`Engine.launch` runs the worker side of one fused group (transform,
 error feedback and quantization in one pass, see ``cpu_numba.encode_ef``) and starts its uplink
@@ -32,14 +33,12 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from . import algorithms
+from . import algorithms, codec
 from . import exchange as exchange_policies
 from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exported
 from .adaptive import LevelAdapter
-from .api import decode_flat, decode_on_device, fits_passthrough, mean_on_device, quantize, quantize_ef
 from .errors import CommError, ConsistencyError, NonFiniteGradientError  # noqa: F401 - re-exported
 from .config import NONE_LINK, Config, LinkSpec
 from .functional import all_finite  # noqa: F401 - re-exported
@@ -47,7 +46,6 @@ from .layout import Layout, shard_alignment
 from .memory import StateBank, persistent_buffer
 from .quant import codebooks as cb
 from .quant import rng
-from .quant.backend import cpu_backend, gpu_backend
 from .topology import TOPOLOGIES, AllreduceTransport, Hosts, make_transport
 from .wire import Frame, PayloadError
 
@@ -263,67 +261,6 @@ class Engine:
         lv = self.uplink_levels
         return lv is None or not self.alg.compress_at(self, self.step_count) or not lv.due(self.step_count)
 
-    # ------------------------------------------------------------------ encode / decode
-    def encode(self, vec: torch.Tensor, link: LinkSpec, key: int, offset: int, codebook=None):
-        return quantize(vec, link.quantizer, link.bits, link.bucket_size, rounding=link.rounding, key=key,
-                        offset=offset, codebook=codebook, check_finite=False)
-
-    def encode_ef(self, vec, resid, resid_out, link: LinkSpec, key: int, offset: int, codebook=None):
-        """(payload, nonfinite): quantize vec + resid, the new residual into resid_out, one pass."""
-        return quantize_ef(vec, resid, resid_out, link.quantizer, link.bits, link.bucket_size,
-                           rounding=link.rounding, key=key, offset=offset, codebook=codebook)
-
-    @staticmethod
-    def decode_into(payload, out: torch.Tensor) -> None:
-        if payload.numel != out.numel():
-            raise ConsistencyError(f"a payload has {payload.numel} elements where {out.numel()} were expected")
-        be = cpu_backend()
-        if payload.kind.passthrough or not hasattr(be, "decode_into") or out.device.type != "cpu":
-            if out.is_cuda and decode_on_device(payload, out):     # in place on the GPU, no temporary
-                return
-            out.copy_(_decode_on(payload, out.device, out.dtype))
-            return
-        be.decode_into(out.numpy(), payload.scales, payload.codes, payload.levels, payload.bits,
-                       payload.bucket_size, payload.numel)
-
-    def mean_into(self, payloads: list, out: torch.Tensor) -> torch.Tensor:
-        """out = (1/N) sum of the decoded payloads, summed in rank order (the same on every topology)."""
-        n = out.numel()
-        for src, p in enumerate(payloads):
-            if p.numel != n:
-                raise ConsistencyError(f"rank {src} sent {p.numel} elements where {n} were expected")
-        be = cpu_backend()
-        fused = out.device.type == "cpu" and hasattr(be, "decode_add") and not any(p.kind.passthrough for p in payloads)
-        if not fused:
-            if out.is_cuda and mean_on_device(payloads, out):   # one pass on the GPU, out written once
-                return out
-            # pass-through payloads, or a CUDA buffer (decoded on the device by the CuPy backend)
-            for i, p in enumerate(payloads):
-                v = _decode_on(p, out.device, out.dtype)
-                if i == 0:
-                    out.copy_(v)
-                else:
-                    out.add_(v)
-            out.div_(float(len(payloads)))
-            return out
-        acc = out.numpy()
-        first = payloads[0]
-        if hasattr(be, "decode_mean") and all(p.quantizer == first.quantizer and p.bits == first.bits
-                                              and p.bucket_size == first.bucket_size
-                                              and np.array_equal(p.levels, first.levels) for p in payloads):
-            # one pass: every payload decoded and added per cache block, out written once
-            be.decode_mean(acc, [p.scales for p in payloads], [p.codes for p in payloads], payloads[0].levels,
-                           payloads[0].bits, payloads[0].bucket_size, n)
-            return out
-        last = len(payloads) - 1
-        for i, p in enumerate(payloads):
-            if i == 0:
-                be.decode_into(acc, p.scales, p.codes, p.levels, p.bits, p.bucket_size, n)
-            else:
-                be.decode_add(acc, p.scales, p.codes, p.levels, p.bits, p.bucket_size, n,
-                              divisor=len(payloads) if i == last else None)
-        return out
-
     # ------------------------------------------------------------------ worker side
     def begin(self) -> PendingStep:
         if self.pending is None:
@@ -378,14 +315,14 @@ class Engine:
             resid_new = st.spare(name, n, vec.device)
             payloads, bad = [], False
             for a, b in ranges:
-                q, nonfinite = self.encode_ef(vec[a - base:b - base], resid[a - base:b - base],
-                                              resid_new[a - base:b - base], up, key, a, codebook)
+                q, nonfinite = codec.encode_ef(vec[a - base:b - base], resid[a - base:b - base],
+                                               resid_new[a - base:b - base], up, key, a, codebook)
                 payloads.append(q)
                 bad |= nonfinite
             return payloads, bad
-        if not all_finite(vec) or (up.quantizer in ("fp16", "bf16") and not fits_passthrough(vec, up.quantizer)):
+        if not all_finite(vec) or (up.quantizer in ("fp16", "bf16") and not codec.fits_passthrough(vec, up.quantizer)):
             return [], True
-        return [self.encode(vec[a - base:b - base], up, key, a, codebook) for a, b in ranges], False
+        return [codec.encode(vec[a - base:b - base], up, key, a, codebook) for a, b in ranges], False
 
     def uplink_error(self, g, grad) -> str:
         """The message every rank raises when this rank's uplink of group ``g`` is not finite."""
@@ -446,20 +383,20 @@ class Engine:
         """Server side of elements [a, b) of group ``g``: mean, server transform, downlink.
         Returns the downlink as a payload, or as a tensor where it is full precision and
         every rank computes it itself (``allgather`` with no downlink quantizer)."""
-        mean = self.mean_into(payloads, self.scratch(f"g{g.index}@{a}.mean", b - a, g.device, g.dtype))
+        mean = codec.mean_into(payloads, self.scratch(f"g{g.index}@{a}.mean", b - a, g.device, g.dtype))
         u = self.alg.server(self, g, a, b, mean, st)
         _, down = self.links(g, st)
         if down.passthrough:
             if down.quantizer == "none" and self.transport.local_downlink:
                 return u
-            return self.encode(u, self.wire_link(g, down), 0, a)
+            return codec.encode(u, self.wire_link(g, down), 0, a)
         key = self.key(SERVER_RANK, g.index, rng.DOWNLINK)
         if self.cfg.server_error_feedback and self.alg.server_ef:
             name = f"g{g.index}@{a}.e"
-            q, _ = self.encode_ef(u, self.bank.get_or_zeros(name, b - a, u.device),
-                                  st.spare(name, b - a, u.device), down, key, a)
+            q, _ = codec.encode_ef(u, self.bank.get_or_zeros(name, b - a, u.device),
+                                   st.spare(name, b - a, u.device), down, key, a)
             return q
-        return self.encode(u, down, key, a)
+        return codec.encode(u, down, key, a)
 
     def finish(self, grads_for) -> dict | None:
         """Complete the step: launch every group not launched yet (``grads_for(g)`` gives its flat
@@ -488,7 +425,7 @@ class Engine:
             self.abort()
             return self._fail(st.errors)
         out = {g.index: self.alg.finish(self, g, results[g.index], st) for g in self.layout.groups}
-        self._commit(st)
+        self.commit(st)
         return out
 
     def abort(self, drain: bool = True) -> None:
@@ -498,7 +435,8 @@ class Engine:
             self.transport.cancel(self.pending)
         self.pending = None
 
-    def _commit(self, st: PendingStep) -> None:
+    def commit(self, st: PendingStep) -> None:
+        """Make step ``st`` the current state: called once every group of every rank succeeded."""
         self.bank.commit(st.commit_keys)
         self.counters["worker_adam_step"].update(st.worker_adam_step)
         self.counters["server_adam_step"].update(st.server_adam_step)
@@ -518,42 +456,6 @@ class Engine:
             self.skipped_steps += 1
             return None
         raise NonFiniteGradientError(f"{msg}. No state was changed (residuals, moments, weights).")
-
-    # ------------------------------------------------------------------ parameter server (ps topology)
-    def server_step(self, frames_data: list, params: dict):
-        """Server rank of ``ps``: one step from the workers' frames. Returns (status, reply) where
-        reply is the downlink frame for status "ok", else an error message. The server's copy of
-        the parameters (``params``) is updated the way the workers update theirs."""
-        frames = self.parse(frames_data, "uplink")
-        errors = [f.error for f in frames if f.error is not None]
-        if errors:
-            return "nonfinite", "; ".join(errors)
-        try:
-            for src, f in enumerate(frames):
-                self.check_frame(src, f, "uplink frame")
-        except ConsistencyError as e:
-            return "consistency", str(e)
-        st = self.begin()
-        self.set_params_source(lambda g: [params[s.name] for s in g.slots])
-        try:
-            down = [self.serve(g, 0, g.numel, [f.payloads[g.index] for f in frames], st) for g in self.layout.groups]
-            values = []
-            for g, q in zip(self.layout.groups, down):
-                v = self.scratch(f"g{g.index}.down", g.numel, g.device, g.dtype)
-                self.decode_into(q, v)
-                values.append(self.alg.finish(self, g, v, st))
-        except BaseException:
-            self.abort()
-            raise
-        self._commit(st)
-        with torch.no_grad():
-            for g, value in zip(self.layout.groups, values):
-                for name, v in g.views(value).items():
-                    if self.kind == OUT_UPDATE:
-                        params[name].sub_(v.to(params[name].dtype))
-                    elif self.kind == OUT_WEIGHTS and not self.alg.steps_locally:
-                        params[name].copy_(v)
-        return "ok", self.frame(down, None)
 
     def hyper_groups(self) -> list:
         n = 1 + max((g.param_group for g in self.layout.groups), default=0)
@@ -623,28 +525,3 @@ class Engine:
         if self.uplink_levels is not None and state.get("levels") is not None:
             self.uplink_levels.load_state_dict(state["levels"])
 
-
-def _decode_on(payload, device, dtype=torch.float32) -> torch.Tensor:
-    """Decode where the result is needed: payloads received from the wire are host bytes; for a
-    CUDA buffer their codes and scales go up (1/8 of fp32 at 4 bits) and the CuPy kernels decode
-    on the device, so full-size tensors never cross PCIe."""
-    if payload.kind.passthrough and isinstance(payload.codes, np.ndarray) and payload.codes.dtype.itemsize == 2:
-        # fp16 / bf16 values go to the device at their wire width and are widened there (exactly)
-        raw = torch.from_numpy(np.ascontiguousarray(payload.codes).view(np.int16)).to(device)
-        return raw.view(torch.bfloat16 if payload.quantizer == "bf16" else torch.float16).to(dtype)
-    if device.type == "cuda" and not payload.kind.passthrough and isinstance(payload.codes, np.ndarray):
-        import cupy  # optional: GPU only
-        with cupy.cuda.Device(device.index or 0):
-            levels = cupy.asarray(payload.levels)
-            arr = gpu_backend().decode(cupy.asarray(payload.scales), cupy.asarray(payload.codes), levels,
-                                       payload.bits, payload.bucket_size, payload.numel)
-        return _as_tensor(arr, device, dtype)
-    return _as_tensor(decode_flat(payload), device, dtype)
-
-
-def _as_tensor(arr, device, dtype=torch.float32) -> torch.Tensor:
-    """A decoded NumPy or CuPy array as a ``dtype`` torch tensor on ``device`` (DLPack: no copy
-    for CuPy on the same device). A float64 pass-through decodes to float64, so an exact float64
-    group's values are never narrowed on the way."""
-    t = torch.from_numpy(np.ascontiguousarray(arr)) if isinstance(arr, np.ndarray) else torch.from_dlpack(arr)
-    return t.to(device=device, dtype=dtype)

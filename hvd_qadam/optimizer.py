@@ -23,7 +23,7 @@ import torch
 from . import elastic
 from . import exchange as exchange_policies
 from .algorithms import ALGORITHMS
-from .api import ROUNDINGS
+from .codec import ROUNDINGS
 from .comm import ExcludedComm, HorovodComm, gloo_controller
 from .compression import quantizer_of
 from .config import Config, LinkSpec, NONE_LINK

@@ -22,6 +22,8 @@ import time
 
 import torch
 
+from . import codec
+from .algorithms import OUT_UPDATE, OUT_WEIGHTS
 from .comm import collective_timeout
 from .engine import Engine
 from .errors import CommError, ConsistencyError
@@ -148,7 +150,8 @@ class _ServerComm:
 
 
 class ParameterServer:
-    """Aggregates, steps and answers; the server half of :class:`hvd_qadam.engine.Engine`."""
+    """Aggregates, steps and answers: the server rank of ``ps``, running the server side of an
+    :class:`~hvd_qadam.engine.Engine` (:meth:`step`) on its own copy of the parameters."""
 
     def __init__(self, comm, workers: list):
         self.comm, self.workers = comm, workers
@@ -179,6 +182,42 @@ class ParameterServer:
         self.hyper = [g["hyper"] for g in first["groups"]]
         self.engine = Engine(first["config"], layout, _ServerComm(len(self.workers)), lambda i: self.hyper[i])
         return None
+
+    def step(self, frames_data: list):
+        """One step from the workers' frames. Returns (status, reply) where reply is the downlink
+        frame for status "ok", else an error message. The server's copy of the parameters is
+        updated the way the workers update theirs."""
+        eng, params = self.engine, self.params
+        frames = eng.parse(frames_data, "uplink")
+        errors = [f.error for f in frames if f.error is not None]
+        if errors:
+            return "nonfinite", "; ".join(errors)
+        try:
+            for src, f in enumerate(frames):
+                eng.check_frame(src, f, "uplink frame")
+        except ConsistencyError as e:
+            return "consistency", str(e)
+        st = eng.begin()
+        eng.set_params_source(lambda g: [params[s.name] for s in g.slots])
+        try:
+            down = [eng.serve(g, 0, g.numel, [f.payloads[g.index] for f in frames], st) for g in eng.layout.groups]
+            values = []
+            for g, q in zip(eng.layout.groups, down):
+                v = eng.scratch(f"g{g.index}.down", g.numel, g.device, g.dtype)
+                codec.decode_into(q, v)
+                values.append(eng.alg.finish(eng, g, v, st))
+        except BaseException:
+            eng.abort()
+            raise
+        eng.commit(st)
+        with torch.no_grad():
+            for g, value in zip(eng.layout.groups, values):
+                for name, v in g.views(value).items():
+                    if eng.kind == OUT_UPDATE:
+                        params[name].sub_(v.to(params[name].dtype))
+                    elif eng.kind == OUT_WEIGHTS and not eng.alg.steps_locally:
+                        params[name].copy_(v)
+        return "ok", eng.frame(down, None)
 
     def _checkpoint(self, kind: str, msg) -> tuple:
         """(status, value) for a "state" or "load" request: a request the server cannot honour
@@ -227,7 +266,7 @@ class ParameterServer:
                     frames = [pending_steps[w][1] for w in self.workers]
                     self.hyper = pending_steps[self.workers[0]][2]
                     with torch.no_grad():
-                        reply = self.engine.server_step(frames, self.params)
+                        reply = self.step(frames)
                     self._reply_all(reply)
                     pending_steps = {}
             elif kind in ("state", "load"):

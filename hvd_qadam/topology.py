@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .api import quantize
+from . import codec
 from .errors import CommError, ConsistencyError, TopologyError  # noqa: F401 - TopologyError re-exported
 from .functional import all_finite
 from .layout import shard_bounds
@@ -241,7 +241,7 @@ class AllgatherTransport(Transport):
                 results[g.index] = down
             else:
                 out = self._out(g)
-                eng.decode_into(down, out)
+                codec.decode_into(down, out)
                 results[g.index] = out
             st.stats.decode_s += time.perf_counter() - t1
         return results
@@ -299,7 +299,7 @@ class ShardedTransport(Transport):
             out = self._out(g)
             for c, f in enumerate(frames):
                 a, b = eng.bounds[g.index][c]
-                eng.decode_into(f.payloads[0], out[a:b])
+                codec.decode_into(f.payloads[0], out[a:b])
             results[g.index] = out
             st.stats.decode_s += time.perf_counter() - t1
         return results
@@ -386,7 +386,7 @@ class HierarchicalTransport(Transport):
         for r in hs.same_host(eng.rank):
             a, b = self._chunk(g, hs.local(r))
             # full precision inside the host (the payload of config.NONE_LINK)
-            peers[r] = eng.frame([] if error else [quantize(vec[a:b], "none", check_finite=False)], error)
+            peers[r] = eng.frame([] if error else [codec.quantize(vec[a:b], "none", check_finite=False)], error)
         return {"handle": self._send(peers, f"hvd_qadam.host.{g.index}", st)}
 
     def complete(self, st, groups) -> dict:
@@ -403,7 +403,7 @@ class HierarchicalTransport(Transport):
             errors = [f.error for f in frames if f.error is not None]
             payloads = []
             if not errors:
-                host_mean = eng.mean_into([f.payloads[0] for f in frames],
+                host_mean = codec.mean_into([f.payloads[0] for f in frames],
                                           eng.scratch(f"g{g.index}#{ca}.hostmean", cb - ca, g.device))
                 split = self._split(g.numel, hs, eng.align)
                 parts = [split[loc * H + k] for k in range(H)]
@@ -452,7 +452,7 @@ class HierarchicalTransport(Transport):
                                        f"frames, expected {H}")
                 for r, f in zip(sources, self._parse(views, sources, "downlink")):
                     a, b = eng.bounds[g.index][r]
-                    eng.decode_into(f.payloads[0], out[a:b])
+                    codec.decode_into(f.payloads[0], out[a:b])
             results[g.index] = out
             st.stats.decode_s += time.perf_counter() - t0
         return results
@@ -500,7 +500,7 @@ class PSTransport(Transport):
         results = {}
         for g in groups:
             out = self._out(g)
-            eng.decode_into(frame.payloads[g.index], out)
+            codec.decode_into(frame.payloads[g.index], out)
             results[g.index] = out
         st.stats.decode_s += time.perf_counter() - t1
         return results

@@ -4,8 +4,8 @@ numba compiles a kernel on its first call for each combination of argument types
 result in its on-disk cache (``NUMBA_CACHE_DIR``). ``scripts/install.sh`` runs
 :func:`compile_kernels` once, so that N ranks starting together load compiled kernels instead of
 each compiling them for tens of seconds. The calls below go through the entry points a training
-step uses -- the API on NumPy arrays and torch tensors, payloads parsed from received bytes, the
-engine's fused decodes (``decode_into``, ``decode_add`` with and without a divisor,
+step uses -- the codec on NumPy arrays and torch tensors, payloads parsed from received bytes, the
+codec's fused decodes (``decode_into``, ``decode_add`` with and without a divisor,
 ``decode_mean``), error feedback fused with quantization (``encode_ef``), and every kernel of the
 optimizer math in :mod:`hvd_qadam.functional` on float32 tensors -- so they produce the types a
 run produces (tests/test_kernels.py checks that a training workload compiles nothing more).
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from . import functional as F
-from .api import decode_flat, quantize, quantize_ef
-from .quant.backend import cpu_backend, gpu_backend
+from .codec import decode_flat, quantize, quantize_ef
+from .quant.backend import cpu_backend, fused_kernels, gpu_backend
 from .quant.codebooks import KINDS, default_adaptive_codebook
 from .wire import Payload
 
@@ -33,6 +33,7 @@ _BUCKET = 64
 def _quantizers(backend) -> None:
     x = np.linspace(-1, 1, _N, dtype=np.float32)
     acc = np.empty(_N, np.float32)
+    fused = fused_kernels(backend)
     for name, k in KINDS.items():
         if k.passthrough:
             continue
@@ -44,13 +45,13 @@ def _quantizers(backend) -> None:
             received = Payload.from_bytes(sent.to_bytes())      # read-only arrays over the bytes
             decode_flat(sent)
             decode_flat(received)
-            if hasattr(backend, "decode_into"):
+            if fused.decode_into:
                 for p in (sent, received):
                     args = (p.scales, p.codes, p.levels, p.bits, p.bucket_size, p.numel)
                     backend.decode_into(acc, *args)
                     backend.decode_add(acc, *args)
                     backend.decode_add(acc, *args, divisor=2)
-            if hasattr(backend, "decode_mean"):
+            if fused.decode_mean:
                 backend.decode_mean(acc, [sent.scales, received.scales], [sent.codes, received.codes], sent.levels,
                                     sent.bits, sent.bucket_size, sent.numel)
             v = torch.from_numpy(x)

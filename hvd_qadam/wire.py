@@ -34,7 +34,7 @@ import numpy as np
 
 from .errors import PayloadError  # noqa: F401 - re-exported
 from .quant import codebooks as cb
-from .quant.backend import cpu_backend
+from .quant.backend import cpu_backend, fused_kernels
 from .quant.common import MAX_BUCKET_SIZE, bf16_finite, num_buckets, packed_nbytes, to_host
 from .quant.reference import unpack_codes
 
@@ -265,7 +265,7 @@ def _first_code_out_of_range(packed: np.ndarray, bits: int, n: int, n_levels: in
     if n_levels == (1 << bits) - 1 and bits in (2, 4, 6, 8):
         # a uniform grid's one invalid code is all ones: rule it out a word at a time first
         be = cpu_backend()
-        if hasattr(be, "any_all_ones_code") and not be.any_all_ones_code(packed, bits):
+        if fused_kernels(be).wire_checks and not be.any_all_ones_code(packed, bits):
             return None
     if 8 % bits == 0:
         per = 8 // bits
@@ -285,7 +285,7 @@ def _first_flagged_byte(packed: np.ndarray, flagged: np.ndarray) -> int:
     """Index of the first byte whose entry in ``flagged`` is set, or -1: the numba kernel where
     it is available (one pass, stops at a hit), else a byte histogram and a search."""
     be = cpu_backend()
-    if hasattr(be, "first_flagged_byte"):
+    if fused_kernels(be).wire_checks:
         return be.first_flagged_byte(packed, flagged)
     if not np.bincount(packed, minlength=256)[flagged].any():
         return -1

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import hvd_qadam  # noqa: E402
 from hvd_qadam.quant import codebooks as cb  # noqa: E402
 from hvd_qadam.quant import rng  # noqa: E402
+from hvd_qadam.quant.backend import fused_kernels  # noqa: E402
 from hvd_qadam.quant.backend import cpu_backend, gpu_backend  # noqa: E402
 from hvd_qadam.quant.common import num_buckets, packed_nbytes  # noqa: E402
 
@@ -205,7 +206,7 @@ def run_case(name, bits, x, x_host, args, backend, xp, timer, torch, torch_x, de
         row["decode_s"] = timer.best(lambda: backend.decode(scales, packed, levels, bits, args.bucket_size, n))
         row["decode_cpu_ns"] = 1e9 * timer.last_cpu / n
         acc = xp.zeros(n, dtype=xp.float32)
-        if hasattr(backend, "decode_add"):
+        if fused_kernels(backend).decode_into:
             row["decode_add_s"] = timer.best(
                 lambda: backend.decode_add(acc, scales, packed, levels, bits, args.bucket_size, n))
         row["wire_bytes"] = hvd_qadam.quantize(x_host, name, bits, bucket_size=args.bucket_size,

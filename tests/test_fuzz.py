@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 
 from hvd_qadam import wire
-from hvd_qadam.api import dequantize, quantize
+from hvd_qadam.codec import dequantize, quantize
 from hvd_qadam.quant import codebooks
 from hvd_qadam.wire import Frame, Payload, PayloadError, split_frames
 

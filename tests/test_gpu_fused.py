@@ -151,13 +151,13 @@ def test_gpu_decode_mean_refuses_bad_input(cupy):
 def test_gpu_received_payloads_decode_on_the_device(cupy):
     """What the engine does with a CUDA group buffer, up to the DLPack hand-off of the torch
     tensor: payloads received as frame bytes are decoded by the CUDA kernels in place into the
-    shard slices of one device buffer (Engine.decode_into -> api.decode_on_device, the sharded
-    downlink) and averaged in one pass (Engine.mean_into -> api.mean_on_device, the uplink), bit
+    shard slices of one device buffer (codec.decode_into -> codec.decode_on_device, the sharded
+    downlink) and averaged in one pass (codec.mean_into -> codec.mean_on_device, the uplink), bit
     for bit the CPU's; elements outside a slice are never written."""
     import torch
 
-    from hvd_qadam.api import (decode_flat, decode_on_device, decode_payload_into, mean_on_device,
-                               mean_payloads_into, quantize)
+    from hvd_qadam.codec import (decode_flat, decode_on_device, decode_payload_into, mean_on_device,
+                                 mean_payloads_into, quantize)
     from hvd_qadam.layout import shard_bounds
     from hvd_qadam.wire import Frame
     n, world, bucket = 10_007, 3, 128
@@ -195,7 +195,7 @@ def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
     import torch
 
     from hvd_qadam import functional as F
-    from hvd_qadam.api import quantize_ef
+    from hvd_qadam.codec import quantize_ef
     if not torch.cuda.is_available():
         pytest.skip("needs torch with CUDA: DLPack hand-offs of tensors in real device memory")
     v_host, e_host = torch.from_numpy(sample(100_003, seed=8)), torch.from_numpy(sample(100_003, seed=9))
@@ -222,7 +222,7 @@ def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
     F.momentum_update(g.cuda(), m.cuda(), x.cuda(), buf, d, c)
     assert same_bits(buf.cpu().numpy(), buf_host.numpy()) and same_bits(d.cpu().numpy(), d_host.numpy())
     import hvd_qadam
-    from hvd_qadam.api import mean_on_device
+    from hvd_qadam.codec import mean_on_device
     payloads = [hvd_qadam.quantize(torch.from_numpy(sample(100_003, seed=r)), "qsgd", 6, 512, seed=r)
                 for r in range(3)]
     want = cpu_numba.decode_mean(np.empty(100_003, np.float32), [p.scales for p in payloads],
@@ -230,7 +230,7 @@ def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
     mean = torch.empty(100_003, device="cuda")
     assert mean_on_device(payloads, mean) and same_bits(mean.cpu().numpy(), want)
     # a received payload decoded in place into a slice of a CUDA buffer (the sharded downlink)
-    from hvd_qadam.api import decode_flat, decode_on_device
+    from hvd_qadam.codec import decode_flat, decode_on_device
     from hvd_qadam.wire import Payload
     received = Payload.from_bytes(payloads[1].to_bytes())
     buf = torch.full((100_003 + 10,), float("nan"), device="cuda")
@@ -238,7 +238,7 @@ def test_gpu_cuda_tensors_take_the_fused_kernels(cupy):
     host = buf.cpu().numpy()
     assert same_bits(host[5:100_008], decode_flat(received)) and np.isnan(host[:5]).all() and np.isnan(host[-5:]).all()
     # 2-byte pass-through payloads go up at 2 bytes and are widened on the device
-    from hvd_qadam.engine import _decode_on
+    from hvd_qadam.codec import _decode_on
     xb = torch.randn(1001).to(torch.bfloat16)
     for q, t in (("bf16", xb), ("fp16", xb.half())):
         got = _decode_on(Payload.from_bytes(hvd_qadam.quantize(t, q).to_bytes()), torch.device("cuda"))

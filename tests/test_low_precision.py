@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import hvd_qadam
-from hvd_qadam.api import BF16_OVERFLOW, decode_flat, dequantize, fits_passthrough, quantize
+from hvd_qadam.codec import BF16_OVERFLOW, decode_flat, dequantize, fits_passthrough, quantize
 from hvd_qadam.config import Config, LinkSpec
 from hvd_qadam.engine import NonFiniteGradientError
 from hvd_qadam.layout import Layout

@@ -8,7 +8,7 @@ import torch
 
 import hvd_qadam
 from hvd_qadam import CommError, QuantizerError
-from hvd_qadam.api import quantize_ef
+from hvd_qadam.codec import quantize_ef
 from hvd_qadam.comm import SimWorld
 from hvd_qadam.config import LinkSpec
 from hvd_qadam.ps import ParameterServer, PSWorkerComm
@@ -62,7 +62,7 @@ class LocalPS(PSWorkerComm):
         if kind == "step":
             self.server.hyper = message[2]
             with torch.no_grad():
-                return self.server.engine.server_step([message[1]], self.server.params)
+                return self.server.step([message[1]])
         return self.server._checkpoint(kind, message)
 
 

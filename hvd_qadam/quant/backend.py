@@ -3,6 +3,8 @@
 Every backend exposes the same two functions with the reference's exact semantics:
   encode(x, levels, bits, bucket_size, scale_kind, stochastic, key, offset) -> (scales, packed)
   decode(scales, packed, levels, bits, bucket_size, n) -> float32[n]
+and some have fused kernels on top, bit for bit the same results in fewer passes;
+:func:`fused_kernels` is the one place that says which a backend has.
 ``HVD_QADAM_BACKEND`` = numpy | numba | auto (default: numba when importable, else numpy).
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from dataclasses import dataclass
 
 from . import reference
 
@@ -75,6 +78,25 @@ def gpu_backend():
     if "cupy" not in _cache:
         _cache["cupy"] = _load("cupy")
     return _cache["cupy"]
+
+
+@dataclass(frozen=True)
+class FusedKernels:
+    """The kernels a backend module has beyond ``encode`` and ``decode`` (the NumPy reference
+    has none of them; callers without one run the unfused steps, with the same result)."""
+    encode_ef: bool     # encode_ef(v, e, out, ...): error feedback and quantization in one pass
+    decode_into: bool   # decode_into(out, ...) and decode_add(acc, ..., divisor): decode into a buffer, accumulate
+    decode_mean: bool   # decode_mean(out, scales_list, packed_list, ...): a rank-order mean in one pass
+    wire_checks: bool   # any_all_ones_code, first_flagged_byte: the payload validator's scans of the codes
+
+
+def fused_kernels(backend) -> FusedKernels:
+    """Which fused kernels ``backend`` (a module from :func:`cpu_backend` or
+    :func:`gpu_backend`) has."""
+    return FusedKernels(encode_ef=hasattr(backend, "encode_ef"),
+                        decode_into=hasattr(backend, "decode_into") and hasattr(backend, "decode_add"),
+                        decode_mean=hasattr(backend, "decode_mean"),
+                        wire_checks=hasattr(backend, "any_all_ones_code") and hasattr(backend, "first_flagged_byte"))
 
 
 def _usable_cores() -> int:

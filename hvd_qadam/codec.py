@@ -1,4 +1,19 @@
-"""quantize() / dequantize(): the family of quantizers on NumPy arrays and torch tensors.
+"""The codec: every conversion between values and payloads goes through this module.
+
+Encoding: :func:`quantize` (NumPy arrays and torch tensors, any quantizer of the family),
+:func:`quantize_ef` (error feedback and quantization in one pass), and :func:`encode` /
+:func:`encode_ef`, the same for a :class:`~hvd_qadam.config.LinkSpec` (what the engine sends).
+Decoding: :func:`dequantize` and :func:`decode_flat` (a payload's values), :func:`decode_into` (a
+payload into a buffer, e.g. a shard's slice of a group buffer) and :func:`mean_into` (the
+rank-order mean of N payloads, in one pass where the backend can).
+
+Why one door: a payload's values must be the same wherever they are decoded -- on the sending
+rank for its error-feedback residual, on the server for the mean, on every rank for the
+downlink -- or replicas drift apart. Here alone a payload meets a backend: which backend runs
+(numba or the NumPy reference on the host, CuPy for CUDA tensors), which of its fused kernels
+apply (:func:`hvd_qadam.quant.backend.fused_kernels`), and where the decoded values are made
+(received codes go up to the device, never full-size tensors). The engine and the topologies
+say what to encode and where to put the result, never how.
 
 Arrays go in flat as float32 (fp16/bf16/fp64 are converted; float64 through ``none`` stays
 float64, so the uncompressed pass-through is exact for every dtype); the payload remembers the shape
@@ -10,9 +25,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import ConsistencyError
 from .quant import codebooks as cb
 from .quant import rng
-from .quant.backend import cpu_backend, gpu_backend
+from .quant.backend import cpu_backend, fused_kernels, gpu_backend
 from .quant.common import (array_module, bf16_bits, bf16_finite, bf16_values, check_bucket_size,  # noqa: F401
                            is_cupy, to_host)  # check_bucket_size is re-exported
 from .wire import MAX_NDIM, Payload
@@ -223,7 +239,7 @@ def quantize_ef(v, resid, resid_out, quantizer: str, bits: int | None, bucket_si
     be = gpu_backend() if v.is_cuda else cpu_backend()
     cuda_fused = v.is_cuda and all(t.is_cuda and t.dtype == torch.float32 and t.is_contiguous()
                                    for t in (v, resid, resid_out))
-    if k.passthrough or (v.device.type != "cpu" and not cuda_fused) or not hasattr(be, "encode_ef"):
+    if k.passthrough or (v.device.type != "cpu" and not cuda_fused) or not fused_kernels(be).encode_ef:
         torch.add(v, resid, out=resid_out)
         if not bool(torch.isfinite(resid_out).all()):
             return None, True
@@ -262,10 +278,7 @@ def mean_on_device(payloads, out) -> bool:
     different quantizers, widths, buckets or codebooks, or no CuPy."""
     if not payloads or not (out.is_cuda and out.dtype == torch.float32 and out.is_contiguous()):
         return False
-    first = payloads[0]
-    if any(p.kind.passthrough for p in payloads) or not all(
-            p.quantizer == first.quantizer and p.bits == first.bits and p.bucket_size == first.bucket_size
-            and np.array_equal(to_host(p.levels), to_host(first.levels)) for p in payloads):
+    if any(p.kind.passthrough for p in payloads) or not _one_encoding(payloads):
         return False
     return _on_device(out, lambda arr: mean_payloads_into(arr, payloads))
 
@@ -308,3 +321,110 @@ def decode_payload_into(out, payload) -> None:
     payload's size, e.g. a shard's slice of a group buffer) = the decoded quantized payload."""
     gpu_backend().decode_into(out, payload.scales, payload.codes, payload.levels, payload.bits, payload.bucket_size,
                               payload.numel)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's side: what a link sends, and decoding into the buffers where the values are used.
+def encode(vec, link, key: int, offset: int, codebook=None) -> Payload:
+    """:func:`quantize` the flat tensor ``vec`` as the :class:`~hvd_qadam.config.LinkSpec`
+    ``link`` says (the caller has checked that vec is finite)."""
+    return quantize(vec, link.quantizer, link.bits, link.bucket_size, rounding=link.rounding, key=key,
+                    offset=offset, codebook=codebook, check_finite=False)
+
+
+def encode_ef(vec, resid, resid_out, link, key: int, offset: int, codebook=None):
+    """(payload, nonfinite): :func:`quantize_ef` of vec + resid as ``link`` says, the new
+    residual into resid_out, in one pass."""
+    return quantize_ef(vec, resid, resid_out, link.quantizer, link.bits, link.bucket_size,
+                       rounding=link.rounding, key=key, offset=offset, codebook=codebook)
+
+
+def decode_into(payload: Payload, out) -> None:
+    """out[:] = the payload's values, decoded where ``out`` is (a flat tensor of the payload's
+    size, e.g. a shard's slice of a group buffer): in place by the CPU backend's ``decode_into``
+    on the host, by the CuPy kernels on out's CUDA device (:func:`decode_on_device`), else
+    decoded on out's device and copied in (pass-through payloads, the NumPy reference)."""
+    if payload.numel != out.numel():
+        raise ConsistencyError(f"a payload has {payload.numel} elements where {out.numel()} were expected")
+    be = cpu_backend()
+    if payload.kind.passthrough or not fused_kernels(be).decode_into or out.device.type != "cpu":
+        if out.is_cuda and decode_on_device(payload, out):     # in place on the GPU, no temporary
+            return
+        out.copy_(_decode_on(payload, out.device, out.dtype))
+        return
+    be.decode_into(out.numpy(), payload.scales, payload.codes, payload.levels, payload.bits,
+                   payload.bucket_size, payload.numel)
+
+
+def mean_into(payloads: list, out):
+    """out = (1/N) sum of the decoded payloads, summed in rank order (the same on every topology
+    and every backend, bit for bit), and returns out. One pass where the backend has
+    ``decode_mean`` and the payloads share one encoding; else decode, add and divide."""
+    n = out.numel()
+    for src, p in enumerate(payloads):
+        if p.numel != n:
+            raise ConsistencyError(f"rank {src} sent {p.numel} elements where {n} were expected")
+    be = cpu_backend()
+    fused = fused_kernels(be)
+    if not (out.device.type == "cpu" and fused.decode_into and not any(p.kind.passthrough for p in payloads)):
+        if out.is_cuda and mean_on_device(payloads, out):   # one pass on the GPU, out written once
+            return out
+        # pass-through payloads, or a CUDA buffer (decoded on the device by the CuPy backend)
+        for i, p in enumerate(payloads):
+            v = _decode_on(p, out.device, out.dtype)
+            if i == 0:
+                out.copy_(v)
+            else:
+                out.add_(v)
+        out.div_(float(len(payloads)))
+        return out
+    acc = out.numpy()
+    first = payloads[0]
+    if fused.decode_mean and _one_encoding(payloads):
+        # one pass: every payload decoded and added per cache block, out written once
+        be.decode_mean(acc, [p.scales for p in payloads], [p.codes for p in payloads], first.levels, first.bits,
+                       first.bucket_size, n)
+        return out
+    last = len(payloads) - 1
+    for i, p in enumerate(payloads):
+        if i == 0:
+            be.decode_into(acc, p.scales, p.codes, p.levels, p.bits, p.bucket_size, n)
+        else:
+            be.decode_add(acc, p.scales, p.codes, p.levels, p.bits, p.bucket_size, n,
+                          divisor=len(payloads) if i == last else None)
+    return out
+
+
+def _one_encoding(payloads) -> bool:
+    """Whether the payloads share quantizer, width, bucket size and codebook, so that one
+    ``decode_mean`` pass averages them."""
+    first = payloads[0]
+    return all(p.quantizer == first.quantizer and p.bits == first.bits and p.bucket_size == first.bucket_size
+               and np.array_equal(to_host(p.levels), to_host(first.levels)) for p in payloads)
+
+
+def _decode_on(payload: Payload, device, dtype=None):
+    """Decode where the result is needed: payloads received from the wire are host bytes; for a
+    CUDA buffer their codes and scales go up (1/8 of fp32 at 4 bits) and the CuPy kernels decode
+    on the device, so full-size tensors never cross PCIe. ``dtype``: float32 unless given."""
+    dtype = torch.float32 if dtype is None else dtype
+    if payload.kind.passthrough and isinstance(payload.codes, np.ndarray) and payload.codes.dtype.itemsize == 2:
+        # fp16 / bf16 values go to the device at their wire width and are widened there (exactly)
+        raw = torch.from_numpy(np.ascontiguousarray(payload.codes).view(np.int16)).to(device)
+        return raw.view(torch.bfloat16 if payload.quantizer == "bf16" else torch.float16).to(dtype)
+    if device.type == "cuda" and not payload.kind.passthrough and isinstance(payload.codes, np.ndarray):
+        import cupy  # optional: GPU only
+        with cupy.cuda.Device(device.index or 0):
+            levels = cupy.asarray(payload.levels)
+            arr = gpu_backend().decode(cupy.asarray(payload.scales), cupy.asarray(payload.codes), levels,
+                                       payload.bits, payload.bucket_size, payload.numel)
+        return _as_tensor(arr, device, dtype)
+    return _as_tensor(decode_flat(payload), device, dtype)
+
+
+def _as_tensor(arr, device, dtype):
+    """A decoded NumPy or CuPy array as a ``dtype`` torch tensor on ``device`` (DLPack: no copy
+    for CuPy on the same device). A float64 pass-through decodes to float64, so an exact float64
+    group's values are never narrowed on the way."""
+    t = torch.from_numpy(np.ascontiguousarray(arr)) if isinstance(arr, np.ndarray) else torch.from_dlpack(arr)
+    return t.to(device=device, dtype=dtype)
