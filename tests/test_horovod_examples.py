@@ -6,12 +6,17 @@ hvd_qadam``, nothing else), writes MNIST's files from real handwritten digits, a
 the same launcher with the same arguments. Here: pytorch_mnist.py under ``mpirun -np 2`` (plain,
 ``--fp16-allreduce``, ``--gradient-predivide-factor 2``: the swap reaches Horovod's test accuracy;
 ``--use-adasum``: refused at construction), the synthetic benchmark under ``horovodrun --gloo``,
-and both elastic examples under ``horovodrun`` elastic, resized on this host.
+both elastic examples under ``horovodrun`` elastic, resized on this host, and
+pytorch_imagenet_resnet50.py (and its elastic version) on a tiny ImageFolder written from the
+photographs scikit-learn ships: one epoch trained, validated and checkpointed, then resumed from the
+checkpoint. pytorch_lightning_mnist.py does not construct hvd.DistributedOptimizer: the swap does
+not apply to it (checked here), and it runs as released only where pytorch_lightning is installed.
 
 Skipped, with the reason, where the examples cannot be had (offline, not cached, no HOROVOD_SRC).
 """
 import difflib
 import json
+import math
 import subprocess
 import sys
 
@@ -58,6 +63,8 @@ def _ok(r: dict) -> dict:
 def test_swap_changes_exactly_the_optimizer_line(files):
     """The swapped example differs from Horovod's by the import and the one optimizer line."""
     for name, path in files.items():
+        if name in hx.NOT_SWAPPABLE:
+            continue
         with open(path) as f:
             source = f.read()
         swapped = hx.swap(source, name)
@@ -77,6 +84,54 @@ def test_swap_fails_loudly_without_its_pattern():
         hx.swap("import horovod.torch as hvd\na = hvd.DistributedOptimizer(o)\nb = hvd.DistributedOptimizer(o)\n")
     with pytest.raises(hx.SwapError, match="import horovod.torch as hvd"):
         hx.swap("import horovod.torch as h\nopt = hvd.DistributedOptimizer(o)\n")
+
+
+def test_lightning_example_has_no_optimizer_line_to_swap(files, runner):
+    """pytorch_lightning_mnist.py builds a plain optim.SGD in configure_optimizers and trains with
+    Trainer(accelerator='horovod'): pytorch_lightning's Horovod strategy wraps the optimizer in
+    hvd.DistributedOptimizer, not the example. The swap finds no line to replace, only the released
+    example is written, and the swapped run is reported as not applicable, with that reason."""
+    with open(files["pytorch_lightning_mnist.py"]) as f:
+        source = f.read()
+    assert "DistributedOptimizer" not in source
+    assert "accelerator='horovod'" in source and "return optim.SGD(self.parameters()" in source
+    with pytest.raises(hx.SwapError, match="expected exactly one 'hvd.DistributedOptimizer\\(', found 0"):
+        hx.swap(source, "pytorch_lightning_mnist.py")
+    assert ("horovod", "pytorch_lightning_mnist.py") in runner.paths
+    assert ("hvd_qadam", "pytorch_lightning_mnist.py") not in runner.paths
+    r = runner.run(hx.CASE_BY_NAME["lightning-mnist"], "hvd_qadam")
+    assert r["outcome"] == "not applicable" and "does not construct hvd.DistributedOptimizer" in r["reason"], r
+
+
+@pytest.mark.timeout(600)
+def test_lightning_example_as_released(runner):
+    """Horovod's own run of pytorch_lightning_mnist.py, where pytorch-lightning (1.6 or older) is
+    installed; skipped with the reason scripts/install.sh does not install it."""
+    r = _run(runner, "lightning-mnist", impls=("horovod",))["horovod"]
+    _ok(r)
+    assert r["accuracy"] > 10.0, r
+
+
+def test_imagenet_folder_is_read_by_torchvision(runner, tmp_path):
+    """torchvision.datasets.ImageFolder reads the written train and val trees: 4 classes, 16 and 8
+    colour images of 256x256, each class in both splits."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import collections, json, sys\n"
+        "from torchvision import datasets\n"
+        "for split in ('train', 'val'):\n"
+        "    d = datasets.ImageFolder(sys.argv[1] + '/' + split)\n"
+        "    image, _ = d[0]\n"
+        "    counts = collections.Counter(d.targets)\n"
+        "    print(json.dumps({'n': len(d), 'classes': d.classes, 'size': list(image.size), 'mode': image.mode,\n"
+        "                      'per_class': sorted(counts.values())}))\n")
+    proc = subprocess.run([sys.executable, str(probe), f"{runner.data}/imagenet"], capture_output=True, text=True,
+                          timeout=180, env=runner.env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, val = (json.loads(line) for line in proc.stdout.splitlines())
+    assert train["classes"] == val["classes"] == sorted(hx.IMAGENET_CLASSES)
+    assert (train["n"], val["n"]) == (16, 8) and train["per_class"] == [4] * 4 and val["per_class"] == [2] * 4
+    assert train["size"] == [256, 256] and train["mode"] == "RGB", train
 
 
 def test_mnist_files_are_read_by_torchvision_without_a_download(runner, tmp_path):
@@ -162,3 +217,67 @@ def test_synthetic_benchmark_elastic_grows_with_the_swap(runner):
     r = _ok(_run(runner, "benchmark-elastic-2-3", impls=("hvd_qadam",))["hvd_qadam"])
     assert r["resized"] == ["localhost:3"], r
     assert r["cpus"] == 3 and r["img_sec_total"] > 0, r
+
+
+# ----------------------------------------------------------------------------- ImageNet ResNet-50 examples
+
+def _imagenet_epochs(r: dict, epochs: list) -> None:
+    """The run trained and validated exactly these epochs (rank 0's closed tqdm bars), with finite
+    losses, and rank 0 wrote their checkpoints and TensorBoard events."""
+    assert [e["epoch"] for e in r.get("epochs", [])] == epochs, r
+    for e in r["epochs"]:
+        for key in ("train_loss", "val_loss"):
+            assert key in e and math.isfinite(e[key]) and e[key] > 0, (key, e)
+    assert {f"checkpoint-{n}.pth.tar" for n in epochs} <= set(r["checkpoints"]), r["checkpoints"]
+    assert any(f.startswith("events.out.tfevents") for f in r["tensorboard_files"]), r["tensorboard_files"]
+    if r["scalars"] is not None:        # tensorboard installed: the events hold each epoch's losses
+        for tag in ("train/loss", "val/loss"):
+            assert [step + 1 for step, _ in r["scalars"].get(tag, [])] == epochs, (tag, r["scalars"])
+
+
+@pytest.mark.timeout(1800)
+def test_imagenet_resnet50_trains_checkpoints_and_resumes_with_the_swap(runner):
+    """pytorch_imagenet_resnet50.py, ``mpirun -np 2``, --batches-per-allreduce 2 (Horovod's
+    backward_passes_per_step): one epoch (2 optimizer steps per rank on 16 images, 8 validated)
+    writes checkpoint-1; run again with --epochs 2, the example finds it, rank 0 loads the model and
+    the optimizer's state (torch.load), Horovod broadcasts both, and only epoch 2 runs. The first
+    epoch's first step sees the same weights in both runs, so the training losses are of the same
+    size; as Horovod does, the swap completes, checkpoints and resumes."""
+    first = _run(runner, "imagenet-resnet50")
+    for impl in hx.IMPLS:
+        _imagenet_epochs(_ok(first[impl]), [1])
+    ref, got = first["horovod"]["epochs"][0], first["hvd_qadam"]["epochs"][0]
+    assert got["train_loss"] < 3 * ref["train_loss"] + 1, (got, ref)
+    resumed = _run(runner, "imagenet-resnet50-resume")
+    for impl in hx.IMPLS:
+        _imagenet_epochs(_ok(resumed[impl]), [2])
+        assert resumed[impl]["checkpoints"] == ["checkpoint-1.pth.tar", "checkpoint-2.pth.tar"], resumed[impl]
+
+
+@pytest.mark.timeout(1200)
+def test_imagenet_resnet50_fp16_allreduce_with_the_swap(runner):
+    """--fp16-allreduce (compression=hvd.Compression.fp16): both complete the epoch and checkpoint."""
+    r = _run(runner, "imagenet-resnet50-fp16")
+    for impl in hx.IMPLS:
+        _imagenet_epochs(_ok(r[impl]), [1])
+
+
+@pytest.mark.timeout(900)
+def test_imagenet_resnet50_use_adasum_is_refused_at_construction(runner):
+    """--use-adasum passes op=hvd.Adasum: refused when the optimizer is built, before any step."""
+    r = _run(runner, "imagenet-resnet50-adasum", impls=("hvd_qadam",))["hvd_qadam"]
+    assert r["outcome"] == "error", r
+    assert hx.ADASUM_REFUSAL in r["error"] and "use op=hvd.Average" in r["error"], r["error"]
+    assert "epochs" not in r, "training started before the refusal"
+
+
+@pytest.mark.timeout(1200)
+def test_imagenet_resnet50_elastic_grows_with_the_swap(runner):
+    """pytorch_imagenet_resnet50_elastic.py with the swap under ``horovodrun`` elastic, committing
+    (TorchState: model, optimizer and samplers) and checking hosts every batch: grown from 2 to 3
+    slots once epoch 1's training bar closes, a third rank runs the example (only rank 0 prints, so
+    the processes are counted) and both epochs complete with their checkpoints."""
+    r = _ok(_run(runner, "imagenet-resnet50-elastic-2-3", impls=("hvd_qadam",))["hvd_qadam"])
+    assert r["resized"] == ["localhost:3"], r
+    assert r["most_ranks"] == 3, r
+    _imagenet_epochs(r, [1, 2])
