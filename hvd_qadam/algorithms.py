@@ -67,6 +67,12 @@ class Algorithm:
         """The uplink vector of group ``g`` from its flat gradient (before EF and quantization)."""
         return grad
 
+    def uplink_is_gradient(self, step) -> bool:
+        """Whether ``worker`` hands on the flat gradient itself in this step. Then a group that
+        travels through Horovod's allreduce can start tensor by tensor from the backward hooks, as
+        ``hvd.DistributedOptimizer``'s hooks do, instead of once the whole group is ready."""
+        return type(self).worker is Algorithm.worker
+
     def server(self, eng, g, a: int, b: int, mean, step):
         """The downlink vector of elements [a, b) of group ``g`` from the workers' mean."""
         return mean
@@ -365,6 +371,9 @@ class OnebitAdam(_AdamFamily):
     @property
     def auto(self) -> bool:
         return self.cfg.freeze_step == "auto"
+
+    def uplink_is_gradient(self, step) -> bool:
+        return not step.compress                          # the warm-up sends the gradient
 
     def worker(self, eng, g, grad, step):
         if not step.compress:

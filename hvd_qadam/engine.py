@@ -95,6 +95,10 @@ class PendingStep:
     full_precision: bool = False   # the exchange policy sends compressible groups in full precision
     paths: dict = field(default_factory=dict)           # group index -> the transport that carries it
     launched: dict = field(default_factory=dict)        # group index -> transport handle
+    # group index -> {slot index: handle}: tensors whose allreduce started from their backward
+    # hook before the group was complete (AllreduceTransport.start_tensor)
+    early_tensors: dict = field(default_factory=dict)
+    tensorwise: dict = field(default_factory=dict)      # group index -> allreduced tensor by tensor
     errors: list = field(default_factory=list)
     commit_keys: list = field(default_factory=list)
     worker_adam_step: dict = field(default_factory=dict)
@@ -276,6 +280,29 @@ class Engine:
                                        full_precision=full)
             self._flat_params = {}
         return self.pending
+
+    def tensorwise(self, g, st) -> bool:
+        """Whether group ``g`` travels through Horovod's allreduce tensor by tensor in step ``st``:
+        where the allreduce carries it and the algorithm's uplink is the gradient itself, each
+        tensor's allreduce starts when its gradient is ready (Horovod fuses what is ready), as
+        ``hvd.DistributedOptimizer`` does; a group-sized allreduce would start only once the
+        group's last gradient arrived. The same answer on every rank (config and step only)."""
+        known = st.tensorwise.get(g.index)
+        if known is None:
+            known = st.tensorwise[g.index] = (
+                self.allreduce is not None and self.alg.uplink_is_gradient(st)
+                and AllreduceTransport.takes(self.wire_link(g, self.links(g, st)[0])))
+        return known
+
+    def launch_tensor(self, g, slot: int, grad: torch.Tensor) -> None:
+        """Start the allreduce of tensor ``slot`` of group ``g`` (``grad``: the group's flat
+        gradient, that tensor's part filled) from its backward hook, where :meth:`tensorwise`."""
+        st = self.begin()
+        if g.index in st.launched or not self.tensorwise(g, st):
+            return
+        t0 = time.perf_counter()
+        self.allreduce.start_tensor(g, slot, grad, st)
+        st.stats.encode_s += time.perf_counter() - t0
 
     def launch(self, g, grad: torch.Tensor, early: bool = False) -> None:
         """Worker side of group ``g`` from its flat gradient, then start its uplink exchange

@@ -106,6 +106,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         self._grad_bufs = {g.index: torch.zeros(g.numel, dtype=g.dtype, device=g.device)
                            for g in self._layout.groups}
         self._slot_of = {s.param: (g, s) for g in self._layout.groups for s in g.slots}
+        self._slot_index = {s.param: i for g in self._layout.groups for i, s in enumerate(g.slots)}
         self._delay = {p: backward_passes_per_step for p in self._slot_of}
         self._filled = {g.index: set() for g in self._layout.groups}
         self._sparse = set()          # parameters whose gradients came sparse (handed back sparse)
@@ -234,10 +235,18 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             return
         self._copy_grad(g, s)
         self._filled[g.index].add(p)
-        if len(self._filled[g.index]) == len(g.slots) and self._engine.can_launch_early():
+        if not self._engine.can_launch_early():
+            return
+        if len(self._filled[g.index]) == len(g.slots):
             self._ensure_started()
             if self._engine.pending is None or g.index not in self._engine.pending.launched:
                 self._engine.launch(g, self._grad_bufs[g.index], early=True)
+            return
+        if self._engine.pending is None:
+            self._ensure_started()          # the step's first gradient: the world checked once
+        if self._engine.tensorwise(g, self._engine.begin()):
+            # a group that goes through Horovod's allreduce tensor by tensor: this one starts now
+            self._engine.launch_tensor(g, self._slot_index[p], self._grad_bufs[g.index])
 
     def _grads_for(self, g) -> torch.Tensor:
         for s in g.slots:

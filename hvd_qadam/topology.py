@@ -150,7 +150,7 @@ class Transport:
         raise NotImplementedError
 
     def cancel(self, st) -> None:
-        for h in st.launched.values():
+        for h in [*st.launched.values(), *({f"handle.{i}": x for i, x in e.items()} for e in st.early_tensors.values())]:
             if h is None:
                 continue
             for k, v in list(h.items()):
@@ -539,26 +539,52 @@ class AllreduceTransport(Transport):
     def takes(cls, link) -> bool:
         return link.passthrough and link.quantizer in cls.WIRE_DTYPES
 
+    def _wire_dtype(self, g, st, vec):
+        return self.WIRE_DTYPES[self.eng.wire_link(g, self.eng.links(g, st)[0]).quantizer] or vec.dtype
+
+    def _allreduce_tensor(self, g, slot: int, vec, dtype):
+        s = g.slots[slot]
+        part = vec[s.offset:s.offset + s.numel]
+        return self.eng.comm.allreduce_async(part.to(dtype) if part.dtype != dtype else part,
+                                             f"hvd_qadam.fp.{g.index}.{slot}")
+
+    def start_tensor(self, g, slot: int, grad, st) -> None:
+        """One tensor's allreduce, from its backward hook (``Engine.tensorwise`` groups): read
+        from the group's gradient buffer, which nothing writes again before the step completes."""
+        early = st.early_tensors.setdefault(g.index, {})
+        if slot not in early:
+            early[slot] = self._allreduce_tensor(g, slot, grad, self._wire_dtype(g, st, grad))
+
     def start(self, g, vec, grad, st):
         eng = self.eng
-        up = eng.wire_link(g, eng.links(g, st)[0])
-        dtype = self.WIRE_DTYPES[up.quantizer] or vec.dtype
+        dtype = self._wire_dtype(g, st, vec)
         send = vec.to(dtype) if vec.dtype != dtype else vec
         nbytes = 2 * (eng.size - 1) * g.numel * send.element_size() // eng.size     # a ring's volume
         st.stats.sent_bytes += nbytes
         st.stats.received_bytes += nbytes
         # Said only if the sum comes back non-finite (then every rank hears who, see complete).
         error = None if all_finite(send) else eng.uplink_error(g, grad)
-        return {"handle": eng.comm.allreduce_async(send, f"hvd_qadam.fp.{g.index}"), "error": error}
+        if not eng.tensorwise(g, st):
+            return {"handle": eng.comm.allreduce_async(send, f"hvd_qadam.fp.{g.index}"), "error": error}
+        # tensor by tensor, in slot order: those the hooks have not started yet start now (every
+        # rank allreduces the same names whichever started where)
+        early = st.early_tensors.pop(g.index, {})
+        h = {"error": error}
+        for i in range(len(g.slots)):
+            h[f"handle.{i}"] = early[i] if i in early else self._allreduce_tensor(g, i, vec, dtype)
+        return h
 
     def complete(self, st, groups) -> dict:
         eng, results = self.eng, {}
         for g in groups:
             h = st.launched[g.index]
-            total = self._wait(h, "handle", st)
-            t1 = time.perf_counter()
             mean = eng.scratch(f"g{g.index}.mean", g.numel, g.device, g.dtype)
-            mean.copy_(total)
+            if "handle" in h:
+                mean.copy_(self._wait(h, "handle", st))
+            else:
+                for i, s in enumerate(g.slots):
+                    mean[s.offset:s.offset + s.numel].copy_(self._wait(h, f"handle.{i}", st))
+            t1 = time.perf_counter()
             mean.div_(float(eng.size))
             if not all_finite(mean):
                 # Every rank got the same non-finite sum and is here: one more collective, on this

@@ -44,6 +44,69 @@ def _paths(world, steps, **kwargs):
     return hvd_qadam.simulate(world, worker)
 
 
+class _RecordingComm:
+    """A simulated rank's comm that notes each allreduce's name and the phase it started in."""
+
+    def __init__(self, comm, phase):
+        self._comm, self._phase, self.started = comm, phase, []
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+    def allreduce_async(self, tensor, name):
+        self.started.append((name, self._phase[0]))
+        return self._comm.allreduce_async(tensor, name)
+
+
+def _allreduces(steps=2, **kwargs):
+    """Per step, rank 0's allreduces: (name, 'backward' or 'step'), and the layout."""
+    def worker(rank, comm):
+        phase = ["backward"]
+        comm = _RecordingComm(comm, phase)
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(), comm=comm,
+                                             **kwargs)
+        x, y, _, _ = digits.load_digits_split()
+        per_step = []
+        for s in range(steps):
+            opt.zero_grad()
+            comm.started.clear()
+            phase[0] = "backward"
+            i = torch.arange(s * 16 + rank * 8, s * 16 + rank * 8 + 8) % len(x)
+            torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            phase[0] = "step"
+            opt.step()
+            per_step.append([(n, ph) for n, ph in comm.started if n.startswith("hvd_qadam.fp.")])
+        return per_step, opt._layout
+    return hvd_qadam.simulate(2, worker)[0]
+
+
+def test_horovod_path_starts_each_tensor_from_its_backward_hook():
+    """Where the uplink is the gradient itself (qsgd; onebit_adam's warm-up), Horovod's allreduce
+    carries a group tensor by tensor, each started by its own backward hook as
+    hvd.DistributedOptimizer's hooks start theirs, not once the whole group is ready."""
+    for kwargs in (dict(exchange="horovod"), dict(algorithm="onebit_adam", freeze_step=10, topology="allgather")):
+        per_step, layout = _allreduces(**kwargs)
+        every_tensor = {f"hvd_qadam.fp.{g.index}.{i}" for g in layout.groups for i in range(len(g.slots))}
+        for started in per_step:
+            assert sorted(n for n, _ in started) == sorted(every_tensor), kwargs
+            assert {ph for _, ph in started} == {"backward"}, (kwargs, started)
+
+
+def test_compressed_steps_and_transformed_uplinks_allreduce_what_they_must():
+    """A compressed step allreduces only the small tensors' group (tensor by tensor); an algorithm
+    whose worker transforms the gradient (efficient_adam's local Adam step) allreduces whole groups."""
+    per_step, layout = _allreduces(topology="sharded")
+    small = [g for g in layout.groups if not g.compressed]
+    assert small and len(small) < len(layout.groups)
+    for started in per_step:
+        assert sorted(n for n, _ in started) == sorted(f"hvd_qadam.fp.{g.index}.{i}" for g in small
+                                                       for i in range(len(g.slots)))
+    per_step, layout = _allreduces(algorithm="efficient_adam", topology="allgather", exchange="horovod")
+    for started in per_step:
+        assert sorted(n for n, _ in started) == sorted(f"hvd_qadam.fp.{g.index}" for g in layout.groups)
+
+
 def test_warmup_and_small_tensors_go_through_horovod_compressed_groups_do_not():
     (stats, opt), _ = _paths(2, 3, warmup_steps=1, topology="sharded")
     compressed = {g.index for g in opt._layout.groups if g.compressed}
