@@ -178,6 +178,9 @@ class ParameterServer:
             return "the server could not rebuild the workers' parameter layout"
         self.hyper = [g["hyper"] for g in first["groups"]]
         self.engine = Engine(first["config"], layout, _ServerComm(len(self.workers)), lambda i: self.hyper[i])
+        # as every worker's engine starts before its first step: the algorithm's state that starts
+        # from the weights (local SGD's anchors, which the server's side of the step reads too)
+        self.engine.start(self.params)
         return None
 
     def _checkpoint(self, kind: str, msg) -> tuple:
