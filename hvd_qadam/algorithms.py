@@ -49,7 +49,12 @@ class Algorithm:
     options = ()             # Config fields that only this algorithm reads (refused with the others)
 
     def __init__(self, config):
-        self.cfg = config
+        self.cfg = config        # the engine's live configuration (Engine.cfg keeps this current)
+
+    def agreed_config(self) -> dict:
+        """The configuration every rank must have been built with (checked before the first
+        step): ``cfg``, less what the algorithm decides at run time."""
+        return self.cfg.as_dict()
 
     @classmethod
     def resolve_options(cls, config) -> dict:
@@ -78,7 +83,7 @@ class Algorithm:
 
     def compress_at(self, eng, t: int) -> bool:
         """Whether step t (0-based) exchanges compressed: after the uncompressed warm-up."""
-        return t >= eng.cfg.warmup_steps
+        return t >= self.cfg.warmup_steps
 
     def restore(self, eng) -> None:
         """Called after ``eng`` loaded a checkpoint (its bank and counters), before the next step."""
@@ -337,6 +342,8 @@ class OnebitAdam(_AdamFamily):
     def __init__(self, config):
         super().__init__(config)
         self._norms = (None, {})       # (step in flight, {group: sum of v_hat^2}), "auto" only
+        # "auto" lowers cfg.warmup_steps to the step it decides; this is the configured one (the cap)
+        self._configured_warmup = config.warmup_steps
 
     @classmethod
     def resolve_options(cls, config) -> dict:
@@ -391,7 +398,7 @@ class OnebitAdam(_AdamFamily):
             F.frozen_adam_apply(result, v, x, m_new, d, self.constants(h, max(1, last)))
             return d
         v_new = step.spare(key.of(MOMENT2), n, dev)
-        warm = step.step < eng.cfg.warmup_steps                 # warm-up: torch's Adam step
+        warm = step.step < self.cfg.warmup_steps                 # warm-up: torch's Adam step
         t = last + 1 if warm else step.step + 1
         c = self.constants(h, t)
         if not warm:               # a v refresh: v has not moved for the t - last steps since
@@ -403,9 +410,12 @@ class OnebitAdam(_AdamFamily):
             self._watch(eng, g, h, t, v_new, step)
         return d
 
+    def agreed_config(self) -> dict:
+        return dict(super().agreed_config(), warmup_steps=self._configured_warmup)
+
     def compress_at(self, eng, t: int) -> bool:
         """Compressed after the freeze, except every ``v_refresh_every``-th step after it (v refreshes)."""
-        f, k = eng.cfg.warmup_steps, self.cfg.v_refresh_every
+        f, k = self.cfg.warmup_steps, self.cfg.v_refresh_every
         return t >= f and not (k and (t + 1 - f) % k == 0)
 
     def _watch(self, eng, g, h, t, v_new, step) -> None:
@@ -429,13 +439,13 @@ class OnebitAdam(_AdamFamily):
             self._set_warmup(eng, step.step + 1)
 
     def _set_warmup(self, eng, steps: int) -> None:
-        if eng.cfg.warmup_steps != steps:
-            eng.cfg = dataclasses.replace(eng.cfg, warmup_steps=steps)
+        if self.cfg.warmup_steps != steps:
+            eng.cfg = dataclasses.replace(self.cfg, warmup_steps=steps)     # the engine's, and so ours
 
     def restore(self, eng) -> None:
         if self.auto:
             at = eng.counters["worker_adam_step"].get(self.FREEZE_AT)
-            self._set_warmup(eng, self.cfg.warmup_steps if at is None else at)
+            self._set_warmup(eng, self._configured_warmup if at is None else at)
         self._norms = (None, {})
 
 

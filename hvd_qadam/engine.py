@@ -119,9 +119,10 @@ class Engine:
     ``rank``/``size`` are this rank's place among the workers."""
 
     def __init__(self, config: Config, layout: Layout, comm, hyper):
-        self.cfg, self.layout, self.comm, self.hyper = config, layout, comm, hyper
+        self.layout, self.comm, self.hyper = layout, comm, hyper
         self.rank, self.size = comm.rank, comm.size
         self.alg = algorithms.make(config)
+        self.cfg = config
         self.kind = self.alg.output
         self.bank = StateBank()
         self._scratch: dict[str, torch.Tensor] = {}     # str(key) -> work buffer
@@ -144,6 +145,17 @@ class Engine:
         self.topology_reason = "given"
         self._use_topology()
         self._params_source = None
+
+    @property
+    def cfg(self) -> Config:
+        """The live configuration: one object that this engine, its algorithm and the optimizer
+        read. It is replaced (never edited) when a topology or the algorithm's warm-up changes at
+        run time, and replacing it here replaces it for all of them."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, config: Config) -> None:
+        self._cfg = self.alg.cfg = config
 
     def _use_topology(self) -> None:
         """The transports of ``cfg.topology``: the topology's own, Horovod's allreduce for full
@@ -589,6 +601,7 @@ class Engine:
         self.bank.clear(lambda k: not k.is_anchor)
         self.counters = {"step": int(step), "worker_adam_step": {}, "server_adam_step": {}}
         self.exchange.restart()
+        self.alg.restore(self)           # what the algorithm decided from the state is undone with it
 
     def state_dict(self) -> dict:
         return {"config": self.cfg.as_dict(), "layout_hash": self.layout.hash, "world_size": self.size,
