@@ -25,6 +25,7 @@ import numpy as np
 
 from . import functional as F
 from .errors import AlgorithmOptionError  # noqa: F401 - re-exported
+from .statekey import ANCHOR, LATENT, MOMENT1, MOMENT2, MOMENTUM, StateKey
 
 OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS = "grad", "update", "weights"
 # What happens to a step with NaN/Inf on some rank: every rank raises NonFiniteGradientError, skips
@@ -48,7 +49,12 @@ class Algorithm:
     options = ()             # Config fields that only this algorithm reads (refused with the others)
 
     def __init__(self, config):
-        self.cfg = config
+        self.cfg = config        # the engine's live configuration (Engine.cfg keeps this current)
+
+    def agreed_config(self) -> dict:
+        """The configuration every rank must have been built with (checked before the first
+        step): ``cfg``, less what the algorithm decides at run time."""
+        return self.cfg.as_dict()
 
     @classmethod
     def resolve_options(cls, config) -> dict:
@@ -83,7 +89,7 @@ class Algorithm:
 
     def compress_at(self, eng, t: int) -> bool:
         """Whether step t (0-based) exchanges compressed: after the uncompressed warm-up."""
-        return t >= eng.cfg.warmup_steps
+        return t >= self.cfg.warmup_steps
 
     def restore(self, eng) -> None:
         """Called after ``eng`` loaded a checkpoint (its bank and counters), before the next step."""
@@ -144,15 +150,15 @@ class EfficientAdam(_AdamFamily):
     output = OUT_UPDATE
 
     def worker(self, eng, g, grad, step):
-        h, key = eng.hyper(g.param_group), f"g{g.index}"
-        t = eng.counters["worker_adam_step"].get(key, 0) + 1
+        h, key = eng.hyper(g.param_group), StateKey.worker(g.index)
+        t = eng.counters["worker_adam_step"].get(key.name, 0) + 1
         n, dev = g.numel, grad.device
-        m, v = eng.bank.get_or_zeros(key + ".m", n, dev), eng.bank.get_or_zeros(key + ".v", n, dev)
-        m_new, v_new = step.spare(key + ".m", n, dev), step.spare(key + ".v", n, dev)
-        d = eng.scratch(key + ".w", n, dev)
+        m, v = eng.bank.get_or_zeros(key.of(MOMENT1), n, dev), eng.bank.get_or_zeros(key.of(MOMENT2), n, dev)
+        m_new, v_new = step.spare(key.of(MOMENT1), n, dev), step.spare(key.of(MOMENT2), n, dev)
+        d = eng.scratch(key.of("w"), n, dev)
         F.adam_update(grad, m, v, eng.flat_params(g) if self.needs_x(h) else None, m_new, v_new, d,
                       self.constants(h, t))
-        step.worker_adam_step[key] = t
+        step.worker_adam_step[key.name] = t
         return d
 
 
@@ -169,15 +175,15 @@ class QAdam(_AdamFamily):
     server_state = True      # the server's Adam moments, per shard
 
     def server(self, eng, g, a, b, mean, step):
-        h, key = eng.hyper(g.param_group), f"g{g.index}@{a}"
-        t = eng.counters["server_adam_step"].get(key, 0) + 1
+        h, key = eng.hyper(g.param_group), StateKey.server(g.index, a)
+        t = eng.counters["server_adam_step"].get(key.name, 0) + 1
         n, dev = b - a, mean.device
-        m, v = eng.bank.get_or_zeros(key + ".m", n, dev), eng.bank.get_or_zeros(key + ".v", n, dev)
-        m_new, v_new = step.spare(key + ".m", n, dev), step.spare(key + ".v", n, dev)
-        d = eng.scratch(key + ".s", n, dev)
+        m, v = eng.bank.get_or_zeros(key.of(MOMENT1), n, dev), eng.bank.get_or_zeros(key.of(MOMENT2), n, dev)
+        m_new, v_new = step.spare(key.of(MOMENT1), n, dev), step.spare(key.of(MOMENT2), n, dev)
+        d = eng.scratch(key.of("s"), n, dev)
         x = self._server_weights(eng, g, a, b) if self.needs_x(h) or self.output == OUT_WEIGHTS else None
         F.adam_update(mean, m, v, x, m_new, v_new, d, self.constants(h, t))
-        step.server_adam_step[key] = t
+        step.server_adam_step[key.name] = t
         return self._finish(eng, g, a, b, d, x, step)
 
     def _server_weights(self, eng, g, a, b):
@@ -198,11 +204,11 @@ class QAdamWeights(QAdam):
     server_ef = False
 
     def _server_weights(self, eng, g, a, b):
-        xs = eng.bank.get(f"g{g.index}@{a}.x")
+        xs = eng.bank.get(StateKey.server(g.index, a, LATENT))
         return eng.flat_params(g)[a:b] if xs is None else xs
 
     def _finish(self, eng, g, a, b, d, x, step):
-        key = f"g{g.index}@{a}.x"
+        key = StateKey.server(g.index, a, LATENT)
         xs_new = step.spare(key, b - a, d.device)
         F.axpby(x, d, xs_new, 1.0, -1.0)
         return xs_new
@@ -225,16 +231,16 @@ class EFSGD(Algorithm):
                                            f"{type(optimizer).__name__} has none; wrap torch.optim.SGD")
 
     def worker(self, eng, g, grad, step):
-        h, key = eng.hyper(g.param_group), f"g{g.index}"
+        h, key = eng.hyper(g.param_group), StateKey.worker(g.index)
         mom = h.get("momentum", 0.0)
         if self.cfg.momentum_steps is not None and eng.step_count >= self.cfg.momentum_steps:
             mom = 0.0
         n, dev = g.numel, grad.device
-        buf = eng.bank.get(key + ".buf")
+        buf = eng.bank.get(key.of(MOMENTUM))
         c = F.momentum_constants(h["lr"], mom, h.get("dampening", 0.0), h.get("nesterov", False),
                                  h.get("weight_decay", 0.0), h.get("maximize", False), first=buf is None)
-        d = eng.scratch(key + ".w", n, dev)
-        buf_new = step.spare(key + ".buf", n, dev) if mom else None
+        d = eng.scratch(key.of("w"), n, dev)
+        buf_new = step.spare(key.of(MOMENTUM), n, dev) if mom else None
         F.momentum_update(grad, buf, eng.flat_params(g) if c["wd"] else None, buf_new, d, c)
         return d
 
@@ -251,16 +257,17 @@ class LocalSGD(Algorithm):
 
     def start(self, eng, params):
         for g in eng.layout.groups:
-            if eng.bank.get(f"g{g.index}.anchor") is None:
-                eng.bank.set(f"g{g.index}.anchor", g.flatten(params).clone())
+            key = StateKey.worker(g.index, ANCHOR)
+            if eng.bank.get(key) is None:
+                eng.bank.set(key, g.flatten(params).clone())
 
     def worker(self, eng, g, grad, step):
-        d = eng.scratch(f"g{g.index}.w", g.numel, grad.device)
-        F.axpby(eng.flat_params(g), eng.bank.get(f"g{g.index}.anchor"), d, 1.0, -1.0)
+        d = eng.scratch(StateKey.worker(g.index, "w"), g.numel, grad.device)
+        F.axpby(eng.flat_params(g), eng.bank.get(StateKey.worker(g.index, ANCHOR)), d, 1.0, -1.0)
         return d
 
     def finish(self, eng, g, result, step):
-        key = f"g{g.index}.anchor"
+        key = StateKey.worker(g.index, ANCHOR)
         anchor = step.spare(key, g.numel, result.device)
         F.axpby(eng.bank.get(key), result, anchor, 1.0, 1.0)
         return anchor
@@ -334,12 +341,15 @@ class OnebitAdam(_AdamFamily):
     FREEZE_AUTO_NEVER = 2 ** 62        # freeze_step="auto" without a cap: warm up until v is stable
     AUTO_WINDOW = 20                   # K: compare ||v_hat|| with its value K warm-up steps ago
     AUTO_TOLERANCE = 0.05              # freeze when it changed by at most this fraction
-    FREEZE_AT = "onebit.freeze_at"     # counter: the first compressed step ("auto", once decided)
-    NORMS = "onebit.vnorm"             # bank: ring buffer of the last K + 1 norms ("auto")
+    FREEZE_AT = StateKey.scoped("onebit", "freeze_at").name   # counter: the first compressed step
+                                                               # ("auto", once decided)
+    NORMS = StateKey.scoped("onebit", "vnorm")   # bank: ring buffer of the last K + 1 norms ("auto")
 
     def __init__(self, config):
         super().__init__(config)
         self._norms = (None, {})       # (step in flight, {group: sum of v_hat^2}), "auto" only
+        # "auto" lowers cfg.warmup_steps to the step it decides; this is the configured one (the cap)
+        self._configured_warmup = config.warmup_steps
 
     @classmethod
     def resolve_options(cls, config) -> dict:
@@ -378,40 +388,43 @@ class OnebitAdam(_AdamFamily):
     def worker(self, eng, g, grad, step):
         if not step.compress:
             return grad                                   # warm-up: the gradient itself, in fp32
-        h, key = eng.hyper(g.param_group), f"g{g.index}"
+        h, key = eng.hyper(g.param_group), StateKey.worker(g.index)
         n, dev = g.numel, grad.device
-        c = self.constants(h, max(1, eng.counters["worker_adam_step"].get(key, 0)))
-        out = eng.scratch(key + ".w", n, dev)
-        F.momentum_ema(grad, eng.bank.get_or_zeros(key + ".m", n, dev),
+        c = self.constants(h, max(1, eng.counters["worker_adam_step"].get(key.name, 0)))
+        out = eng.scratch(key.of("w"), n, dev)
+        F.momentum_ema(grad, eng.bank.get_or_zeros(key.of(MOMENT1), n, dev),
                        eng.flat_params(g) if c["l2"] else None, out, c)
         return out
 
     def finish(self, eng, g, result, step):
-        h, key = eng.hyper(g.param_group), f"g{g.index}"
+        h, key = eng.hyper(g.param_group), StateKey.worker(g.index)
         n, dev = g.numel, result.device
-        m, v = eng.bank.get_or_zeros(key + ".m", n, dev), eng.bank.get_or_zeros(key + ".v", n, dev)
-        m_new, d = step.spare(key + ".m", n, dev), eng.scratch(key + ".d", n, dev)
+        m, v = eng.bank.get_or_zeros(key.of(MOMENT1), n, dev), eng.bank.get_or_zeros(key.of(MOMENT2), n, dev)
+        m_new, d = step.spare(key.of(MOMENT1), n, dev), eng.scratch(key.of("d"), n, dev)
         x = eng.flat_params(g) if self.needs_x(h) else None
-        last = eng.counters["worker_adam_step"].get(key, 0)     # the Adam step v was last updated at
+        last = eng.counters["worker_adam_step"].get(key.name, 0)     # the Adam step v was last updated at
         if step.compress:          # result: the averaged (decoded) momentum
             F.frozen_adam_apply(result, v, x, m_new, d, self.constants(h, max(1, last)))
             return d
-        v_new = step.spare(key + ".v", n, dev)
-        warm = step.step < eng.cfg.warmup_steps                 # warm-up: torch's Adam step
+        v_new = step.spare(key.of(MOMENT2), n, dev)
+        warm = step.step < self.cfg.warmup_steps                 # warm-up: torch's Adam step
         t = last + 1 if warm else step.step + 1
         c = self.constants(h, t)
         if not warm:               # a v refresh: v has not moved for the t - last steps since
             b2k = h["betas"][1] ** (t - last)
             c["b2"], c["omb2"] = np.float32(b2k), np.float32(1.0 - b2k)
         F.adam_update(result, m, v, x, m_new, v_new, d, c)
-        step.worker_adam_step[key] = t
+        step.worker_adam_step[key.name] = t
         if self.auto and warm:
             self._watch(eng, g, h, t, v_new, step)
         return d
 
+    def agreed_config(self) -> dict:
+        return dict(super().agreed_config(), warmup_steps=self._configured_warmup)
+
     def compress_at(self, eng, t: int) -> bool:
         """Compressed after the freeze, except every ``v_refresh_every``-th step after it (v refreshes)."""
-        f, k = eng.cfg.warmup_steps, self.cfg.v_refresh_every
+        f, k = self.cfg.warmup_steps, self.cfg.v_refresh_every
         return t >= f and not (k and (t + 1 - f) % k == 0)
 
     def _watch(self, eng, g, h, t, v_new, step) -> None:
@@ -435,13 +448,13 @@ class OnebitAdam(_AdamFamily):
             self._set_warmup(eng, step.step + 1)
 
     def _set_warmup(self, eng, steps: int) -> None:
-        if eng.cfg.warmup_steps != steps:
-            eng.cfg = dataclasses.replace(eng.cfg, warmup_steps=steps)
+        if self.cfg.warmup_steps != steps:
+            eng.cfg = dataclasses.replace(self.cfg, warmup_steps=steps)     # the engine's, and so ours
 
     def restore(self, eng) -> None:
         if self.auto:
             at = eng.counters["worker_adam_step"].get(self.FREEZE_AT)
-            self._set_warmup(eng, self.cfg.warmup_steps if at is None else at)
+            self._set_warmup(eng, self._configured_warmup if at is None else at)
         self._norms = (None, {})
 
 

@@ -44,6 +44,7 @@ import warnings
 import torch
 
 from .engine import STATE_KEY
+from .statekey import RESIDUAL, StateKey
 
 COMMITTED_KEY = "elastic_server"      # the committed whole server state in an elastic save
 
@@ -56,39 +57,27 @@ class QuantizedOptimizer(abc.ABC):
 
 # ----------------------------------------------------------------------------- server state
 
-def _parse_server_key(key: str):
-    """``"g3@512.m"`` -> (3, 512, "m"); None for keys that are not server state."""
-    if "@" not in key:
-        return None
-    head, _, suffix = key.partition(".")
-    g, _, a = head[1:].partition("@")
-    return int(g), int(a), suffix
-
-
 def server_pieces(engine) -> dict:
-    """This rank's server state as self-describing pieces: {(group, start, suffix): tensor} (copies)
+    """This rank's server state as self-describing pieces: {(group, start, kind): tensor} (copies)
     and the server Adam step of each group it serves."""
-    pieces = {}
-    for k, v in engine.bank.current.items():
-        parsed = _parse_server_key(k)
-        if parsed is not None:
-            pieces[parsed] = v.detach().cpu().clone()
+    pieces = {(k.group, k.shard, k.kind): v.detach().cpu().clone()
+              for k, v in engine.bank.items() if k.is_server_state}
     steps = {}
-    for k, t in engine.counters["server_adam_step"].items():
-        parsed = _parse_server_key(k + ".")
-        if parsed is not None:
-            steps[parsed[0]] = int(t)
+    for name, t in engine.counters["server_adam_step"].items():
+        k = StateKey.parse(name)
+        if k.is_server_state:
+            steps[k.group] = int(t)
     return {"pieces": pieces, "adam_step": steps}
 
 
 def piece_summary(pieces: dict) -> list:
-    """[(group, start, stop, suffix)] of some pieces: what they cover, without their values."""
+    """[(group, start, stop, kind)] of some pieces: what they cover, without their values."""
     return sorted((g, a, a + t.numel(), s) for (g, a, s), t in pieces.items())
 
 
 def covers(summaries: list, layout) -> bool:
     """Whether the union of the pieces of ``summaries`` covers every element of every (group,
-    suffix) that appears in any of them."""
+    kind) that appears in any of them."""
     spans = {}
     for summary in summaries:
         for g, a, b, s in summary:
@@ -106,7 +95,7 @@ def covers(summaries: list, layout) -> bool:
 
 def assemble(parts: list, layout, step: int) -> dict:
     """The whole server state from the pieces of every rank (``server_pieces`` results):
-    {"step", "values": {(group, suffix): full vector}, "adam_step": {group: t}, "complete"}."""
+    {"step", "values": {(group, kind): full vector}, "adam_step": {group: t}, "complete"}."""
     values, adam_step, summaries = {}, {}, []
     for part in parts:
         summaries.append(piece_summary(part["pieces"]))
@@ -123,28 +112,28 @@ def assemble(parts: list, layout, step: int) -> dict:
 def install(engine, whole: dict | None) -> None:
     """Replace this rank's server state by its shard of ``whole`` (None: no server state, a reset).
 
-    Server residuals (suffix ``e``) exist only for a quantized downlink; where the topology now
+    Server residuals (kind ``e``) exist only for a quantized downlink; where the topology now
     runs a full-precision one (``topology="auto"`` went from ``sharded`` to ``allgather`` at a
     shrink) they are dropped, with a warning: at most one downlink quantization error per element."""
-    engine.bank.clear(lambda k: _parse_server_key(k) is not None)
+    engine.bank.clear(lambda k: k.is_server_state)
     engine.counters["server_adam_step"] = {}
     if whole is None:
         return
     full_downlink = engine.cfg.downlink.passthrough
-    dropped = [full for (_, s), full in whole["values"].items() if s == "e" and full_downlink]
+    dropped = [full for (_, s), full in whole["values"].items() if s == RESIDUAL and full_downlink]
     if any(bool(full.any()) for full in dropped):
         warnings.warn(f"topology {engine.cfg.topology!r} runs a full-precision downlink in this world: the server "
                       f"error-feedback residuals of the previous world's quantized downlink are dropped (at most "
                       f"one downlink quantization error per element)", RuntimeWarning, stacklevel=3)
     for (g, s), full in whole["values"].items():
-        if s == "e" and full_downlink:
+        if s == RESIDUAL and full_downlink:
             continue
         a, b = engine.served_range(engine.layout.groups[g])
         device = engine.layout.groups[g].device
-        engine.bank.set(f"g{g}@{a}.{s}", full[a:b].to(device).clone())
+        engine.bank.set(StateKey.server(g, a, s), full[a:b].to(device).clone())
     for g, t in whole["adam_step"].items():
         a, _ = engine.served_range(engine.layout.groups[g])
-        engine.counters["server_adam_step"][f"g{g}@{a}"] = t
+        engine.counters["server_adam_step"][StateKey.server(g, a).name] = t
 
 
 def _sharded(engine) -> bool:
@@ -253,7 +242,7 @@ def sync_from_root(opt) -> None:
     if hvd.rank() == 0:
         sd = eng.state_dict()
         sd["state"] = {k: v for k, v in sd["state"].items()
-                       if _parse_server_key(k) is None and not k.endswith(".e")}
+                       if not (StateKey.parse(k).is_server_state or StateKey.parse(k).is_residual)}
         root = {"step": eng.step_count, "state": sd}
     root = hvd.broadcast_object(root, root_rank=0, name="hvd_qadam.elastic.sync")
     if eng.step_count != root["step"]:

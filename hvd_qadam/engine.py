@@ -44,6 +44,7 @@ from .config import NONE_LINK, Config, LinkSpec
 from .functional import all_finite  # noqa: F401 - re-exported
 from .layout import Layout, shard_alignment
 from .memory import StateBank, persistent_buffer
+from .statekey import RESIDUAL, StateKey
 from .quant import codebooks as cb
 from .quant import rng
 from .topology import TOPOLOGIES, AllreduceTransport, Hosts, make_transport
@@ -105,7 +106,7 @@ class PendingStep:
     server_adam_step: dict = field(default_factory=dict)
     codebook: object = None
 
-    def spare(self, key: str, numel: int, device) -> torch.Tensor:
+    def spare(self, key: StateKey, numel: int, device) -> torch.Tensor:
         """A buffer for the new value of state ``key``; it becomes current at commit."""
         if key not in self.commit_keys:
             self.commit_keys.append(key)
@@ -120,12 +121,13 @@ class Engine:
     ``rank``/``size`` are this rank's place among the workers."""
 
     def __init__(self, config: Config, layout: Layout, comm, hyper):
-        self.cfg, self.layout, self.comm, self.hyper = config, layout, comm, hyper
+        self.layout, self.comm, self.hyper = layout, comm, hyper
         self.rank, self.size = comm.rank, comm.size
         self.alg = algorithms.make(config)
+        self.cfg = config
         self.kind = self.alg.output
         self.bank = StateBank()
-        self._scratch: dict[str, torch.Tensor] = {}
+        self._scratch: dict[str, torch.Tensor] = {}     # str(key) -> work buffer
         self._flat_params: dict[int, torch.Tensor] = {}
         self.counters = {"step": 0, "worker_adam_step": {}, "server_adam_step": {}}
         self.stats = StepStats()
@@ -145,6 +147,17 @@ class Engine:
         self.topology_reason = "given"
         self._use_topology()
         self._params_source = None
+
+    @property
+    def cfg(self) -> Config:
+        """The live configuration: one object that this engine, its algorithm and the optimizer
+        read. It is replaced (never edited) when a topology or the algorithm's warm-up changes at
+        run time, and replacing it here replaces it for all of them."""
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, config: Config) -> None:
+        self._cfg = self.alg.cfg = config
 
     def _use_topology(self) -> None:
         """The transports of ``cfg.topology``: the topology's own, Horovod's allreduce for full
@@ -193,12 +206,12 @@ class Engine:
         self.exchange.restart()
         # The two-level exchange's worker residuals cover this rank's chunk of its host's mean;
         # in another world the chunks differ, so they cannot be carried over: said, not dropped.
-        host_residuals = [k for k in self.bank.current if "#" in k and k.endswith(".e")]
+        host_residuals = [k for k, _ in self.bank.items() if k.is_host_residual]
         if host_residuals:
             warnings.warn(f"rank {rank}: the world changed under topology {self.cfg.topology!r}; this rank's "
                           f"error-feedback residuals of its host's chunks ({len(host_residuals)} groups) "
                           f"cannot be mapped onto the new chunks and are reset", RuntimeWarning, stacklevel=2)
-            self.bank.clear(lambda k: k in host_residuals)
+            self.bank.clear(lambda k: k.is_host_residual)
 
     def set_topology(self, topology: str, downlink: LinkSpec) -> None:
         """Run another topology (and its downlink) from the next step on: ``topology="auto"``
@@ -221,9 +234,10 @@ class Engine:
     def step_count(self) -> int:
         return self.counters["step"]
 
-    def scratch(self, key: str, numel: int, device, dtype=torch.float32) -> torch.Tensor:
-        """A persistent work buffer (not state: its content does not outlive a step)."""
-        return persistent_buffer(self._scratch, key, numel, device, dtype)
+    def scratch(self, key: StateKey | str, numel: int, device, dtype=torch.float32) -> torch.Tensor:
+        """A persistent work buffer (not state: its content does not outlive a step), by key or
+        any name unique to its use."""
+        return persistent_buffer(self._scratch, str(key), numel, device, dtype)
 
     def set_params_source(self, fn) -> None:
         """``fn(group) -> iterable of parameter tensors`` in slot order (the live weights)."""
@@ -233,7 +247,7 @@ class Engine:
         """The group's current weights as one float32 vector (a persistent buffer, filled once per step)."""
         flat = self._flat_params.get(g.index)
         if flat is None:
-            flat = self.scratch(f"g{g.index}.x", g.numel, g.device)
+            flat = self.scratch(StateKey.worker(g.index, "x"), g.numel, g.device)
             torch.cat([p.detach().reshape(-1).to(torch.float32) for p in self._params_source(g)], out=flat)
             self._flat_params[g.index] = flat
         return flat
@@ -325,7 +339,7 @@ class Engine:
         st.stats.encode_s += time.perf_counter() - t0
         st.stats.overlapped_groups += int(early)
 
-    def encode_uplink(self, g, vec: torch.Tensor, st, ranges, base: int = 0, residual: str | None = None):
+    def encode_uplink(self, g, vec: torch.Tensor, st, ranges, base: int = 0, residual: StateKey | None = None):
         """(payloads, nonfinite): ``vec`` holds elements [base, base + len(vec)) of group ``g``;
         one uplink payload per (start, stop) in ``ranges`` (global element positions, which key
         the rounding streams), with worker error feedback on residual ``residual`` (default the
@@ -336,7 +350,7 @@ class Engine:
             st.codebook = self.uplink_levels.codebook       # no refit due at this step
         codebook = st.codebook if not up.passthrough else None
         if self.cfg.error_feedback and not up.passthrough:
-            name = residual or f"g{g.index}.e"
+            name = residual or StateKey.worker(g.index, RESIDUAL)
             n = vec.numel()
             resid = self.bank.get_or_zeros(name, n, vec.device)
             resid_new = st.spare(name, n, vec.device)
@@ -380,7 +394,7 @@ class Engine:
                     continue
                 v = self.alg.worker(self, g, grads_for(g), st)      # pure: launch recomputes it
                 if self.cfg.error_feedback:
-                    v = v + self.bank.get_or_zeros(f"g{g.index}.e", g.numel, v.device)
+                    v = v + self.bank.get_or_zeros(StateKey.worker(g.index, RESIDUAL), g.numel, v.device)
                 vectors.append(v.detach().cpu().numpy())
             local = lv.local_stats(vectors)
             gathered = self.comm.allgather_object(local, name="hvd_qadam.levels")
@@ -410,7 +424,7 @@ class Engine:
         """Server side of elements [a, b) of group ``g``: mean, server transform, downlink.
         Returns the downlink as a payload, or as a tensor where it is full precision and
         every rank computes it itself (``allgather`` with no downlink quantizer)."""
-        mean = codec.mean_into(payloads, self.scratch(f"g{g.index}@{a}.mean", b - a, g.device, g.dtype))
+        mean = codec.mean_into(payloads, self.scratch(StateKey.server(g.index, a, "mean"), b - a, g.device, g.dtype))
         u = self.alg.server(self, g, a, b, mean, st)
         _, down = self.links(g, st)
         if down.passthrough:
@@ -419,7 +433,7 @@ class Engine:
             return codec.encode(u, self.wire_link(g, down), 0, a)
         key = self.key(SERVER_RANK, g.index, rng.DOWNLINK)
         if self.cfg.server_error_feedback and self.alg.server_ef:
-            name = f"g{g.index}@{a}.e"
+            name = StateKey.server(g.index, a, RESIDUAL)
             q, _ = codec.encode_ef(u, self.bank.get_or_zeros(name, b - a, u.device),
                                    st.spare(name, b - a, u.device), down, key, a)
             return q
@@ -513,9 +527,10 @@ class Engine:
         """Start the algorithm state afresh at ``step`` (residuals, moments, server state; the
         local SGD anchors are kept: they are the current weights, identical on every rank)."""
         self.abort()
-        self.bank.clear(lambda k: not k.endswith(".anchor"))
+        self.bank.clear(lambda k: not k.is_anchor)
         self.counters = {"step": int(step), "worker_adam_step": {}, "server_adam_step": {}}
         self.exchange.restart()
+        self.alg.restore(self)           # what the algorithm decided from the state is undone with it
 
     def state_dict(self) -> dict:
         return {"config": self.cfg.as_dict(), "layout_hash": self.layout.hash, "world_size": self.size,
@@ -542,13 +557,13 @@ class Engine:
                           f"{state.get('world_size')} / topology {state['config']['topology']!r}; this run has "
                           f"{self.size} / {self.cfg.topology!r}: they are sharded differently here and are reset",
                           RuntimeWarning, stacklevel=2)
-            self.bank.clear(lambda k: "@" in k or k.endswith(".e"))
+            self.bank.clear(lambda k: k.is_server_state or k.is_residual)
             self.counters["server_adam_step"] = {}
         elif state.get("rank") != self.rank:
             warnings.warn(f"this checkpoint holds rank {state.get('rank')}'s error-feedback residuals and is "
                           f"loaded on rank {self.rank}; residuals are per rank, so they are reset here (save "
                           f"one file per rank to resume the exact trajectory)", RuntimeWarning, stacklevel=2)
-            self.bank.clear(lambda k: k.endswith(".e"))
+            self.bank.clear(lambda k: k.is_residual)
         if self.uplink_levels is not None and state.get("levels") is not None:
             self.uplink_levels.load_state_dict(state["levels"])
 

@@ -14,7 +14,6 @@ update (their hyper-parameters are read live from ``param_groups``, so lr schedu
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 import warnings
 
@@ -48,7 +47,6 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, named_parameters, config: Config, backward_passes_per_step: int, comm,
                  overlap: bool, op_sum: bool):
         super(self.__class__, self).__init__(params)
-        self._qcfg = config
         self.backward_passes_per_step = backward_passes_per_step
         self._op_sum = op_sum
         all_params = [p for pg in self.param_groups for p in pg["params"]]
@@ -117,7 +115,8 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------- public extras
     @property
     def config(self) -> Config:
-        return self._qcfg
+        """The live configuration: the engine's (:attr:`Engine.cfg`), which its algorithm reads too."""
+        return self._engine.cfg
 
     @property
     def communication_stats(self):
@@ -155,7 +154,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             self._engine.set_world(self._comm.rank, self._comm.size)
             self._follow_world()
         mine = {"layout": self._layout.signature, "params": self._layout.param_signature,
-                "config": dict(self._qcfg.as_dict(), ranks_per_host=self._engine.hosts.local_size),
+                "config": dict(self._engine.alg.agreed_config(), ranks_per_host=self._engine.hosts.local_size),
                 "step": self._engine.step_count, "elastic": elastic.reshard_summary(self)}
         everyone = self._comm.allgather_object(mine, name="hvd_qadam.handshake")
         for r, theirs in enumerate(everyone):
@@ -202,9 +201,8 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         uplink, downlink_for, hierarchical = self._auto_topology
         hosts = getattr(self._comm, "hosts", None) or Hosts(self._comm.size, 1)
         topology, reason = choose(hosts, uplink, downlink_for, hierarchical)
-        if topology != self._qcfg.topology:
+        if topology != self._engine.cfg.topology:
             downlink = downlink_for(TOPOLOGY_CLASSES[topology])
-            self._qcfg = dataclasses.replace(self._qcfg, topology=topology, downlink=downlink)
             self._engine.set_topology(topology, downlink)
             self._reshard = True
         self._engine.topology_reason = self._engine.stats.topology_reason = reason
@@ -265,7 +263,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         """Exchange gradients now (``algorithm="qsgd"`` only): afterwards p.grad holds the average,
         e.g. for gradient clipping before ``with optimizer.skip_synchronize(): optimizer.step()``."""
         if self._engine.kind != OUT_GRAD:
-            raise RuntimeError(f"synchronize() exchanges gradients; algorithm {self._qcfg.algorithm!r} "
+            raise RuntimeError(f"synchronize() exchanges gradients; algorithm {self._engine.cfg.algorithm!r} "
                                "exchanges updates inside step()")
         return self._exchange_and_apply()
 
@@ -285,7 +283,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
         try:
             out = self._engine.finish(self._grads_for)
         except NonFiniteGradientError:
-            if self._qcfg.nonfinite != "propagate":
+            if self._engine.cfg.nonfinite != "propagate":
                 raise
             self._propagate_nonfinite()
             return True
@@ -324,7 +322,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
                         p.copy_(value)
         if record:
             self._telemetry.record(self._engine.stats, time.perf_counter() - t_apply, ratio, self._engine.size,
-                                   self._qcfg)
+                                   self._engine.cfg)
         self._synchronized = True
         return True
 
@@ -352,7 +350,7 @@ class _QuantizedDistributedOptimizer(torch.optim.Optimizer):
             super(self.__class__, self).step()          # local step on local gradients
             self._reset_round()
             self._local_iterations += 1
-            if self._local_iterations % self._qcfg.sync_every == 0:
+            if self._local_iterations % self._engine.cfg.sync_every == 0:
                 self._exchange_and_apply()              # average the models
             return loss
         if self._engine.kind == OUT_GRAD:

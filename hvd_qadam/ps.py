@@ -29,6 +29,7 @@ from .engine import Engine
 from .errors import CommError, ConsistencyError
 from .layout import Layout
 from .quant.backend import share_cores
+from .statekey import StateKey
 
 TAG = 7411
 TIMEOUT_ENV = "HVD_QADAM_PS_TIMEOUT"
@@ -181,6 +182,9 @@ class ParameterServer:
             return "the server could not rebuild the workers' parameter layout"
         self.hyper = [g["hyper"] for g in first["groups"]]
         self.engine = Engine(first["config"], layout, _ServerComm(len(self.workers)), lambda i: self.hyper[i])
+        # as every worker's engine starts before its first step: the algorithm's state that starts
+        # from the weights (local SGD's anchors, which the server's side of the step reads too)
+        self.engine.start(self.params)
         return None
 
     def step(self, frames_data: list):
@@ -203,7 +207,7 @@ class ParameterServer:
             down = [eng.serve(g, 0, g.numel, [f.payloads[g.index] for f in frames], st) for g in eng.layout.groups]
             values = []
             for g, q in zip(eng.layout.groups, down):
-                v = eng.scratch(f"g{g.index}.down", g.numel, g.device, g.dtype)
+                v = eng.scratch(StateKey.worker(g.index, "down"), g.numel, g.device, g.dtype)
                 codec.decode_into(q, v)
                 values.append(eng.alg.finish(eng, g, v, st))
         except BaseException:

@@ -185,7 +185,7 @@ def path_bits(path: str) -> float:
 def residual_ratio(engine, grad_bufs: dict) -> float | None:
     """||worker EF residuals|| / ||this step's local gradients of the compressed groups||
     (None without a residual; see the module)."""
-    residuals = [e for key, e in engine.bank.current.items() if key.endswith(".e") and "@" not in key]
+    residuals = [e for key, e in engine.bank.items() if key.is_worker_residual]
     grads = [grad_bufs[g.index] for g in engine.layout.groups if g.compressed]
     if not residuals or not grads:
         return None

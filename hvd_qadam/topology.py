@@ -39,6 +39,7 @@ from . import codec
 from .errors import CommError, ConsistencyError, TopologyError  # noqa: F401 - TopologyError re-exported
 from .functional import all_finite
 from .layout import shard_bounds
+from .statekey import RESIDUAL, StateKey
 from .wire import Frame, PayloadError, split_frames
 
 LOCAL_SIZE_ENV = "HVD_QADAM_LOCAL_SIZE"
@@ -177,7 +178,7 @@ class Transport:
         return result
 
     def _out(self, g) -> torch.Tensor:
-        return self.eng.scratch(f"g{g.index}.out", g.numel, g.device, g.dtype)
+        return self.eng.scratch(StateKey.worker(g.index, "out"), g.numel, g.device, g.dtype)
 
     def _errors(self, frames, st) -> bool:
         errs = [f.error for f in frames if f is not None and f.error is not None]
@@ -404,10 +405,10 @@ class HierarchicalTransport(Transport):
             payloads = []
             if not errors:
                 host_mean = codec.mean_into([f.payloads[0] for f in frames],
-                                          eng.scratch(f"g{g.index}#{ca}.hostmean", cb - ca, g.device))
+                                            eng.scratch(StateKey.host(g.index, ca, "hostmean"), cb - ca, g.device))
                 split = self._split(g.numel, hs, eng.align)
                 parts = [split[loc * H + k] for k in range(H)]
-                payloads, bad = eng.encode_uplink(g, host_mean, st, parts, ca, f"g{g.index}#{ca}.e")
+                payloads, bad = eng.encode_uplink(g, host_mean, st, parts, ca, StateKey.host(g.index, ca, RESIDUAL))
                 if bad:
                     errors = [f"rank {me}, step {st.step}: the host mean of group {g.index} overflowed "
                               f"(non-finite after error feedback)"]
@@ -578,7 +579,7 @@ class AllreduceTransport(Transport):
         eng, results = self.eng, {}
         for g in groups:
             h = st.launched[g.index]
-            mean = eng.scratch(f"g{g.index}.mean", g.numel, g.device, g.dtype)
+            mean = eng.scratch(StateKey.worker(g.index, "mean"), g.numel, g.device, g.dtype)
             if "handle" in h:
                 mean.copy_(self._wait(h, "handle", st))
             else:

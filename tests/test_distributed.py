@@ -94,6 +94,8 @@ PS_CASES = [
     ("adam", {"algorithm": "qadam", "downlink_quantizer": "qsgd", "downlink_bits": 8}),
     ("adam", {"algorithm": "efficient_adam", "downlink_quantizer": "qsgd", "downlink_bits": 4}),
     ("adam", {"algorithm": "qadam_weights", "downlink_quantizer": "qsgdinf", "downlink_bits": 8}),
+    # the server runs local SGD's finish too (its anchors start from the weights the workers send)
+    ("sgd", {"algorithm": "local_sgd", "sync_every": 2}),
 ]
 
 

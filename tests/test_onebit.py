@@ -317,6 +317,41 @@ def test_auto_freeze_agrees_on_every_rank_and_resumes_identically(tmp_path, spli
     assert capped[0][1] is None and capped[0][2] == 2
 
 
+def test_optimizer_engine_and_algorithm_read_one_live_config_after_the_automatic_freeze(monkeypatch):
+    """freeze_step="auto" decides the warm-up at run time: the optimizer's ``config`` then says the
+    step compression started at, as the engine's steps (``communication_stats``) show it; a reset
+    of the state (ranks at different steps) undoes the decision with the state it came from."""
+    monkeypatch.setattr(OnebitAdam, "AUTO_WINDOW", 2)
+    monkeypatch.setattr(OnebitAdam, "AUTO_TOLERANCE", 0.5)
+    kw = dict(SIGN, freeze_step="auto", bucket_size=64, min_compress_numel=256)
+
+    def worker(rank, comm):
+        x, y, _, _ = digits.load_digits_split()
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(base_optimizer(model), model.named_parameters(), comm=comm, **kw)
+        compressed = []
+        for s in range(10):
+            i = torch.arange(s * 20 + rank * 10, s * 20 + rank * 10 + 10) % len(x)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            opt.step()
+            compressed.append(opt.communication_stats.compressed)
+        eng = opt.engine
+        one = opt.config is eng.cfg and eng.alg.cfg is eng.cfg
+        decided = (opt.config.warmup_steps, compressed.index(True) if any(compressed) else None,
+                   eng.counters["worker_adam_step"].get(OnebitAdam.FREEZE_AT), eng.alg.agreed_config()["warmup_steps"])
+        eng.reset_state(eng.step_count)
+        after_reset = (opt.config.warmup_steps, eng.alg.cfg.warmup_steps, eng.alg.compress_at(eng, eng.step_count))
+        return one, decided, after_reset, compressed
+
+    for one, (warmup, first, at, agreed), after_reset, compressed in hvd_qadam.simulate(2, worker):
+        assert one
+        assert at is not None and warmup == first == at, (warmup, first, at)
+        assert all(compressed[at:]) and not any(compressed[:at])
+        assert agreed == FREEZE_AUTO_NEVER          # the handshake compares the configured cap
+        assert after_reset == (FREEZE_AUTO_NEVER, FREEZE_AUTO_NEVER, False)
+
+
 # ---------------------------------------------------------------------------------- convergence
 EPOCHS = 15          # 14 steps per epoch: 210 steps
 

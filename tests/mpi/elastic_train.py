@@ -84,7 +84,7 @@ def hosts_spec(slots: int) -> str:
 def drop_compression_state():
     """--state reset: what a world-size change did to hvd_qadam's state before it was elastic."""
     eng = opt.engine
-    eng.bank.clear(lambda k: "@" in k or k.endswith(".e"))
+    eng.bank.clear(lambda k: k.is_server_state or k.is_residual)
     eng.counters["server_adam_step"] = {}
     opt._committed_server = None
 
