@@ -41,7 +41,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path.append(ROOT)  # harness/ (last: hvd_qadam is found as before)
 
 # name -> (label, hvd compression or None, hvd_qadam kwargs or None)
 _SHARDED44 = dict(quantizer="qsgdinf", bits=4, downlink_quantizer="qsgdinf", downlink_bits=4, topology="sharded")
@@ -188,7 +188,7 @@ def collectives_worker(args):
 def bench_worker(args):
     MPI, hvd, torch = _init_hvd()
     import numpy as np
-    import lm
+    from harness import lm
     comm = MPI.COMM_WORLD
     rank = hvd.rank()
     ident = comm.gather(_identity(hvd), root=0)

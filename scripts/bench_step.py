@@ -29,8 +29,9 @@ import torch  # noqa: E402
 import hvd_qadam  # noqa: E402
 from hvd_qadam.comm import SimWorld  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study_output import write_json  # noqa: E402 - this folder's module
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness.study_output import write_json  # noqa: E402
 
 CONFIGS = {
     "defaults (qsgd algorithm, qsgdinf 6-bit + EF)": {},

@@ -38,8 +38,9 @@ except ImportError:  # running from a checkout without an install
 from hvd_qadam import adaptive
 from hvd_qadam.quant import rng
 
-import digits  # noqa: E402 - this folder's module (sys.path[0] when run as a script)
-from study_output import figure, write_json  # noqa: E402
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # harness/
+from harness import digits  # noqa: E402
+from harness.study_output import figure, write_json  # noqa: E402
 
 METHODS = ("full", "qsgdinf", "nuq", "alq", "amq")
 

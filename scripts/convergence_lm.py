@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-from study_output import figure, write_json  # noqa: E402 - this folder's module
+sys.path.append(str(HERE.parent))  # harness/
+from harness.study_output import figure, write_json  # noqa: E402
 
 Q44 = ["--quantizer", "qsgdinf", "--bits", "4", "--downlink-quantizer", "qsgdinf", "--downlink-bits", "4"]
 SIGN2 = ["--quantizer", "sign", "--downlink-quantizer", "sign"]

@@ -49,11 +49,9 @@ import tempfile
 import time
 import urllib.request
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # harness/
 
-import launch  # noqa: E402 - scripts/launch.py
+from harness import launch  # noqa: E402
 
 HOROVOD_TAG = "v0.28.1"
 # name -> (path in Horovod's repository, SHA-256 at the tag)

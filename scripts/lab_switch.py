@@ -29,7 +29,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path.append(ROOT)  # harness/ (last: hvd_qadam is found as before)
 
 
 # ================================================================================== worker
@@ -41,7 +41,7 @@ def worker(args):
     import torch
     torch.set_num_threads(1)
     import hvd_qadam
-    import lm
+    from harness import lm
     corpus = lm.load_corpus()
     total = len(args.phases) * args.steps
     rank = hvd.rank()

@@ -18,11 +18,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import digits  # noqa: E402
-from study_output import write_json  # noqa: E402 - this folder's module
+import hvd_qadam
 
-import hvd_qadam  # noqa: E402
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import digits  # noqa: E402
+from harness.study_output import write_json  # noqa: E402
 
 
 def rss_mib() -> float:

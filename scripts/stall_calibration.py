@@ -19,11 +19,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import digits  # noqa: E402
+import hvd_qadam
+from hvd_qadam import stall
 
-import hvd_qadam  # noqa: E402
-from hvd_qadam import stall  # noqa: E402
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import digits  # noqa: E402
 
 # (quantizer, bits, bucket_size, rounding)
 SETTINGS = [

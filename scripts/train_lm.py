@@ -28,8 +28,8 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 QADAM_OPTIONS = [  # (flag, type, help); passed to hvd_qadam.DistributedOptimizer only when given
     ("--algorithm", str, "qsgd, efficient_adam, qadam, qadam_weights, ef_sgd, local_sgd, onebit_adam"),
@@ -112,7 +112,7 @@ def main():
     import numpy as np
     import torch
 
-    import lm
+    from harness import lm
 
     rank, size = hvd.rank(), hvd.size()
     main_rank = rank == 0

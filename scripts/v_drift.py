@@ -19,13 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-import lm  # scripts/lm.py
+# The repository's root, for harness/.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import lm  # noqa: E402
 
 
 def main():

@@ -39,8 +39,9 @@ except ImportError:  # running from a checkout without an install
 from hvd_qadam import adaptive
 from hvd_qadam.quant import codebooks as cb
 
-import digits  # noqa: E402 - this folder's module (sys.path[0] when run as a script)
-from study_output import figure, write_json  # noqa: E402
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # harness/
+from harness import digits  # noqa: E402
+from harness.study_output import figure, write_json  # noqa: E402
 
 FIXED = ("qsgdinf", "nuq", "terngrad", "exp0.5")
 ADAPTED = ("alq", "amq", "alq_n", "amq_n")

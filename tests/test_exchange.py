@@ -3,7 +3,7 @@ measured choice between it and the compressed exchange (hvd_qadam/exchange.py)."
 import pytest
 import torch
 
-import digits
+from harness import digits
 import hvd_qadam
 from conftest import assert_same_params, sim_train
 from hvd_qadam import exchange

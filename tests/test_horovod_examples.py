@@ -17,7 +17,9 @@ import sys
 
 import pytest
 
-import horovod_examples as hx
+from conftest import load_script
+
+hx = load_script("scripts/horovod_examples.py")
 
 # Test accuracy of the swap against Horovod's, in percentage points: 297 test digits (one digit is
 # 0.34 points). Measured after the 5 epochs: swap 0.68 points below Horovod (fp32 and predivide),

@@ -1,4 +1,4 @@
-"""The LM scripts: scripts/lm.py (model, corpus, sampling, evaluation), scripts/train_lm.py under
+"""The LM scripts: harness/lm.py (model, corpus, sampling, evaluation), scripts/train_lm.py under
 mpirun, scripts/bench_lab.py's report, and scripts/netlab.sh's argument handling."""
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = os.path.join(os.path.dirname(HERE), "scripts")
-sys.path.insert(0, SCRIPTS)
 
-import lm  # noqa: E402
+from conftest import load_script  # noqa: E402
+from harness import lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +75,8 @@ def test_sharded_evaluation_matches_full(corpus):
     assert abs(full - math.log(256)) < 0.1                                     # untrained: about uniform
 
 
-def _bench_lab():
-    spec = importlib.util.spec_from_file_location("bench_lab", os.path.join(SCRIPTS, "bench_lab.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_lab_report(tmp_path):
-    bl = _bench_lab()
+    bl = load_script("scripts/bench_lab.py")
     base = {"workload": "LM base", "numel": 10, "ranks": 3, "steps": 5, "wire_tx_bytes": 1e6, "wire_rx_bytes": 1e6,
             "sent_bytes": 4e6, "received_bytes": 4e6}
     rows = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import os
 
-import digits
+from harness import digits
 import pytest
 import torch
 
