@@ -10,7 +10,7 @@ import hvd_qadam
 from conftest import load_script
 from harness import digits
 
-toy_convex = load_script("scripts/toy_convex.py")
+toy_convex = load_script("studies/toy_convex.py")
 
 EPOCHS = 15
 

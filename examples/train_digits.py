@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The main job: data-parallel training of an MLP on scikit-learn's digits with hvd_qadam.
 
-    horovodrun -np 3 python scripts/train_digits.py            # or: mpirun -np 3 python ...
+    horovodrun -np 3 python examples/train_digits.py            # or: mpirun -np 3 python ...
 
 Trains the same model twice from the same seed: first with plain ``hvd.DistributedOptimizer``
 (uncompressed fp32 allreduce), then with ``hvd_qadam.DistributedOptimizer`` (its defaults: 6-bit

@@ -1,7 +1,7 @@
 """Horovod's own PyTorch examples, as released and with the one-line swap, side by side.
 
-    python scripts/horovod_examples.py [--cases NAME,...] [--json docs/horovod_examples.json]
-    python scripts/horovod_examples.py --list
+    python bench/horovod_examples.py [--cases NAME,...] [--json docs/horovod_examples.json]
+    python bench/horovod_examples.py --list
 
 The examples are Horovod 0.28.1's (tag v0.28.1): examples/pytorch/pytorch_mnist.py and
 pytorch_synthetic_benchmark.py, examples/elastic/pytorch/pytorch_mnist_elastic.py and
@@ -255,7 +255,7 @@ def torchvision_importable() -> str | None:
 # classification models, all the examples use, are plain PyTorch. A sitecustomize rather than a
 # wrapper, because horovod.run (the examples' --num-proc mode) starts its own Python workers.
 TORCHVISION_SITECUSTOMIZE = '''"""Declares torchvision's nms/qnms operators before torchvision is imported (its C++ ops
-library cannot load under this torch build); written by scripts/horovod_examples.py."""
+library cannot load under this torch build); written by bench/horovod_examples.py."""
 import sys
 
 

@@ -7,7 +7,7 @@ distributed optimizers run in the simulator, and the optimality gap f(x_t) - f(x
 for full-precision Adam and Efficient-Adam, and for quantized Efficient-Adam with and without
 (two-way) error feedback; writes a plot and JSON. The tests import :func:`run`.
 
-    python scripts/toy_convex.py [--steps 1500] [--plot toy_convex.png] [--json toy_convex.json]
+    python studies/toy_convex.py [--steps 1500] [--plot toy_convex.png] [--json toy_convex.json]
 """
 from __future__ import annotations
 

@@ -2,12 +2,12 @@
 
 For each quantizer setting: the rule's numbers (zero fraction, one-step error factor, error
 feedback's steady-state residual ratio on Gaussian buckets) and a real run: the digits MLP
-(scripts/digits.py, ~26k parameters) trained with Adam under ``hvd_qadam.DistributedOptimizer``
+(harness/digits.py, ~26k parameters) trained with Adam under ``hvd_qadam.DistributedOptimizer``
 on N simulated ranks (the real engine and codecs; :func:`hvd_qadam.simulate`), error feedback on,
 compared with the same run at full precision (``quantizer="none"``). The rule's own check is
 bypassed here so that refused settings can be measured.
 
-    python scripts/stall_calibration.py --ranks 3 --steps 280 --out docs/stall_rule.json
+    python studies/stall_calibration.py --ranks 3 --steps 280 --out docs/stall_rule.json
 """
 from __future__ import annotations
 

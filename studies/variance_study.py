@@ -17,7 +17,7 @@ distribution of the fit gradients' r (each coordinate weighted by its bucket's s
 which makes Psi exactly the normalised variance): what adapted levels could reach with a perfect
 density model, separating "adapting the levels" from "the truncated-normal fit".
 
-    python scripts/variance_study.py [--json out.json] [--plot out.png]
+    python studies/variance_study.py [--json out.json] [--plot out.png]
 """
 from __future__ import annotations
 

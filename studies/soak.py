@@ -4,8 +4,8 @@ Runs under mpirun (every rank trains; rank 0 reports) or, without mpirun, as sim
 one process. A leak shows as RSS growing after the first steps; a slowdown (e.g. caches that
 never hit, growing state) as a late median step time above the early one.
 
-    mpirun -np 3 python scripts/soak.py --steps 10000 [--json results/soak.json] [optimizer options]
-    python scripts/soak.py --simulate 3 --steps 2000
+    mpirun -np 3 python studies/soak.py --steps 10000 [--json results/soak.json] [optimizer options]
+    python studies/soak.py --simulate 3 --steps 2000
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ The default setting (lr 0.1, 10 epochs, 16 samples per worker, bucket 8192) is o
 uncompressed run converges but quantization noise can still hurt; at lr 0.05 / 30 epochs every
 method, nuq included, reaches the same accuracy on this easy task.
 
-    python scripts/convergence_3bit.py [--seeds 10] [--epochs 10] [--json out.json] [--plot out.png]
+    python studies/convergence_3bit.py [--seeds 10] [--epochs 10] [--json out.json] [--plot out.png]
 """
 from __future__ import annotations
 

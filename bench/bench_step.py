@@ -9,7 +9,7 @@ configuration, median over the timed steps:
   step cost      backward+step minus the same model's plain backward() time
   vs Adam        step cost / torch Adam.step() (foreach, the default)
 
-    python scripts/bench_step.py [--rounds 5] [--steps 6] [--json results/step.json]
+    python bench/bench_step.py [--rounds 5] [--steps 6] [--json results/step.json]
 
 Configurations are timed in interleaved rounds (every configuration once per round) and each
 ratio is the median over rounds of the ratio within a round, so a slow spell of a shared
