@@ -35,7 +35,7 @@ more after ``STEPS`` steps, or grows geometrically for stochastic rounding with 
 training stalls and the optimizer refuses the setting. Above ``RESIDUAL_MARGINAL`` the residual
 settles but above what a ternary max-abs grid (``terngrad``) leaves, and the optimizer warns:
 such settings were measured to end training well above full precision's loss. The measurement
-is in docs/stall_rule.md (``scripts/stall_calibration.py``).
+is in docs/stall_rule.md (``studies/stall_calibration.py``).
 Adaptive quantizers (``alq``/``amq``) fit their levels to the data and are not modelled here;
 links without error feedback are unbiased (stochastic) or lose what rounds to zero by design,
 and are not judged.

@@ -26,4 +26,4 @@ export COLUMNS="${COLUMNS:-0}"
 # --oversubscribe: this may be a machine with fewer cores than ranks. The ranks read no input.
 exec mpirun --allow-run-as-root --oversubscribe -np "$NP" -bind-to none -map-by slot \
      -x NUMBA_CACHE_DIR -x PYTHONUNBUFFERED=1 -x HVD_QADAM_PROGRESS -x COLUMNS \
-     "$PY" "$here/scripts/train_digits.py" "$@" </dev/null
+     "$PY" "$here/examples/train_digits.py" "$@" </dev/null

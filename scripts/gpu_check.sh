@@ -9,9 +9,9 @@
 #      every CUDA kernel, fused ones included, with the numba path; the CUDA source under nvcc
 #      and NVRTC; DLPack hand-offs of CUDA tensors;
 #   2. the CUDA kernels' throughput against the device's own copy bandwidth on 10M elements
-#      (scripts/bench_gpu_fused.py: encode, fused error-feedback encode, decode, one-pass mean);
-#   3. kernel throughput for every quantizer (scripts/bench_kernels.py --backend cupy);
-#   4. the single-rank step on CUDA parameters against torch's own Adam step (scripts/bench_step.py).
+#      (bench/bench_gpu_fused.py: encode, fused error-feedback encode, decode, one-pass mean);
+#   3. kernel throughput for every quantizer (bench/bench_kernels.py --backend cupy);
+#   4. the single-rank step on CUDA parameters against torch's own Adam step (bench/bench_step.py).
 # Without a GPU it says so and exits 0. Results go to results/gpu/.
 #   bash scripts/gpu_check.sh             # the check
 #   bash scripts/gpu_check.sh --dry-run   # print each step's command, run nothing
@@ -81,10 +81,10 @@ run env HVD_QADAM_TEST_CUPY=device timeout 240 "$PY" -m pytest tests -q -x -rs \
   -k "gpu or cupy or cuda or nvcc or host or device" 2>&1 | tee results/gpu/tests.txt
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 echo "== 2. CUDA kernels against the device copy bandwidth (10M elements)"
-run timeout 90 "$PY" scripts/bench_gpu_fused.py --numel 10000000 --json results/gpu/fused.json || status=1
+run timeout 90 "$PY" bench/bench_gpu_fused.py --numel 10000000 --json results/gpu/fused.json || status=1
 echo "== 3. kernel throughput (CuPy)"
-run timeout 90 "$PY" scripts/bench_kernels.py --backend cupy --quick --no-cold-compile \
+run timeout 90 "$PY" bench/bench_kernels.py --backend cupy --quick --no-cold-compile \
   --json results/gpu/kernels.json || status=1
 echo "== 4. single-rank step on CUDA parameters"
-run timeout 90 "$PY" scripts/bench_step.py --device cuda --steps 10 --json results/gpu/step.json || status=1
+run timeout 90 "$PY" bench/bench_step.py --device cuda --steps 10 --json results/gpu/step.json || status=1
 exit $status

@@ -33,7 +33,7 @@ if ! py_here -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('
   log "installing torch==$TORCH_VERSION (CPU build)"
   "$PY" -m pip install -q "torch==$TORCH_VERSION"
 fi
-# torchvision for Horovod's own examples (scripts/horovod_examples.py): the release made for this
+# torchvision for Horovod's own examples (bench/horovod_examples.py): the release made for this
 # torch, without its dependencies so that torch's CPU build stays. PyPI's wheel is built against
 # torch's CUDA build, so its C++ ops (detection only) do not load here; the examples use none of them.
 TORCHVISION_VERSION=0.28.0
@@ -102,7 +102,7 @@ fi
 
 # --- hvd_qadam itself ----------------------------------------------------------------------------
 # Installed means: pip knows the distribution and, imported from outside the checkout (as
-# `mpirun ... python scripts/train_digits.py` does), the package is this checkout's source tree.
+# `mpirun ... python examples/train_digits.py` does), the package is this checkout's source tree.
 installed_here() {
   py_here -E - "$here" <<'PYEOF'
 import importlib.metadata as md

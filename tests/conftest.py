@@ -1,4 +1,5 @@
-"""Shared by the tests: scripts/ on sys.path (``import digits``, ``toy_convex``, ``lm``), launches of
+"""Shared by the tests: the repository's root on sys.path (``from harness import digits``, ``lm``,
+``launch``), the scripts of bench/ and studies/ loaded by path (``load_script``), launches of
 test programs on real MPI ranks, digits training of N simulated ranks, and ``cupy``: CuPy on a
 CUDA device, or else the CuPy stand-in of tests/cupy_standin that runs the CUDA kernels on the CPU.
 
@@ -7,6 +8,7 @@ Tests take the helpers as fixtures: ``def test_x(sim_train, assert_same_params):
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,14 +18,25 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = os.path.join(os.path.dirname(HERE), "scripts")
-if SCRIPTS not in sys.path:
-    sys.path.insert(0, SCRIPTS)
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:    # appended: hvd_qadam is found where it was before
+    sys.path.append(ROOT)
 
-import digits  # noqa: E402 - scripts/digits.py
-import launch  # noqa: E402 - scripts/launch.py
+from harness import digits, launch  # noqa: E402
 
 import hvd_qadam  # noqa: E402
+
+
+
+def load_script(path: str):
+    """The script at ``path`` (from the repository's root, e.g. ``"studies/toy_convex.py"``) as a
+    module: bench/, studies/ and examples/ are folders of scripts, not packages."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module      # before it runs: dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 # ----------------------------------------------------------------------------- real MPI ranks
@@ -35,7 +48,7 @@ def mpirun_available() -> bool:
 def run_mpi(np_: int, script: str, *args: str, timeout: float = 180, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python tests/mpi/<script> args`` on ``np_`` ranks (Open MPI, oversubscribed, as root
-    if need be; scripts/launch.py); with ``check`` a failing rank fails the launch."""
+    if need be; harness/launch.py); with ``check`` a failing rank fails the launch."""
     why = launch.mpirun_missing()
     if why:
         pytest.skip(why)

@@ -7,8 +7,10 @@ import pytest
 
 import hvd_qadam
 
-import digits  # scripts/digits.py and scripts/toy_convex.py (tests/conftest.py puts scripts/ on sys.path)
-import toy_convex
+from conftest import load_script
+from harness import digits
+
+toy_convex = load_script("studies/toy_convex.py")
 
 EPOCHS = 15
 

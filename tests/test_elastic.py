@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-import digits
+from harness import digits
 import hvd_qadam
-import launch
+from harness import launch
 from hvd_qadam import elastic
 
 HERE = os.path.dirname(os.path.abspath(__file__))

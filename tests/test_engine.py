@@ -11,8 +11,8 @@ import hvd_qadam
 from hvd_qadam.engine import ConsistencyError, NonFiniteGradientError
 from hvd_qadam.quant import rng
 
-import digits  # scripts/digits.py (tests/conftest.py puts scripts/ on sys.path)
-from digits import base_optimizer
+from harness import digits
+from harness.digits import base_optimizer
 
 ALGOS = [("qsgd", "adam", {}), ("efficient_adam", "adam", {"downlink_quantizer": "qsgd", "downlink_bits": 4}),
          ("qadam", "adam", {"downlink_quantizer": "qsgdinf", "downlink_bits": 8}),

@@ -3,7 +3,7 @@ measured choice between it and the compressed exchange (hvd_qadam/exchange.py)."
 import pytest
 import torch
 
-import digits
+from harness import digits
 import hvd_qadam
 from conftest import assert_same_params, sim_train
 from hvd_qadam import exchange
@@ -344,7 +344,7 @@ def _can_run_netlab() -> bool:
 
 @pytest.mark.timeout(900)
 def test_auto_follows_a_link_shaped_down_mid_run_in_the_lab(tmp_path):
-    """Three ranks in their own network namespaces (scripts/netlab.sh); after 40 unshaped steps
+    """Three ranks in their own network namespaces (bench/netlab.sh); after 40 unshaped steps
     tc shapes every link to 100 Mbit/s. ``exchange="auto"`` ends the run compressed (the faster
     path on that link), every rank ends identical, and the loss follows Horovod Adam's."""
     import json
@@ -353,9 +353,9 @@ def test_auto_follows_a_link_shaped_down_mid_run_in_the_lab(tmp_path):
     import sys
     if not _can_run_netlab():
         pytest.skip("the shaped lab needs root, ip, tc, mpirun and network namespaces")
-    scripts = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts")
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
     out = tmp_path / "switch.json"
-    proc = subprocess.run([sys.executable, os.path.join(scripts, "lab_switch.py"), "--ranks", "3", "--size", "tiny",
+    proc = subprocess.run([sys.executable, os.path.join(bench, "lab_switch.py"), "--ranks", "3", "--size", "tiny",
                            "--phases", "none", "100mbit", "--steps", "40", "--json", str(out)],
                           capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,6 +1,6 @@
 """Horovod's own PyTorch examples (v0.28.1), the files users copy, with the one-line swap.
 
-scripts/horovod_examples.py fetches them (pinned SHA-256; never part of this project), makes the
+bench/horovod_examples.py fetches them (pinned SHA-256; never part of this project), makes the
 swapped copy (``hvd.DistributedOptimizer(`` -> ``hvd_qadam.DistributedOptimizer(`` and ``import
 hvd_qadam``, nothing else), writes MNIST's files from real handwritten digits, and runs both under
 the same launcher with the same arguments. Here: pytorch_mnist.py under ``mpirun -np 2`` (plain,
@@ -22,7 +22,9 @@ import sys
 
 import pytest
 
-import horovod_examples as hx
+from conftest import load_script
+
+hx = load_script("bench/horovod_examples.py")
 
 # Test accuracy of the swap against Horovod's, in percentage points: 297 test digits (one digit is
 # 0.34 points). Measured after the 5 epochs: swap 0.68 points below Horovod (fp32 and predivide),

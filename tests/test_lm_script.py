@@ -1,5 +1,5 @@
-"""The LM scripts: scripts/lm.py (model, corpus, sampling, evaluation), scripts/train_lm.py under
-mpirun, scripts/bench_lab.py's report, and scripts/netlab.sh's argument handling."""
+"""The LM scripts: harness/lm.py (model, corpus, sampling, evaluation), examples/train_lm.py under
+mpirun, bench/bench_lab.py's report, and bench/netlab.sh's argument handling."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,10 +14,11 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = os.path.join(os.path.dirname(HERE), "scripts")
-sys.path.insert(0, SCRIPTS)
+ROOT = os.path.dirname(HERE)
+TRAIN_LM = os.path.join(ROOT, "examples", "train_lm.py")
 
-import lm  # noqa: E402
+from conftest import load_script  # noqa: E402
+from harness import lm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -75,15 +76,8 @@ def test_sharded_evaluation_matches_full(corpus):
     assert abs(full - math.log(256)) < 0.1                                     # untrained: about uniform
 
 
-def _bench_lab():
-    spec = importlib.util.spec_from_file_location("bench_lab", os.path.join(SCRIPTS, "bench_lab.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_lab_report(tmp_path):
-    bl = _bench_lab()
+    bl = load_script("bench/bench_lab.py")
     base = {"workload": "LM base", "numel": 10, "ranks": 3, "steps": 5, "wire_tx_bytes": 1e6, "wire_rx_bytes": 1e6,
             "sent_bytes": 4e6, "received_bytes": 4e6}
     rows = []
@@ -102,7 +96,7 @@ def test_bench_lab_report(tmp_path):
 
 
 def test_netlab_arguments():
-    script = os.path.join(SCRIPTS, "netlab.sh")
+    script = os.path.join(ROOT, "bench", "netlab.sh")
     subprocess.run(["bash", "-n", script], check=True)
     out = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, check=True).stdout
     assert "--rate" in out and "local_size" in out
@@ -117,7 +111,7 @@ def test_train_lm_under_mpirun(tmp_path):
     out = tmp_path / "lm.json"
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-bind-to", "none",
            "-mca", "btl", "self,tcp", "-mca", "btl_tcp_if_include", "lo", "-mca", "oob_tcp_if_include", "lo",
-           sys.executable, os.path.join(SCRIPTS, "train_lm.py"), "--size", "tiny", "--steps", "6", "--batch", "4",
+           sys.executable, TRAIN_LM, "--size", "tiny", "--steps", "6", "--batch", "4",
            "--eval-every", "3", "--eval-windows", "8", "--data-bytes", "300000", "--lr", "3e-3",
            "--algorithm", "efficient_adam", "--quantizer", "sign", "--downlink-quantizer", "sign",
            "--topology", "sharded", "--json", str(out)]

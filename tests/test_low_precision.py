@@ -26,7 +26,7 @@ from hvd_qadam.wire import HEADER_SIZE, Frame, Payload, PayloadError
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "mpi"))
 import byte_count  # noqa: E402 - tests/mpi/byte_count.py
-import digits  # noqa: E402 - scripts/digits.py (on the path through conftest)
+from harness import digits  # noqa: E402
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

@@ -14,8 +14,8 @@ from hvd_qadam.algorithms import OnebitAdam
 from hvd_qadam.comm import SimWorld
 from hvd_qadam.config import DEFAULT_FREEZE_STEP, DEFAULT_V_REFRESH_EVERY, FREEZE_AUTO_NEVER, Config
 
-import digits  # scripts/digits.py (tests/conftest.py puts scripts/ on sys.path)
-from digits import base_optimizer
+from harness import digits
+from harness.digits import base_optimizer
 
 SIGN = dict(algorithm="onebit_adam", quantizer="sign", downlink_quantizer="sign")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import os
 
-import digits
+from harness import digits
 import pytest
 import torch
 
@@ -178,7 +178,8 @@ def test_contributing_names_what_exists():
     from hvd_qadam.topology import Transport
     root = os.path.dirname(PACKAGE)
     text = open(os.path.join(root, "CONTRIBUTING.md")).read()
-    for path in set(re.findall(r"`((?:hvd_qadam|tests|scripts)/[\w/]+\.(?:py|sh))`", text)):
+    folders = "hvd_qadam|tests|scripts|bench|studies|examples|harness"
+    for path in set(re.findall(rf"`((?:{folders})/[\w/]+\.(?:py|sh))`", text)):
         assert os.path.exists(os.path.join(root, path)), path
     for path in set(re.findall(r"`(quant/\w+\.py)`", text)):
         assert os.path.exists(os.path.join(PACKAGE, path)), path

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-import digits
+from harness import digits
 import hvd_qadam
 from hvd_qadam import stall
 from hvd_qadam.comm import SimWorld

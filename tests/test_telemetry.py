@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-import digits
+from harness import digits
 import hvd_qadam
 from hvd_qadam import stall, telemetry
 from hvd_qadam.engine import StepStats

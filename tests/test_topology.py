@@ -10,7 +10,7 @@ from hvd_qadam.config import LinkSpec, NONE_LINK
 from hvd_qadam.wire import FRAME_HEADER_SIZE, HEADER_SIZE
 from hvd_qadam.topology import TOPOLOGIES, Hosts, TopologyError, choose, payload_bytes_per_element
 
-import digits  # scripts/digits.py (tests/conftest.py puts scripts/ on sys.path)
+from harness import digits
 from conftest import assert_same_params, sim_train
 
 UP = LinkSpec("qsgdinf", 6, 128, "nearest")

@@ -14,8 +14,9 @@ import torch
 
 import hvd_qadam
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "scripts"))
-import digits  # noqa: E402 - scripts/digits.py
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from harness import digits  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The main job: data-parallel training of an MLP on scikit-learn's digits with hvd_qadam.
 
-    horovodrun -np 3 python scripts/train_digits.py            # or: mpirun -np 3 python ...
+    horovodrun -np 3 python examples/train_digits.py            # or: mpirun -np 3 python ...
 
 Trains the same model twice from the same seed: first with plain ``hvd.DistributedOptimizer``
 (uncompressed fp32 allreduce), then with ``hvd_qadam.DistributedOptimizer`` (its defaults: 6-bit
@@ -28,7 +28,9 @@ import torch
 
 import hvd_qadam
 from hvd_qadam.config import LinkSpec
-import digits  # this folder's module (sys.path[0] when run as a script)
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import digits  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--algorithm", default="qsgd", choices=["qsgd", "efficient_adam", "qadam", "qadam_weights", "ef_sgd",

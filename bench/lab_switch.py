@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """``exchange="auto"`` following a link whose rate changes mid-run (tc, in the shaped lab).
 
-Driver (as root): launches ``scripts/netlab.sh`` with N ranks, each in its own namespace, and
+Driver (as root): launches ``bench/netlab.sh`` with N ranks, each in its own namespace, and
 changes every host's link rate when rank 0 reports the phase's last step:
 
-    sudo python3 scripts/lab_switch.py [--ranks 3] [--phases none 100mbit none] [--steps 40]
+    sudo python3 bench/lab_switch.py [--ranks 3] [--phases none 100mbit none] [--steps 40]
                                        [--size small] [--json docs/lab_switch.json]
 
 Worker (what netlab runs): trains the LM with ``hvd_qadam.DistributedOptimizer(Adam,
@@ -29,7 +29,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path.append(ROOT)  # harness/ (last: hvd_qadam is found as before)
 
 
 # ================================================================================== worker
@@ -41,7 +41,7 @@ def worker(args):
     import torch
     torch.set_num_threads(1)
     import hvd_qadam
-    import lm
+    from harness import lm
     corpus = lm.load_corpus()
     total = len(args.phases) * args.steps
     rank = hvd.rank()

@@ -9,7 +9,7 @@ each as the best of several runs (stream synchronised around each), in GB/s of t
 kernel must move at least (every input read once, every output written once), and as a fraction
 of the copy's GB/s counted the same way (4n read + 4n written).
 
-    python scripts/bench_gpu_fused.py [--numel N] [--bucket-size B] [--repeats R] [--json out.json]
+    python bench/bench_gpu_fused.py [--numel N] [--bucket-size B] [--repeats R] [--json out.json]
 
 Needs CuPy and a CUDA device.
 """

@@ -5,7 +5,7 @@ step time of ``--repeats`` blocks of ``--steps`` steps, as CPU time of the threa
 thread: what a step computes, not what other processes on a shared machine took from it) and
 as wall time, the modes interleaved so that drifts hit them alike.
 
-    python scripts/bench_telemetry.py --hidden 1024 --modes off,jsonl,tensorboard
+    python bench/bench_telemetry.py --hidden 1024 --modes off,jsonl,tensorboard
 
 ``--parts`` times instead, alone, the pieces telemetry adds to a step (the best of repeated
 loops, CPU time): the test the optimizer makes when telemetry is off, and when it is on the

@@ -7,17 +7,22 @@ distributed optimizers run in the simulator, and the optimality gap f(x_t) - f(x
 for full-precision Adam and Efficient-Adam, and for quantized Efficient-Adam with and without
 (two-way) error feedback; writes a plot and JSON. The tests import :func:`run`.
 
-    python scripts/toy_convex.py [--steps 1500] [--plot toy_convex.png] [--json toy_convex.json]
+    python studies/toy_convex.py [--steps 1500] [--plot toy_convex.png] [--json toy_convex.json]
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import numpy as np
 import torch
 
 import hvd_qadam
-from study_output import figure, write_json
+
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness.study_output import figure, write_json  # noqa: E402
 
 
 def make_problem(dim: int = 200, rows: int = 4000, noise: float = 0.5, seed: int = 0):

@@ -2,8 +2,8 @@
 # netlab: N emulated hosts on one Linux machine, with a shaped network between them, and an
 # Open MPI job across them.
 #
-#   sudo bash scripts/netlab.sh --ranks 3 --rate 1gbit [--delay 1ms] -- python3 scripts/bench_lab.py ...
-#   sudo bash scripts/netlab.sh --ranks 8 --per-host 2 --rate 100mbit -- ...     # 4 hosts x 2 ranks
+#   sudo bash bench/netlab.sh --ranks 3 --rate 1gbit [--delay 1ms] -- python3 bench/bench_lab.py ...
+#   sudo bash bench/netlab.sh --ranks 8 --per-host 2 --rate 100mbit -- ...     # 4 hosts x 2 ranks
 #
 # Builds H = N / per-host network namespaces hq0..hq{H-1} (per-host ranks in each, like the GPUs
 # of one machine; they talk over the namespace's loopback and shared memory, unshaped), each with a veth ("eth0" inside) into one bridge

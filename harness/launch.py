@@ -2,7 +2,7 @@
 ``horovodrun`` elastic with a host-discovery script whose answer the caller changes mid-run.
 
 Shared by the tests (tests/conftest.py, tests/test_elastic.py, tests/test_horovod_examples.py) and
-scripts/horovod_examples.py. Every job runs in a process group of its own, so a job that overruns its
+bench/horovod_examples.py. Every job runs in a process group of its own, so a job that overruns its
 time limit is ended whole (launcher and every rank), not only the launcher.
 """
 from __future__ import annotations

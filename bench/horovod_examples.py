@@ -1,7 +1,7 @@
 """Horovod's own PyTorch examples, as released and with the one-line swap, side by side.
 
-    python scripts/horovod_examples.py [--cases NAME,...] [--json docs/horovod_examples.json]
-    python scripts/horovod_examples.py --list
+    python bench/horovod_examples.py [--cases NAME,...] [--json docs/horovod_examples.json]
+    python bench/horovod_examples.py --list
 
 The examples are Horovod 0.28.1's (tag v0.28.1), all its PyTorch ones: examples/pytorch/
 pytorch_mnist.py, pytorch_synthetic_benchmark.py, pytorch_imagenet_resnet50.py and
@@ -59,11 +59,9 @@ import threading
 import time
 import urllib.request
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # harness/
 
-import launch  # noqa: E402 - scripts/launch.py
+from harness import launch  # noqa: E402
 
 HOROVOD_TAG = "v0.28.1"
 # name -> (path in Horovod's repository, SHA-256 at the tag)
@@ -339,7 +337,7 @@ def torchvision_importable() -> str | None:
 # classification models, all the examples use, are plain PyTorch. A sitecustomize rather than a
 # wrapper, because horovod.run (the examples' --num-proc mode) starts its own Python workers.
 TORCHVISION_SITECUSTOMIZE = '''"""Declares torchvision's nms/qnms operators before torchvision is imported (its C++ ops
-library cannot load under this torch build); written by scripts/horovod_examples.py."""
+library cannot load under this torch build); written by bench/horovod_examples.py."""
 import sys
 
 

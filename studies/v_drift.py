@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How stale does 1-bit Adam's frozen second moment get? Adam's own v, measured on the LM.
 
-Trains an LM of scripts/lm.py in one process with torch's Adam on the mean gradient of the same
+Trains an LM of harness/lm.py in one process with torch's Adam on the mean gradient of the same
 per-rank batches that ``train_lm.py`` gives N ranks (so the trajectory is Horovod Adam's), with
 the same cosine schedule. At each freeze step F given, it keeps Adam's bias-corrected second
 moment v_hat_F; every ``--every`` steps after it, it records, over all coordinates,
@@ -11,7 +11,7 @@ moment v_hat_F; every ``--every`` steps after it, it records, over all coordinat
 that is how far the v that ``onebit_adam`` froze at F has drifted from the v Adam uses at t
 (below 1: Adam's steps are larger than the frozen-v steps there), and the gradient norm.
 
-    python scripts/v_drift.py --size base --steps 1000 --stop-at 400 --batch 4 --freeze 100 200 \
+    python studies/v_drift.py --size base --steps 1000 --stop-at 400 --batch 4 --freeze 100 200 \
         --json docs/v_drift.json
 """
 from __future__ import annotations
@@ -19,13 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 
 import torch
 from tqdm import tqdm
 
-import lm  # scripts/lm.py
+# The repository's root, for harness/.
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import lm  # noqa: E402
 
 
 def main():

@@ -2,12 +2,12 @@
 
 For each quantizer setting: the rule's numbers (zero fraction, one-step error factor, error
 feedback's steady-state residual ratio on Gaussian buckets) and a real run: the digits MLP
-(scripts/digits.py, ~26k parameters) trained with Adam under ``hvd_qadam.DistributedOptimizer``
+(harness/digits.py, ~26k parameters) trained with Adam under ``hvd_qadam.DistributedOptimizer``
 on N simulated ranks (the real engine and codecs; :func:`hvd_qadam.simulate`), error feedback on,
 compared with the same run at full precision (``quantizer="none"``). The rule's own check is
 bypassed here so that refused settings can be measured.
 
-    python scripts/stall_calibration.py --ranks 3 --steps 280 --out docs/stall_rule.json
+    python studies/stall_calibration.py --ranks 3 --steps 280 --out docs/stall_rule.json
 """
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import digits  # noqa: E402
+import hvd_qadam
+from hvd_qadam import stall
 
-import hvd_qadam  # noqa: E402
-from hvd_qadam import stall  # noqa: E402
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import digits  # noqa: E402
 
 # (quantizer, bits, bucket_size, rounding)
 SETTINGS = [

@@ -1,17 +1,17 @@
 #!/usr/bin/env python3
-"""Shaped-network benchmark: Horovod vs hvd_qadam on emulated hosts (scripts/netlab.sh).
+"""Shaped-network benchmark: Horovod vs hvd_qadam on emulated hosts (bench/netlab.sh).
 
 Driver (as root, outside mpirun): for each link rate and each configuration, launch
-``scripts/netlab.sh --ranks N --rate R -- python3 scripts/bench_lab.py --worker ...``, collect the
+``bench/netlab.sh --ranks N --rate R -- python3 bench/bench_lab.py --worker ...``, collect the
 results, write ``results/lab.json``, print a markdown table and plot step time against link rate:
 
-    sudo python3 scripts/bench_lab.py --sweep [--quick] [--rates 100mbit 1gbit 10gbit none]
+    sudo python3 bench/bench_lab.py --sweep [--quick] [--rates 100mbit 1gbit 10gbit none]
                                       [--configs hvd_fp32 qadam_default ...] [--plot lab.png]
 
 Worker (what netlab runs, one rate at a time; also usable under a plain mpirun):
 
-    bash scripts/netlab.sh --ranks 3 --rate 1gbit -- python3 scripts/bench_lab.py --worker --configs hvd_fp32
-    bash scripts/netlab.sh --ranks 3 --rate 1gbit -- python3 scripts/bench_lab.py --collectives
+    bash bench/netlab.sh --ranks 3 --rate 1gbit -- python3 bench/bench_lab.py --worker --configs hvd_fp32
+    bash bench/netlab.sh --ranks 3 --rate 1gbit -- python3 bench/bench_lab.py --collectives
 
 ``--collectives`` checks the links: times ``hvd.allreduce`` of 42 MB fp32 and ``hvd.allgather`` of
 5.3 MB uint8 (the sizes of the "base" LM's fp32 gradients and of its 4-bit payload), and prints
@@ -41,7 +41,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+sys.path.append(ROOT)  # harness/ (last: hvd_qadam is found as before)
 
 # name -> (label, hvd compression or None, hvd_qadam kwargs or None)
 _SHARDED44 = dict(quantizer="qsgdinf", bits=4, downlink_quantizer="qsgdinf", downlink_bits=4, topology="sharded")
@@ -193,7 +193,7 @@ def collectives_worker(args):
 def bench_worker(args):
     MPI, hvd, torch = _init_hvd()
     import numpy as np
-    import lm
+    from harness import lm
     comm = MPI.COMM_WORLD
     rank = hvd.rank()
     ident = comm.gather(_identity(hvd), root=0)
@@ -554,7 +554,7 @@ def main():
                    help="--sweep: Open MPI's allreduce algorithm under Horovod (default: its own decision, which "
                         "for 3 ranks and 42 MB moves ~104 MB per rank; ring moves 2(N-1)/N x 42 = 56 MB)")
     p.add_argument("--workload", choices=["lm", "mlp"], default="lm")
-    p.add_argument("--size", default="base", help="LM size (scripts/lm.py)")
+    p.add_argument("--size", default="base", help="LM size (harness/lm.py)")
     p.add_argument("--batch", type=int, default=None,
                    help="sequences (LM) / rows (MLP) per rank (default 4; --quick 2)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --quick 5)")

@@ -8,7 +8,7 @@ For 2, 3 and 4 ranks (mpirun, oversubscribed where needed) and each topology, tr
     (what Horovod's MPI/ring allreduce moves per rank);
   * step time: median wall time of a full step (forward, backward, exchange, update).
 
-    python scripts/bench_comm.py [--ranks 2 3 4] [--steps 12] [--json out.json] [--plot out.png]
+    python bench/bench_comm.py [--ranks 2 3 4] [--steps 12] [--json out.json] [--plot out.png]
 
 The driver launches itself under mpirun with --worker; each launch prints one JSON line per case.
 """

@@ -8,7 +8,7 @@ LN -> GELU MLP (4x) -> +), final LN, untied output head. ``make_lm(size)`` build
     small  d=256, 3 layers, 4 heads, ctx 128     (2,533,888 parameters)
     base   d=384, 6 layers, 6 heads, ctx 128     (10,893,568 parameters)
 
-(``python scripts/lm.py`` prints the exact counts and checks them.)
+(``python harness/lm.py`` prints the exact counts and checks them.)
 
 Data: the Python standard library's own source, which exists wherever Python does:
 ``sysconfig.get_paths()['stdlib']``, the ``.py`` files under it in a fixed sorted order (without
@@ -17,7 +17,7 @@ the last 5 % is the held-out validation slice. The corpus depends on the Python 
 ranks on different machines must run the same one; ``Corpus.fingerprint`` (CRC32) lets a
 training script check that.
 
-    import lm
+    from harness import lm
     model = lm.make_lm("tiny")
     corpus = lm.load_corpus()
     sampler = lm.BatchSampler(corpus.train, model.ctx, batch=8, seed=0, rank=hvd.rank())

@@ -2,7 +2,7 @@
 """Scaling lab: step time and bytes per rank against the number of ranks, on shaped links.
 
 For each point ``N[xR]@RATE`` (N ranks, R per emulated host, default 1) it launches
-``scripts/netlab.sh --ranks N --per-host R --rate RATE -- scripts/bench_lab.py --worker ...`` once
+``bench/netlab.sh --ranks N --per-host R --rate RATE -- bench/bench_lab.py --worker ...`` once
 with every configuration, and collects per configuration: the median step of the slowest rank,
 the no-exchange step of the same script (the compute floor), the bytes each rank sends per step
 (frames counted by hvd_qadam; Horovod's ring volume 2(N-1)/N x model) and through its host's
@@ -10,7 +10,7 @@ interface (/proc/net/dev, TCP/IP included, divided by the ranks on the host), an
 time per rank. Horovod runs on Open MPI's ring allreduce (``--ompi-allreduce default`` for its own
 decision).
 
-    sudo python3 scripts/bench_scaling.py --points 4@100mbit 8@100mbit 16@100mbit 8@1gbit 8x2@100mbit \
+    sudo python3 bench/bench_scaling.py --points 4@100mbit 8@100mbit 16@100mbit 8@1gbit 8x2@100mbit \
         --out results/scaling.json --plot results/scaling.png
 
 With more ranks than the machine's cores every step is partly CPU-bound: the no-exchange step
@@ -143,7 +143,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--points", nargs="+", default=["4@100mbit", "8@100mbit", "16@100mbit", "8@1gbit", "8x2@100mbit"])
     p.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(bench_lab.CONFIGS))
-    p.add_argument("--size", default="small", help="LM size (scripts/lm.py); 'small' lets 16 ranks share 2 cores")
+    p.add_argument("--size", default="small", help="LM size (harness/lm.py); 'small' lets 16 ranks share 2 cores")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)

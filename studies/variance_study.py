@@ -17,7 +17,7 @@ distribution of the fit gradients' r (each coordinate weighted by its bucket's s
 which makes Psi exactly the normalised variance): what adapted levels could reach with a perfect
 density model, separating "adapting the levels" from "the truncated-normal fit".
 
-    python scripts/variance_study.py [--json out.json] [--plot out.png]
+    python studies/variance_study.py [--json out.json] [--plot out.png]
 """
 from __future__ import annotations
 
@@ -39,8 +39,9 @@ except ImportError:  # running from a checkout without an install
 from hvd_qadam import adaptive
 from hvd_qadam.quant import codebooks as cb
 
-import digits  # noqa: E402 - this folder's module (sys.path[0] when run as a script)
-from study_output import figure, write_json  # noqa: E402
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # harness/
+from harness import digits  # noqa: E402
+from harness.study_output import figure, write_json  # noqa: E402
 
 FIXED = ("qsgdinf", "nuq", "terngrad", "exp0.5")
 ADAPTED = ("alq", "amq", "alq_n", "amq_n")

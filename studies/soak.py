@@ -4,8 +4,8 @@ Runs under mpirun (every rank trains; rank 0 reports) or, without mpirun, as sim
 one process. A leak shows as RSS growing after the first steps; a slowdown (e.g. caches that
 never hit, growing state) as a late median step time above the early one.
 
-    mpirun -np 3 python scripts/soak.py --steps 10000 [--json results/soak.json] [optimizer options]
-    python scripts/soak.py --simulate 3 --steps 2000
+    mpirun -np 3 python studies/soak.py --steps 10000 [--json results/soak.json] [optimizer options]
+    python studies/soak.py --simulate 3 --steps 2000
 """
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import digits  # noqa: E402
-from study_output import write_json  # noqa: E402 - this folder's module
+import hvd_qadam
 
-import hvd_qadam  # noqa: E402
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness import digits  # noqa: E402
+from harness.study_output import write_json  # noqa: E402
 
 
 def rss_mib() -> float:

@@ -1,5 +1,5 @@
-"""How the study scripts (variance_study.py, convergence_3bit.py, toy_convex.py) write their
-results: a JSON file and a matplotlib figure, each announced with a line ``wrote PATH``."""
+"""How the studies (variance_study.py, convergence_3bit.py, toy_convex.py, ...) and benchmarks write
+their results: a JSON file and a matplotlib figure, each announced with a line ``wrote PATH``."""
 from __future__ import annotations
 
 import contextlib

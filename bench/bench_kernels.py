@@ -13,7 +13,7 @@ For each quantizer and bit width, on one fp32 vector (16M elements by default):
   * for the numba backend, the first-call latency: a fresh process compiling every kernel into
     an empty cache, a fresh process loading them from that cache, and this process's warm-up.
 
-    python scripts/bench_kernels.py [--quick] [--numel N] [--backend numba|numpy|cupy]
+    python bench/bench_kernels.py [--quick] [--numel N] [--backend numba|numpy|cupy]
                                     [--json out.json] [--plot out.png]
 
 Timings on a shared machine vary with what else runs; the load average is printed with the

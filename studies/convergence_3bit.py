@@ -17,7 +17,7 @@ The default setting (lr 0.1, 10 epochs, 16 samples per worker, bucket 8192) is o
 uncompressed run converges but quantization noise can still hurt; at lr 0.05 / 30 epochs every
 method, nuq included, reaches the same accuracy on this easy task.
 
-    python scripts/convergence_3bit.py [--seeds 10] [--epochs 10] [--json out.json] [--plot out.png]
+    python studies/convergence_3bit.py [--seeds 10] [--epochs 10] [--json out.json] [--plot out.png]
 """
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ except ImportError:  # running from a checkout without an install
 from hvd_qadam import adaptive
 from hvd_qadam.quant import rng
 
-import digits  # noqa: E402 - this folder's module (sys.path[0] when run as a script)
-from study_output import figure, write_json  # noqa: E402
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # harness/
+from harness import digits  # noqa: E402
+from harness.study_output import figure, write_json  # noqa: E402
 
 METHODS = ("full", "qsgdinf", "nuq", "alq", "amq")
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Measured convergence on the byte-level Transformer LM: Horovod Adam against hvd_qadam's
-algorithms down to 1 bit, each run on real MPI ranks (``mpirun -np 3 scripts/train_lm.py``),
+algorithms down to 1 bit, each run on real MPI ranks (``mpirun -np 3 examples/train_lm.py``),
 several seeds each.
 
-    python scripts/convergence_lm.py                          # the grid below, 3 seeds, 400 steps
-    python scripts/convergence_lm.py --seeds 0 1 --study      # + Efficient-Adam's gap study
-    python scripts/convergence_lm.py --configs hvd_adam onebit_sign --steps 200
+    python studies/convergence_lm.py                          # the grid below, 3 seeds, 400 steps
+    python studies/convergence_lm.py --seeds 0 1 --study      # + Efficient-Adam's gap study
+    python studies/convergence_lm.py --configs hvd_adam onebit_sign --steps 200
 
 Every run is the issue's setup: LM 'tiny' (0.47M parameters), batch 16 x 64 bytes per rank, Adam
 lr 1e-3 (linear warm-up over 5% of the steps, then cosine to 10%), 3 ranks. A seed fixes the
@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-from study_output import figure, write_json  # noqa: E402 - this folder's module
+TRAIN_LM = HERE.parent / "examples" / "train_lm.py"
+sys.path.append(str(HERE.parent))  # harness/
+from harness.study_output import figure, write_json  # noqa: E402
 
 Q44 = ["--quantizer", "qsgdinf", "--bits", "4", "--downlink-quantizer", "qsgdinf", "--downlink-bits", "4"]
 SIGN2 = ["--quantizer", "sign", "--downlink-quantizer", "sign"]
@@ -131,7 +133,7 @@ def run_one(key: str, seed: int, args, run_dir: Path) -> dict | None:
     tmp = run_dir / f".{key}_s{seed}.json"
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.np), "-bind-to", "none",
            "-mca", "btl", "self,tcp", "-mca", "btl_tcp_if_include", "lo", "-mca", "oob_tcp_if_include", "lo",
-           sys.executable, str(HERE / "train_lm.py"), "--size", args.size, "--steps", str(args.steps),
+           sys.executable, str(TRAIN_LM), "--size", args.size, "--steps", str(args.steps),
            "--batch", str(args.batch), "--lr", repr(lr), "--seed", str(seed), "--eval-every", str(args.eval_every),
            "--progress", "lines", "--json", os.path.relpath(tmp)] + extra
     env = dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS="1", HVD_QADAM_THREADS="1",

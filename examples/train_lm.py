@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Data-parallel training of a byte-level Transformer LM (scripts/lm.py) with Horovod or hvd_qadam.
+"""Data-parallel training of a byte-level Transformer LM (harness/lm.py) with Horovod or hvd_qadam.
 
-    mpirun -np 3 python scripts/train_lm.py --size tiny --steps 300                    # hvd_qadam defaults
-    mpirun -np 3 python scripts/train_lm.py --optimizer horovod --compression fp16
-    mpirun -np 3 python scripts/train_lm.py --algorithm efficient_adam --quantizer sign \\
+    mpirun -np 3 python examples/train_lm.py --size tiny --steps 300                    # hvd_qadam defaults
+    mpirun -np 3 python examples/train_lm.py --optimizer horovod --compression fp16
+    mpirun -np 3 python examples/train_lm.py --algorithm efficient_adam --quantizer sign \\
         --downlink-quantizer sign --topology sharded --json out.json --plot curve.png
-    sudo bash scripts/netlab.sh --ranks 3 --rate 1gbit -- python3 scripts/train_lm.py ...  # shaped links
+    sudo bash bench/netlab.sh --ranks 3 --rate 1gbit -- python3 examples/train_lm.py ...  # shaped links
 
 (as root add --allow-run-as-root to mpirun, with more ranks than cores --oversubscribe; horovodrun
 works too.) The corpus is the Python standard library's source (no download; every rank must run the
@@ -28,8 +28,8 @@ import os
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 QADAM_OPTIONS = [  # (flag, type, help); passed to hvd_qadam.DistributedOptimizer only when given
     ("--algorithm", str, "qsgd, efficient_adam, qadam, qadam_weights, ef_sgd, local_sgd, onebit_adam"),
@@ -65,7 +65,7 @@ def parse_args():
     q.add_argument("--no-server-error-feedback", action="store_true")
     q.add_argument("--no-bias-correction", action="store_true")
     q.add_argument("--qadam-seed", type=int, default=None, help="hvd_qadam rounding seed (default: --seed)")
-    p.add_argument("--size", default="tiny", help="tiny, small, base (scripts/lm.py)")
+    p.add_argument("--size", default="tiny", help="tiny, small, base (harness/lm.py)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16, help="sequences per rank per step")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (not scaled by the world size)")
@@ -112,7 +112,7 @@ def main():
     import numpy as np
     import torch
 
-    import lm
+    from harness import lm
 
     rank, size = hvd.rank(), hvd.size()
     main_rank = rank == 0

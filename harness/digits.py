@@ -5,8 +5,8 @@ Data is standardised with training statistics and split once with a fixed seed. 
 reads a disjoint, deterministic shard of each global batch, so a run with N ranks and its
 single-process simulation see exactly the same samples.
 
-Scripts in this folder import it directly (``import digits``); the tests put this folder on
-``sys.path`` (tests/conftest.py, and each program in tests/mpi/).
+Imported as ``from harness import digits``, with the repository's root on ``sys.path``
+(harness/__init__.py).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ configuration, median over the timed steps:
   step cost      backward+step minus the same model's plain backward() time
   vs Adam        step cost / torch Adam.step() (foreach, the default)
 
-    python scripts/bench_step.py [--rounds 5] [--steps 6] [--json results/step.json]
+    python bench/bench_step.py [--rounds 5] [--steps 6] [--json results/step.json]
 
 Configurations are timed in interleaved rounds (every configuration once per round) and each
 ratio is the median over rounds of the ratio within a round, so a slow spell of a shared
@@ -29,8 +29,9 @@ import torch  # noqa: E402
 import hvd_qadam  # noqa: E402
 from hvd_qadam.comm import SimWorld  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from study_output import write_json  # noqa: E402 - this folder's module
+# The repository's root, for harness/ (appended: hvd_qadam is found where it was before).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from harness.study_output import write_json  # noqa: E402
 
 CONFIGS = {
     "defaults (qsgd algorithm, qsgdinf 6-bit + EF)": {},

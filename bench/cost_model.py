@@ -8,7 +8,7 @@
 
 Bytes per rank come from each topology's own byte model (``hvd_qadam.topology``, checked against
 real frames in the tests and against interface counters in the lab). From the lab
-(``scripts/bench_scaling.py``'s JSON) it fits, by least squares over every point:
+(``bench/bench_scaling.py``'s JSON) it fits, by least squares over every point:
   efficiency  the share of the link rate TCP delivers (Horovod's rows and ours),
   alpha       seconds per message round, and
   codec       seconds per element of the CPU codec, per rank,
@@ -19,7 +19,7 @@ for 32-256 ranks at 10-100 Gbit/s, for a model size and compute time you give, a
 throughput and a per-round latency you assume (stated in the output: no GPU and no real cluster
 was measured); only the link efficiency carries over from the lab.
 
-    python3 scripts/cost_model.py --lab results/scaling.json [--params 350e6 --compute 0.30 \
+    python3 bench/cost_model.py --lab results/scaling.json [--params 350e6 --compute 0.30 \
         --codec-gelems 100 --per-host 8] [--json docs/cost_model.json]
 """
 from __future__ import annotations
