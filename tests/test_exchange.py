@@ -25,25 +25,6 @@ def test_horovod_path_is_the_exact_mean_on_every_topology(topology):
     assert_same_params(horovod[0], full[0], f"{topology}: exchange='horovod' vs quantizer='none'")
 
 
-def _paths(world, steps, **kwargs):
-    """Each step's communication_stats (exchange, group paths, bytes) on rank 0."""
-    def worker(rank, comm):
-        model = digits.make_model()
-        opt = hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(), comm=comm,
-                                             **kwargs)
-        x, y, _, _ = digits.load_digits_split()
-        out = []
-        for s in range(steps):
-            opt.zero_grad()
-            i = torch.arange(s * 16 + rank * 8, s * 16 + rank * 8 + 8) % len(x)
-            torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
-            opt.step()
-            st = opt.communication_stats
-            out.append((st.exchange, dict(st.group_paths), st.sent_bytes, st.exchange_reason))
-        return out, opt
-    return hvd_qadam.simulate(world, worker)
-
-
 class _RecordingComm:
     """A simulated rank's comm that notes each allreduce's name and the phase it started in."""
 
@@ -58,8 +39,9 @@ class _RecordingComm:
         return self._comm.allreduce_async(tensor, name)
 
 
-def _allreduces(steps=2, **kwargs):
-    """Per step, rank 0's allreduces: (name, 'backward' or 'step'), and the layout."""
+def _train(world, steps, record, **kwargs):
+    """Train the digits model on ``world`` simulated ranks; per rank: [record(optimizer, comm)
+    after each step], and the optimizer. The comm notes each allreduce and its phase."""
     def worker(rank, comm):
         phase = ["backward"]
         comm = _RecordingComm(comm, phase)
@@ -67,7 +49,7 @@ def _allreduces(steps=2, **kwargs):
         opt = hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(), comm=comm,
                                              **kwargs)
         x, y, _, _ = digits.load_digits_split()
-        per_step = []
+        out = []
         for s in range(steps):
             opt.zero_grad()
             comm.started.clear()
@@ -76,9 +58,24 @@ def _allreduces(steps=2, **kwargs):
             torch.nn.functional.cross_entropy(model(x[i]), y[i]).backward()
             phase[0] = "step"
             opt.step()
-            per_step.append([(n, ph) for n, ph in comm.started if n.startswith("hvd_qadam.fp.")])
-        return per_step, opt._layout
-    return hvd_qadam.simulate(2, worker)[0]
+            out.append(record(opt, comm))
+        return out, opt
+    return hvd_qadam.simulate(world, worker)
+
+
+def _paths(world, steps, **kwargs):
+    """Each step's communication_stats (exchange, group paths, bytes) on rank 0."""
+    def record(opt, comm):
+        st = opt.communication_stats
+        return st.exchange, dict(st.group_paths), st.sent_bytes, st.exchange_reason
+    return _train(world, steps, record, **kwargs)
+
+
+def _allreduces(steps=2, **kwargs):
+    """Per step, rank 0's allreduces: (name, 'backward' or 'step'), and the layout."""
+    per_step, opt = _train(2, steps, lambda opt, comm: [(n, ph) for n, ph in comm.started
+                                                         if n.startswith("hvd_qadam.fp.")], **kwargs)[0]
+    return per_step, opt._layout
 
 
 def test_horovod_path_starts_each_tensor_from_its_backward_hook():
