@@ -10,7 +10,7 @@ from hvd_qadam.algorithms import OnebitAdam
 from hvd_qadam.memory import StateBank
 from hvd_qadam.statekey import ANCHOR, RESIDUAL, StateKey
 
-import digits
+from harness import digits
 
 # Runs of 8 steps of digits training: (world size, ranks per host, base optimizer, options).
 RUNS = {
