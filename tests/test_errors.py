@@ -13,7 +13,7 @@ from hvd_qadam import errors
 
 # Where each exception was defined before hvd_qadam.errors: these imports keep working.
 OLD_HOMES = {"ConsistencyError": "engine", "NonFiniteGradientError": "engine", "CommError": "comm",
-             "CollectiveTimeout": "comm", "PayloadError": "wire", "TopologyError": "transport",
+             "CollectiveTimeout": "comm", "PayloadError": "wire", "TopologyError": "topology",
              "AlgorithmOptionError": "algorithms", "QuantizerError": "quant.codebooks"}
 
 
