@@ -256,7 +256,8 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
     t_cfg = time.perf_counter()
     t_warm = None
     warmup = args.warmup
-    if (kwargs or {}).get("exchange") == "auto":      # untimed until its first decision is taken
+    engine = getattr(opt, "engine", None)
+    if engine is not None and engine.exchange.name == "auto":    # untimed until its first decision is taken
         from hvd_qadam.exchange import Auto
         warmup = max(warmup, Auto.SETTLE + 2 * Auto.ROUNDS + 1)
     for step in range(warmup + args.steps):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .algorithms import ALGORITHMS, NONFINITE_POLICIES, OnebitAdam  # noqa: F401 - ALGORITHMS re-exported
 from .codec import check_bucket_size, stochastic_rounding
 from .quant import codebooks as cb
-from .exchange import DEFAULT as DEFAULT_EXCHANGE, POLICIES as EXCHANGES
+from .exchange import POLICIES as EXCHANGES, default as default_exchange
 from .topology import TOPOLOGIES  # noqa: F401 - re-exported; the optimizer also takes "auto"
 
 # The names a Config accepts are the registries' (ALGORITHMS, TOPOLOGIES, EXCHANGES above). onebit_adam's
@@ -50,7 +50,8 @@ NONE_LINK = LinkSpec("none", None)
 class Config:
     algorithm: str = "qsgd"
     topology: str = "allgather"
-    exchange: str = DEFAULT_EXCHANGE        # compressed / horovod / auto (:mod:`hvd_qadam.exchange`)
+    # compressed / horovod / auto (:mod:`hvd_qadam.exchange`); HVD_QADAM_EXCHANGE, else auto
+    exchange: str = dataclasses.field(default_factory=default_exchange)
     uplink: LinkSpec = LinkSpec("qsgdinf")
     downlink: LinkSpec = NONE_LINK          # server -> workers (efficient_adam, qadam, ef_sgd, qadam_weights)
     error_feedback: bool = True             # worker EF on the uplink

@@ -36,7 +36,7 @@ import statistics
 import time
 
 COMPRESSED, HOROVOD, AUTO = "compressed", "horovod", "auto"
-DEFAULT = COMPRESSED
+DEFAULT = AUTO
 ENV = "HVD_QADAM_EXCHANGE"          # the default for every optimizer of the job (e.g. set by a launcher)
 
 

@@ -473,7 +473,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None, bac
       True always (as ``topology="hierarchical"``), False never. It moves 1/L of the inter-host
       bytes but runs four collective rounds per group instead of two.
       Hosts are Horovod's ``local_size`` ranks (``HVD_QADAM_LOCAL_SIZE`` overrides it).
-    exchange (None: ``HVD_QADAM_EXCHANGE``, else ``"compressed"``): the path of the compressible groups. ``"compressed"``: hvd_qadam's
+    exchange (None: ``HVD_QADAM_EXCHANGE``, else ``"auto"``): the path of the compressible groups. ``"compressed"``: hvd_qadam's
       quantized exchange, every compressed step; ``"horovod"``: full precision through Horovod's
       allreduce (the algorithm's math on the exact mean); ``"auto"``: measured while training,
       the faster of the two (a few steps on each, the slowest rank's median step time, decided

@@ -309,6 +309,24 @@ def test_auto_in_training_takes_the_same_decision_on_every_rank():
     assert_same_params(out[0][2], out[1][2], "rank 1 vs rank 0")
 
 
+def test_the_default_is_auto_and_the_environment_overrides_it(monkeypatch):
+    """exchange=None: HVD_QADAM_EXCHANGE if set (the suite sets it, conftest.py), else "auto",
+    for the optimizer and a Config alike."""
+    from hvd_qadam.config import Config
+    model = digits.make_model()
+
+    def built():
+        return hvd_qadam.DistributedOptimizer(torch.optim.Adam(model.parameters()), model.named_parameters(),
+                                              comm=SimWorld(1).comm(0))
+    monkeypatch.delenv(exchange.ENV)
+    assert exchange.DEFAULT == exchange.AUTO and exchange.default() == "auto" and Config().exchange == "auto"
+    opt = built()
+    assert opt.config.exchange == "auto" and opt.engine.exchange.name == "auto"
+    assert opt.communication_stats.exchange_reason.startswith("measuring"), opt.communication_stats.exchange_reason
+    monkeypatch.setenv(exchange.ENV, "compressed")
+    assert Config().exchange == "compressed" and built().engine.exchange.name == "compressed"
+
+
 def test_exchange_option_is_validated():
     model = digits.make_model()
     with pytest.raises(ValueError, match="unknown exchange 'fast'"):
