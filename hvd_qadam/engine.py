@@ -425,7 +425,7 @@ class Engine:
         Returns the downlink as a payload, or as a tensor where it is full precision and
         every rank computes it itself (``allgather`` with no downlink quantizer)."""
         mean = codec.mean_into(payloads, self.scratch(StateKey.server(g.index, a, "mean"), b - a, g.device, g.dtype))
-        u = self.alg.server(self, g, a, b, mean, st)
+        u = self.server_transform(g, a, b, mean, st)
         _, down = self.links(g, st)
         if down.passthrough:
             if down.quantizer == "none" and self.transport.local_downlink:
@@ -438,6 +438,10 @@ class Engine:
                                    st.spare(name, b - a, u.device), down, key, a)
             return q
         return codec.encode(u, down, key, a)
+
+    def server_transform(self, g, a: int, b: int, mean: torch.Tensor, st: PendingStep) -> torch.Tensor:
+        """The algorithm's server side of elements [a, b) of group ``g`` on their mean."""
+        return self.alg.server(self, g, a, b, mean, st)
 
     def finish(self, grads_for) -> dict | None:
         """Complete the step: launch every group not launched yet (``grads_for(g)`` gives its flat

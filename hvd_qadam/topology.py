@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -113,6 +114,56 @@ def payload_bytes_per_element(link) -> float:
     return link.bits / 8.0 + 4.0 / link.bucket_size
 
 
+class TopologyContext(Protocol):
+    """Everything a topology may use of the step engine (:class:`hvd_qadam.engine.Engine` is the
+    one implementation; ``tests/test_topology_context.py`` checks that the topologies use nothing
+    else). The codec, the state bank, the algorithm and the step counter stay behind it: a
+    topology moves frames and says which elements a rank serves; encoding, serving and the frame
+    checks are the engine's."""
+    comm: object             # hvd_qadam.comm: the collectives (allgather/alltoall/allreduce, waits)
+    rank: int
+    size: int
+    hosts: Hosts             # where the ranks sit
+    align: int               # shard boundaries are multiples of this (both links' bucket sizes)
+    bounds: dict             # {group index: [(start, stop)] served by each rank}
+
+    def scratch(self, key, numel: int, device, dtype=torch.float32) -> torch.Tensor:
+        """A persistent work buffer, by key."""
+
+    def links(self, g, st) -> tuple:
+        """(uplink, downlink) LinkSpec of group ``g`` in step ``st``."""
+
+    def wire_link(self, g, link):
+        """The link ``g``'s payloads actually travel by (pass-through type for full precision)."""
+
+    def tensorwise(self, g, st) -> bool:
+        """Whether ``g`` goes through Horovod's allreduce tensor by tensor this step."""
+
+    def encode_uplink(self, g, vec, st, ranges, base: int = 0, residual=None) -> tuple:
+        """(payloads per range, any non-finite?), with worker error feedback."""
+
+    def uplink_error(self, g, grad) -> str:
+        """The message for a non-finite uplink of ``g``."""
+
+    def frame(self, payloads, error) -> bytes:
+        """This rank's frame for this step."""
+
+    def parse(self, views, what: str, skip=None) -> list:
+        """Frames from received bytes (PayloadError / ConsistencyError on malformed ones)."""
+
+    def check_frame(self, src: int, frame, what: str) -> None:
+        """Raise ConsistencyError where ``frame`` is for another step or model."""
+
+    def serve(self, g, a: int, b: int, payloads: list, st):
+        """Server side of elements [a, b) of ``g`` from the uplink payloads: the downlink."""
+
+    def server_transform(self, g, a: int, b: int, mean, st):
+        """The algorithm's server side of elements [a, b) of ``g`` on an exact mean."""
+
+    def hyper_groups(self) -> list:
+        """The optimizer's hyper-parameters per param group (for the ps server)."""
+
+
 class Transport:
     name = ""
     overlaps = True          # groups may be started during backward
@@ -124,8 +175,8 @@ class Transport:
     shards_server = True     # each rank runs the server side of part of a group only
     full_precision_allreduce = True   # full-precision exchanges may go through Horovod's allreduce
 
-    def __init__(self, eng):
-        self.eng = eng
+    def __init__(self, ctx: TopologyContext):
+        self.ctx = ctx
 
     # --------------------------------------------------------------- policy
     @classmethod
@@ -157,7 +208,7 @@ class Transport:
             for k, v in list(h.items()):
                 if k.startswith("handle") and v is not None:
                     try:
-                        self.eng.comm.wait(v)
+                        self.ctx.comm.wait(v)
                     except Exception:  # noqa: BLE001 - draining after an error that is being raised
                         pass
                     h[k] = None
@@ -166,19 +217,19 @@ class Transport:
     def _uplink(self, g, vec, grad, st, ranges, base: int = 0, residual: str | None = None):
         """(payloads, error): the uplink payloads of ``vec`` (elements [base, base + len) of the
         group) for ``ranges``, with worker error feedback; error is a message on NaN/Inf."""
-        payloads, bad = self.eng.encode_uplink(g, vec, st, ranges, base, residual)
-        return ([], self.eng.uplink_error(g, grad)) if bad else (payloads, None)
+        payloads, bad = self.ctx.encode_uplink(g, vec, st, ranges, base, residual)
+        return ([], self.ctx.uplink_error(g, grad)) if bad else (payloads, None)
 
     def _wait(self, h: dict, key: str, st):
         """The result of the collective ``h[key]`` (then forgotten), its wait timed as exchange."""
         t0 = time.perf_counter()
-        result = self.eng.comm.wait(h[key])
+        result = self.ctx.comm.wait(h[key])
         h[key] = None
         st.stats.exchange_s += time.perf_counter() - t0
         return result
 
     def _out(self, g) -> torch.Tensor:
-        return self.eng.scratch(StateKey.worker(g.index, "out"), g.numel, g.device, g.dtype)
+        return self.ctx.scratch(StateKey.worker(g.index, "out"), g.numel, g.device, g.dtype)
 
     def _errors(self, frames, st) -> bool:
         errs = [f.error for f in frames if f is not None and f.error is not None]
@@ -190,7 +241,7 @@ class Transport:
     def _check(self, frames, what: str, sources=None) -> None:
         for i, f in enumerate(frames):
             if f is not None:
-                self.eng.check_frame(i if sources is None else sources[i], f, what)
+                self.ctx.check_frame(i if sources is None else sources[i], f, what)
 
 
 class AllgatherTransport(Transport):
@@ -207,17 +258,17 @@ class AllgatherTransport(Transport):
         return {"total": total, "inter_host": total / hosts.local_size if hosts.count > 1 else 0.0}
 
     def start(self, g, vec, grad, st):
-        eng = self.eng
-        payloads, error = self._uplink(g, vec, grad, st, eng.bounds[g.index])
-        data = eng.frame(payloads, error)
+        ctx = self.ctx
+        payloads, error = self._uplink(g, vec, grad, st, ctx.bounds[g.index])
+        data = ctx.frame(payloads, error)
         # whatever the allgather's algorithm, N - 1 frames of this size leave every rank (its own
         # to each peer, or a ring's N - 1 forwarded ones)
-        st.stats.sent_bytes += (eng.size - 1) * len(data)
-        return {"handle": eng.comm.allgather_async(data, f"hvd_qadam.up.{g.index}"), "data": data,
+        st.stats.sent_bytes += (ctx.size - 1) * len(data)
+        return {"handle": ctx.comm.allgather_async(data, f"hvd_qadam.up.{g.index}"), "data": data,
                 "payloads": payloads, "error": error}
 
     def complete(self, st, groups) -> dict:
-        eng, results = self.eng, {}
+        ctx, results = self.ctx, {}
         for g in groups:
             h = st.launched[g.index]
             gathered = self._wait(h, "handle", st)
@@ -225,10 +276,10 @@ class AllgatherTransport(Transport):
             data = h["data"]
             st.stats.received_bytes += len(gathered) - len(data)
             views = split_frames(gathered)
-            if len(views) != eng.size:
-                raise ConsistencyError(f"expected {eng.size} frames in the allgather, got {len(views)}")
+            if len(views) != ctx.size:
+                raise ConsistencyError(f"expected {ctx.size} frames in the allgather, got {len(views)}")
             # Peers' frames are parsed and validated; our own we already hold as objects.
-            frames = eng.parse(views, "uplink", skip=eng.rank)
+            frames = ctx.parse(views, "uplink", skip=ctx.rank)
             self._check(frames, "uplink frame")
             if self._errors(frames, st) or h["error"] is not None:
                 if h["error"] is not None and h["error"] not in st.errors:
@@ -237,7 +288,7 @@ class AllgatherTransport(Transport):
             if st.errors:
                 continue
             payloads = [h["payloads"][0] if f is None else f.payloads[0] for f in frames]
-            down = eng.serve(g, 0, g.numel, payloads, st)
+            down = ctx.serve(g, 0, g.numel, payloads, st)
             if isinstance(down, torch.Tensor):
                 results[g.index] = down
             else:
@@ -263,28 +314,28 @@ class ShardedTransport(Transport):
         return {"total": total, "inter_host": (n - hosts.local_size) / n * numel * (up + down)}
 
     def start(self, g, vec, grad, st):
-        eng = self.eng
-        payloads, error = self._uplink(g, vec, grad, st, eng.bounds[g.index])
-        per_dest = [eng.frame([payloads[c]] if error is None else [], error) for c in range(eng.size)]
-        st.stats.sent_bytes += sum(len(b) for i, b in enumerate(per_dest) if i != eng.rank)
-        return {"handle": eng.comm.alltoall_async(per_dest, f"hvd_qadam.up.{g.index}"), "error": error}
+        ctx = self.ctx
+        payloads, error = self._uplink(g, vec, grad, st, ctx.bounds[g.index])
+        per_dest = [ctx.frame([payloads[c]] if error is None else [], error) for c in range(ctx.size)]
+        st.stats.sent_bytes += sum(len(b) for i, b in enumerate(per_dest) if i != ctx.rank)
+        return {"handle": ctx.comm.alltoall_async(per_dest, f"hvd_qadam.up.{g.index}"), "error": error}
 
     def complete(self, st, groups) -> dict:
-        eng = self.eng
+        ctx = self.ctx
         for g in groups:
             h = st.launched[g.index]
             received = self._wait(h, "handle", st)
             t1 = time.perf_counter()
-            st.stats.received_bytes += sum(len(b) for i, b in enumerate(received) if i != eng.rank)
-            frames = eng.parse(received, "uplink")
+            st.stats.received_bytes += sum(len(b) for i, b in enumerate(received) if i != ctx.rank)
+            frames = ctx.parse(received, "uplink")
             self._check(frames, "uplink frame")
             if self._errors(frames, st) or st.errors:
                 continue
-            a, b = eng.bounds[g.index][eng.rank]
-            down = eng.serve(g, a, b, [f.payloads[0] for f in frames], st)
-            data = eng.frame([down], None)
-            st.stats.sent_bytes += (eng.size - 1) * len(data)      # an allgather: as above
-            h["handle_down"] = eng.comm.allgather_async(data, f"hvd_qadam.down.{g.index}")
+            a, b = ctx.bounds[g.index][ctx.rank]
+            down = ctx.serve(g, a, b, [f.payloads[0] for f in frames], st)
+            data = ctx.frame([down], None)
+            st.stats.sent_bytes += (ctx.size - 1) * len(data)      # an allgather: as above
+            h["handle_down"] = ctx.comm.allgather_async(data, f"hvd_qadam.down.{g.index}")
             h["down_len"] = len(data)
             st.stats.decode_s += time.perf_counter() - t1
         results = {}
@@ -295,11 +346,11 @@ class ShardedTransport(Transport):
             gathered = self._wait(h, "handle_down", st)
             t1 = time.perf_counter()
             st.stats.received_bytes += len(gathered) - h["down_len"]
-            frames = eng.parse(split_frames(gathered), "downlink")
+            frames = ctx.parse(split_frames(gathered), "downlink")
             self._check(frames, "downlink frame")
             out = self._out(g)
             for c, f in enumerate(frames):
-                a, b = eng.bounds[g.index][c]
+                a, b = ctx.bounds[g.index][c]
                 codec.decode_into(f.payloads[0], out[a:b])
             results[g.index] = out
             st.stats.decode_s += time.perf_counter() - t1
@@ -325,7 +376,7 @@ class HierarchicalTransport(Transport):
 
     @property
     def hosts(self) -> Hosts:
-        return self.eng.hosts          # re-read: an elastic reset may move the ranks
+        return self.ctx.hosts          # re-read: an elastic reset may move the ranks
 
     @classmethod
     def _split(cls, numel, hosts, align):
@@ -345,54 +396,54 @@ class HierarchicalTransport(Transport):
         return {"total": inter + intra, "inter_host": inter}
 
     def _chunk(self, g, local: int) -> tuple:
-        split = self._split(g.numel, self.hosts, self.eng.align)
+        split = self._split(g.numel, self.hosts, self.ctx.align)
         H = self.hosts.count
         return split[local * H][0], split[local * H + H - 1][1]
 
     def _send(self, peers: dict, name: str, st):
         """Alltoall where only ``peers`` ({rank: bytes}) get anything."""
-        eng = self.eng
-        per_dest = [peers.get(r, b"") for r in range(eng.size)]
-        st.stats.sent_bytes += sum(len(b) for r, b in peers.items() if r != eng.rank)
-        return eng.comm.alltoall_async(per_dest, name)
+        ctx = self.ctx
+        per_dest = [peers.get(r, b"") for r in range(ctx.size)]
+        st.stats.sent_bytes += sum(len(b) for r, b in peers.items() if r != ctx.rank)
+        return ctx.comm.alltoall_async(per_dest, name)
 
     def _receive(self, h, key, sources: list, what: str, st) -> list:
         """The frames ``sources`` sent in the collective ``h[key]`` (in that order), checked;
         every other rank must have sent nothing."""
-        eng = self.eng
+        ctx = self.ctx
         received = self._wait(h, key, st)
         want = set(sources)
         for r, b in enumerate(received):
             if r not in want and len(b):
-                raise PayloadError(f"rank {eng.rank}: {what} exchange: rank {r} sent {len(b)} bytes, expected none")
-        st.stats.received_bytes += sum(len(received[r]) for r in sources if r != eng.rank)
+                raise PayloadError(f"rank {ctx.rank}: {what} exchange: rank {r} sent {len(b)} bytes, expected none")
+        st.stats.received_bytes += sum(len(received[r]) for r in sources if r != ctx.rank)
         return [received[r] for r in sources]
 
     def _parse(self, views, sources, what):
-        eng, frames = self.eng, []
+        ctx, frames = self.ctx, []
         for r, v in zip(sources, views):
             try:
                 frames.append(Frame.from_bytes(v, source=f"{what} frame from rank {r}"))
             except PayloadError as e:
-                raise PayloadError(f"rank {eng.rank}: {e}") from None
+                raise PayloadError(f"rank {ctx.rank}: {e}") from None
         self._check(frames, f"{what} frame", sources)
         return frames
 
     def start(self, g, vec, grad, st):
-        eng, hs = self.eng, self.hosts
+        ctx, hs = self.ctx, self.hosts
         # NaN/Inf anywhere in this rank's vector: every local peer hears it, and they tell the
         # other hosts in the uplink, so every rank fails the step together.
-        error = None if all_finite(vec) else eng.uplink_error(g, grad)
+        error = None if all_finite(vec) else ctx.uplink_error(g, grad)
         peers = {}
-        for r in hs.same_host(eng.rank):
+        for r in hs.same_host(ctx.rank):
             a, b = self._chunk(g, hs.local(r))
             # full precision inside the host (the payload of config.NONE_LINK)
-            peers[r] = eng.frame([] if error else [codec.quantize(vec[a:b], "none", check_finite=False)], error)
+            peers[r] = ctx.frame([] if error else [codec.quantize(vec[a:b], "none", check_finite=False)], error)
         return {"handle": self._send(peers, f"hvd_qadam.host.{g.index}", st)}
 
     def complete(self, st, groups) -> dict:
-        eng, hs = self.eng, self.hosts
-        me = eng.rank
+        ctx, hs = self.ctx, self.hosts
+        me = ctx.rank
         local, column = hs.same_host(me), hs.column(me)
         H, loc = hs.count, hs.local(me)
         # 1. host means of chunk `loc`, quantized to the column peers (worker EF)
@@ -405,15 +456,15 @@ class HierarchicalTransport(Transport):
             payloads = []
             if not errors:
                 host_mean = codec.mean_into([f.payloads[0] for f in frames],
-                                            eng.scratch(StateKey.host(g.index, ca, "hostmean"), cb - ca, g.device))
-                split = self._split(g.numel, hs, eng.align)
+                                            ctx.scratch(StateKey.host(g.index, ca, "hostmean"), cb - ca, g.device))
+                split = self._split(g.numel, hs, ctx.align)
                 parts = [split[loc * H + k] for k in range(H)]
-                payloads, bad = eng.encode_uplink(g, host_mean, st, parts, ca, StateKey.host(g.index, ca, RESIDUAL))
+                payloads, bad = ctx.encode_uplink(g, host_mean, st, parts, ca, StateKey.host(g.index, ca, RESIDUAL))
                 if bad:
                     errors = [f"rank {me}, step {st.step}: the host mean of group {g.index} overflowed "
                               f"(non-finite after error feedback)"]
             msg = "; ".join(errors) if errors else None
-            peers = {r: eng.frame([] if msg else [payloads[k]], msg) for k, r in enumerate(column)}
+            peers = {r: ctx.frame([] if msg else [payloads[k]], msg) for k, r in enumerate(column)}
             h["handle_up"] = self._send(peers, f"hvd_qadam.up.{g.index}", st)
             st.stats.encode_s += time.perf_counter() - t0
         # 2. serve this rank's part; its downlink frame to the column
@@ -424,8 +475,8 @@ class HierarchicalTransport(Transport):
             if self._errors(frames, st):
                 h["failed"] = True             # every rank learns this group's errors here
                 continue
-            a, b = eng.bounds[g.index][me]
-            down = eng.frame([eng.serve(g, a, b, [f.payloads[0] for f in frames], st)], None)
+            a, b = ctx.bounds[g.index][me]
+            down = ctx.frame([ctx.serve(g, a, b, [f.payloads[0] for f in frames], st)], None)
             h["handle_col"] = self._send({r: down for r in column}, f"hvd_qadam.down.{g.index}", st)
             st.stats.decode_s += time.perf_counter() - t0
         # 3. the column's frames to the host's other ranks
@@ -452,7 +503,7 @@ class HierarchicalTransport(Transport):
                     raise PayloadError(f"rank {me}: forwarded downlink of local rank {l2} holds {len(views)} "
                                        f"frames, expected {H}")
                 for r, f in zip(sources, self._parse(views, sources, "downlink")):
-                    a, b = eng.bounds[g.index][r]
+                    a, b = ctx.bounds[g.index][r]
                     codec.decode_into(f.payloads[0], out[a:b])
             results[g.index] = out
             st.stats.decode_s += time.perf_counter() - t0
@@ -475,17 +526,17 @@ class PSTransport(Transport):
         return {"total": total, "inter_host": total}
 
     def start(self, g, vec, grad, st):
-        payloads, error = self._uplink(g, vec, grad, st, self.eng.bounds[g.index])
+        payloads, error = self._uplink(g, vec, grad, st, self.ctx.bounds[g.index])
         return {"payloads": payloads, "error": error}
 
     def complete(self, st, groups) -> dict:
-        eng = self.eng
+        ctx = self.ctx
         error = next((st.launched[g.index]["error"] for g in groups if st.launched[g.index]["error"]), None)
         payloads = [] if error is not None else [st.launched[g.index]["payloads"][0] for g in groups]
-        data = eng.frame(payloads, error)
-        hyper = [{k: v for k, v in pg.items() if k != "params"} for pg in eng.hyper_groups()]
+        data = ctx.frame(payloads, error)
+        hyper = [{k: v for k, v in pg.items() if k != "params"} for pg in ctx.hyper_groups()]
         t0 = time.perf_counter()
-        status, reply = eng.comm.ps_request(("step", data, hyper))
+        status, reply = ctx.comm.ps_request(("step", data, hyper))
         st.stats.exchange_s += time.perf_counter() - t0
         st.stats.sent_bytes += len(data)
         if status == "nonfinite":
@@ -497,7 +548,7 @@ class PSTransport(Transport):
             raise ConsistencyError(f"parameter server: {reply}")
         t1 = time.perf_counter()
         st.stats.received_bytes += len(reply)
-        frame = eng.parse([reply], "downlink")[0]
+        frame = ctx.parse([reply], "downlink")[0]
         results = {}
         for g in groups:
             out = self._out(g)
@@ -541,12 +592,12 @@ class AllreduceTransport(Transport):
         return link.passthrough and link.quantizer in cls.WIRE_DTYPES
 
     def _wire_dtype(self, g, st, vec):
-        return self.WIRE_DTYPES[self.eng.wire_link(g, self.eng.links(g, st)[0]).quantizer] or vec.dtype
+        return self.WIRE_DTYPES[self.ctx.wire_link(g, self.ctx.links(g, st)[0]).quantizer] or vec.dtype
 
     def _allreduce_tensor(self, g, slot: int, vec, dtype):
         s = g.slots[slot]
         part = vec[s.offset:s.offset + s.numel]
-        return self.eng.comm.allreduce_async(part.to(dtype) if part.dtype != dtype else part,
+        return self.ctx.comm.allreduce_async(part.to(dtype) if part.dtype != dtype else part,
                                              f"hvd_qadam.fp.{g.index}.{slot}")
 
     def start_tensor(self, g, slot: int, grad, st) -> None:
@@ -557,16 +608,16 @@ class AllreduceTransport(Transport):
             early[slot] = self._allreduce_tensor(g, slot, grad, self._wire_dtype(g, st, grad))
 
     def start(self, g, vec, grad, st):
-        eng = self.eng
+        ctx = self.ctx
         dtype = self._wire_dtype(g, st, vec)
         send = vec.to(dtype) if vec.dtype != dtype else vec
-        nbytes = 2 * (eng.size - 1) * g.numel * send.element_size() // eng.size     # a ring's volume
+        nbytes = 2 * (ctx.size - 1) * g.numel * send.element_size() // ctx.size     # a ring's volume
         st.stats.sent_bytes += nbytes
         st.stats.received_bytes += nbytes
         # Said only if the sum comes back non-finite (then every rank hears who, see complete).
-        error = None if all_finite(send) else eng.uplink_error(g, grad)
-        if not eng.tensorwise(g, st):
-            return {"handle": eng.comm.allreduce_async(send, f"hvd_qadam.fp.{g.index}"), "error": error}
+        error = None if all_finite(send) else ctx.uplink_error(g, grad)
+        if not ctx.tensorwise(g, st):
+            return {"handle": ctx.comm.allreduce_async(send, f"hvd_qadam.fp.{g.index}"), "error": error}
         # tensor by tensor, in slot order: those the hooks have not started yet start now (every
         # rank allreduces the same names whichever started where)
         early = st.early_tensors.pop(g.index, {})
@@ -576,27 +627,27 @@ class AllreduceTransport(Transport):
         return h
 
     def complete(self, st, groups) -> dict:
-        eng, results = self.eng, {}
+        ctx, results = self.ctx, {}
         for g in groups:
             h = st.launched[g.index]
-            mean = eng.scratch(StateKey.worker(g.index, "mean"), g.numel, g.device, g.dtype)
+            mean = ctx.scratch(StateKey.worker(g.index, "mean"), g.numel, g.device, g.dtype)
             if "handle" in h:
                 mean.copy_(self._wait(h, "handle", st))
             else:
                 for i, s in enumerate(g.slots):
                     mean[s.offset:s.offset + s.numel].copy_(self._wait(h, f"handle.{i}", st))
             t1 = time.perf_counter()
-            mean.div_(float(eng.size))
+            mean.div_(float(ctx.size))
             if not all_finite(mean):
                 # Every rank got the same non-finite sum and is here: one more collective, on this
                 # path only, tells every rank which ranks sent what.
-                notes = [n for n in eng.comm.allgather_object(h["error"], name=f"hvd_qadam.fp.{g.index}.error") if n]
+                notes = [n for n in ctx.comm.allgather_object(h["error"], name=f"hvd_qadam.fp.{g.index}.error") if n]
                 msg = "; ".join(notes) or (f"step {st.step}: the allreduced sum of group {g.index} overflowed "
                                            f"(every rank's values were finite)")
                 if msg not in st.errors:
                     st.errors.append(msg)
                 continue
-            results[g.index] = eng.alg.server(eng, g, 0, g.numel, mean, st)
+            results[g.index] = ctx.server_transform(g, 0, g.numel, mean, st)
             st.stats.decode_s += time.perf_counter() - t1
         return results
 
@@ -605,8 +656,8 @@ TOPOLOGIES = {cls.name: cls for cls in (AllgatherTransport, ShardedTransport, Hi
 AUTO = "auto"
 
 
-def make_transport(topology: str, eng) -> Transport:
-    return TOPOLOGIES[topology](eng)
+def make_transport(topology: str, ctx) -> Transport:
+    return TOPOLOGIES[topology](ctx)
 
 
 def choose(hosts: Hosts, uplink, downlink_for, hierarchical: bool | None = None) -> tuple[str, str]:
