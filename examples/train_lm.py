@@ -34,6 +34,7 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QADAM_OPTIONS = [  # (flag, type, help); passed to hvd_qadam.DistributedOptimizer only when given
     ("--algorithm", str, "qsgd, efficient_adam, qadam, qadam_weights, ef_sgd, local_sgd, onebit_adam"),
     ("--topology", str, "allgather, sharded, ps"),
+    ("--exchange", str, "auto (the default: measured), compressed, horovod"),
     ("--quantizer", str, "uplink quantizer: qsgd, qsgdinf, nuq, terngrad, sign, alq, amq, fp16, none"),
     ("--bits", int, "uplink bits"),
     ("--bucket-size", int, "uplink bucket size"),
@@ -184,6 +185,7 @@ def main():
     evals = []
     step_times, interval_losses = [], []
     sent = recv = 0
+    paths = {}                      # steps per exchange path (communication_stats.exchange)
     t_start = time.perf_counter()
     val = evaluate()
     evals.append({"step": 0, "train_loss": None, "val_loss": val, "elapsed_s": 0.0})
@@ -203,6 +205,8 @@ def main():
         st = getattr(opt, "communication_stats", None)
         if st is not None:
             sent, recv = int(getattr(st, "sent_bytes", 0)), int(getattr(st, "received_bytes", 0))
+            path = getattr(st, "exchange", None) if getattr(st, "compressed", True) else "uncompressed step"
+            paths[path] = paths.get(path, 0) + 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{interval_losses[-1]:.3f}", refresh=False)
@@ -251,6 +255,7 @@ def main():
             "measured": True}
         result["communication_stats"] = {k: v for k, v in vars(st).items()
                                          if isinstance(v, (int, float, bool, str, dict))}
+        result["steps_per_path"] = paths        # exchange="auto": how many steps took each path
         eng = getattr(opt, "engine", None)
         if eng is not None:     # step counters, e.g. onebit_adam's Adam steps before the freeze
             result["engine_counters"] = {"step": eng.counters["step"],

@@ -45,7 +45,9 @@ SIGN2 = ["--quantizer", "sign", "--downlink-quantizer", "sign"]
 # key: (label, train_lm.py arguments, group); group "onebit2" = 1-bit both ways (the 2% target)
 CONFIGS = {
     "hvd_adam": ("Horovod Adam, fp32 allreduce", ["--optimizer", "horovod"], "baseline"),
-    "defaults": ("hvd_qadam defaults (qsgd alg., qsgdinf 6-bit, bucket 128, + EF)", [], "1pct"),
+    "defaults": ("hvd_qadam defaults (qsgd alg., qsgdinf 6-bit, bucket 128, + EF; exchange='auto')", [], "1pct"),
+    "compressed": ("the defaults with exchange='compressed' (every step compressed)", ["--exchange", "compressed"],
+                   "1pct"),
     "defaults_4bit": ("the defaults at 4 bits (qsgdinf 4-bit, bucket 128, + EF; the default until 6 bits)",
                       ["--bits", "4"], ""),
     "qadam_44": ("qadam, qsgdinf 4-bit up / 4-bit down", ["--algorithm", "qadam"] + Q44, "1pct"),
@@ -180,6 +182,8 @@ def summarise(runs: dict, base_key: str = "hvd_adam") -> dict:
             "median_step_s": float(np.median([r["median_step_s"] for r in rs])),
             "kwargs": rs[0].get("hvd_qadam_kwargs"),
         }
+        if any(r.get("steps_per_path") for r in rs):   # exchange="auto": the steps each path took, per seed
+            out[key]["steps_per_path"] = [r.get("steps_per_path") for r in rs]
         frozen = [r.get("engine_counters", {}).get("worker_adam_step", {}).get("onebit.freeze_at") for r in rs]
         if any(f is not None for f in frozen):
             out[key]["freeze_at"] = frozen            # onebit_adam, freeze_step="auto": the step it froze at
@@ -189,7 +193,7 @@ def summarise(runs: dict, base_key: str = "hvd_adam") -> dict:
 def targets(summary: dict) -> list:
     """[(target, config, ratio, met)] for the issue's three targets."""
     rows = []
-    for key in ("defaults", "qadam_44"):
+    for key in ("defaults", "compressed", "qadam_44"):
         s = summary.get(key)
         if s and s["ratio"] is not None:
             rows.append((f"{key} within 1%", key, s["ratio"], s["ratio"] <= 1.01))
