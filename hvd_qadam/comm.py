@@ -174,6 +174,11 @@ class HorovodComm:
         response cache): what ``hvd.DistributedOptimizer`` sends, at what it costs."""
         return ("raw", self.hvd.allreduce_async(tensor, op=self.hvd.Sum, name=name, **self._kw), name)
 
+    def allreduce_inplace_async(self, tensor: torch.Tensor, name: str):
+        """As :meth:`allreduce_async`, the sum written into ``tensor`` itself (Horovod's
+        ``allreduce_async_``, what ``hvd.DistributedOptimizer`` does to ``p.grad``)."""
+        return ("raw", self.hvd.allreduce_async_(tensor, op=self.hvd.Sum, name=name, **self._kw), name)
+
     def wait(self, handle):
         """The collective's result, or CollectiveTimeout after the deadline (the job then ends)."""
         kind, h, name = handle
@@ -279,6 +284,10 @@ class SimComm:
     def allreduce_async(self, tensor: torch.Tensor, name: str):
         tensor = tensor.clone()
         return lambda: self.allreduce_sum(tensor, name)
+
+    def allreduce_inplace_async(self, tensor: torch.Tensor, name: str):
+        sent = tensor.clone()      # what this rank sent, whatever happens to ``tensor`` meanwhile
+        return lambda: tensor.copy_(self.allreduce_sum(sent, name))
 
     @staticmethod
     def wait(handle):

@@ -41,7 +41,7 @@ from .algorithms import OUT_GRAD, OUT_UPDATE, OUT_WEIGHTS  # noqa: F401 - re-exp
 from .adaptive import LevelAdapter
 from .errors import CommError, ConsistencyError, NonFiniteGradientError  # noqa: F401 - re-exported
 from .config import NONE_LINK, Config, LinkSpec
-from .functional import all_finite  # noqa: F401 - re-exported
+from .functional import all_finite, nonfinite_note  # noqa: F401 - all_finite re-exported
 from .layout import Layout, shard_alignment
 from .memory import StateBank, persistent_buffer
 from .statekey import RESIDUAL, StateKey
@@ -100,6 +100,8 @@ class PendingStep:
     # hook before the group was complete (AllreduceTransport.start_tensor)
     early_tensors: dict = field(default_factory=dict)
     tensorwise: dict = field(default_factory=dict)      # group index -> allreduced tensor by tensor
+    # group index -> [note]: tensors found non-finite before their in-place allreduce overwrote them
+    nonfinite_notes: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
     commit_keys: list = field(default_factory=list)
     worker_adam_step: dict = field(default_factory=dict)
@@ -365,18 +367,17 @@ class Engine:
             return [], True
         return [codec.encode(vec[a - base:b - base], up, key, a, codebook) for a, b in ranges], False
 
-    def uplink_error(self, g, grad) -> str:
-        """The message every rank raises when this rank's uplink of group ``g`` is not finite."""
-        if bool(torch.isfinite(grad).all()):
+    def uplink_error(self, g, grad, notes: list | None = None) -> str:
+        """The message every rank raises when this rank's uplink of group ``g`` is not finite.
+        ``notes``: the non-finite tensors, described before ``grad`` was overwritten (an in-place
+        allreduce), instead of reading them from ``grad``."""
+        if notes is None:
+            notes = [n for s in g.slots if (n := nonfinite_note(s.name, grad[s.offset:s.offset + s.numel]))]
+        if not notes:
             return (f"rank {self.rank}, step {self.step_count}: the update of group {g.index} overflowed "
                     f"(non-finite after the worker transform and error feedback, or beyond the range of "
                     f"its 2-byte wire type)")
-        bad = []
-        for s in g.slots:
-            part = grad[s.offset:s.offset + s.numel]
-            if not bool(torch.isfinite(part).all()):
-                bad.append(f"{s.name} ({int(torch.isnan(part).sum())} NaN, {int(torch.isinf(part).sum())} Inf)")
-        return f"rank {self.rank}, step {self.step_count}: non-finite gradient in {', '.join(bad)}"
+        return f"rank {self.rank}, step {self.step_count}: non-finite gradient in {', '.join(notes)}"
 
     def refit_levels(self, grads_for) -> None:
         """Adaptive quantizers: refit the levels from every group's uplink vector (after the worker

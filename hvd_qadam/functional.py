@@ -329,6 +329,13 @@ def all_finite(vec: torch.Tensor) -> bool:
     return np.isfinite(float(vec.sum())) or bool(torch.isfinite(vec).all())
 
 
+def nonfinite_note(name: str, part: torch.Tensor) -> str | None:
+    """``"name (n NaN, m Inf)"`` where ``part`` holds NaN/Inf, else None (what the error names)."""
+    if all_finite(part):
+        return None
+    return f"{name} ({int(torch.isnan(part).sum())} NaN, {int(torch.isinf(part).sum())} Inf)"
+
+
 def sumsq(t: torch.Tensor) -> float:
     """sum(t^2) in float64, reproducible bit for bit for equal inputs (sequential on the host)."""
     if njit is not None and t.device.type == "cpu":

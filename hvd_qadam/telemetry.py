@@ -184,7 +184,8 @@ def path_bits(path: str) -> float:
 
 def residual_ratio(engine, grad_bufs: dict) -> float | None:
     """||worker EF residuals|| / ||this step's local gradients of the compressed groups||
-    (None without a residual; see the module)."""
+    (None without a residual; see the module). After a step through Horovod's allreduce in fp32
+    the gradient buffers hold the mean (summed in place), so the ratio is against the mean there."""
     residuals = [e for key, e in engine.bank.items() if key.is_worker_residual]
     grads = [grad_bufs[g.index] for g in engine.layout.groups if g.compressed]
     if not residuals or not grads:

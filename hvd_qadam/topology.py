@@ -38,7 +38,7 @@ import torch
 
 from . import codec
 from .errors import CommError, ConsistencyError, TopologyError  # noqa: F401 - TopologyError re-exported
-from .functional import all_finite
+from .functional import all_finite, nonfinite_note
 from .layout import shard_bounds
 from .statekey import RESIDUAL, StateKey
 from .wire import Frame, PayloadError, split_frames
@@ -142,8 +142,9 @@ class TopologyContext(Protocol):
     def encode_uplink(self, g, vec, st, ranges, base: int = 0, residual=None) -> tuple:
         """(payloads per range, any non-finite?), with worker error feedback."""
 
-    def uplink_error(self, g, grad) -> str:
-        """The message for a non-finite uplink of ``g``."""
+    def uplink_error(self, g, grad, notes: list | None = None) -> str:
+        """The message for a non-finite uplink of ``g`` (``notes``: its non-finite tensors, where
+        ``grad`` no longer holds them)."""
 
     def frame(self, payloads, error) -> bytes:
         """This rank's frame for this step."""
@@ -594,46 +595,66 @@ class AllreduceTransport(Transport):
     def _wire_dtype(self, g, st, vec):
         return self.WIRE_DTYPES[self.ctx.wire_link(g, self.ctx.links(g, st)[0]).quantizer] or vec.dtype
 
-    def _allreduce_tensor(self, g, slot: int, vec, dtype):
+    def _allreduce_tensor(self, g, slot: int, vec, dtype, st):
+        """Start tensor ``slot``'s allreduce. In the wire type of ``vec`` (fp32) it sums in place,
+        into ``vec`` itself, as ``hvd.DistributedOptimizer`` does into ``p.grad``: no output tensor
+        is allocated and nothing copied back; the tensor is checked for NaN/Inf first, since the
+        sum overwrites what this rank sent. Other wire types (fp16) go out of place."""
         s = g.slots[slot]
         part = vec[s.offset:s.offset + s.numel]
-        return self.ctx.comm.allreduce_async(part.to(dtype) if part.dtype != dtype else part,
-                                             f"hvd_qadam.fp.{g.index}.{slot}")
+        name = f"hvd_qadam.fp.{g.index}.{slot}"
+        if part.dtype != dtype:
+            return self.ctx.comm.allreduce_async(part.to(dtype), name)
+        note = nonfinite_note(s.name, part)
+        if note is not None:
+            st.nonfinite_notes.setdefault(g.index, []).append(note)
+        return self.ctx.comm.allreduce_inplace_async(part, name)
 
     def start_tensor(self, g, slot: int, grad, st) -> None:
-        """One tensor's allreduce, from its backward hook (``Engine.tensorwise`` groups): read
-        from the group's gradient buffer, which nothing writes again before the step completes."""
+        """One tensor's allreduce, from its backward hook (``Engine.tensorwise`` groups), reading
+        the group's gradient buffer (an fp32 sum then lands in place; nothing else writes it
+        before the step completes)."""
         early = st.early_tensors.setdefault(g.index, {})
         if slot not in early:
-            early[slot] = self._allreduce_tensor(g, slot, grad, self._wire_dtype(g, st, grad))
+            early[slot] = self._allreduce_tensor(g, slot, grad, self._wire_dtype(g, st, grad), st)
 
     def start(self, g, vec, grad, st):
         ctx = self.ctx
         dtype = self._wire_dtype(g, st, vec)
-        send = vec.to(dtype) if vec.dtype != dtype else vec
-        nbytes = 2 * (ctx.size - 1) * g.numel * send.element_size() // ctx.size     # a ring's volume
+        nbytes = 2 * (ctx.size - 1) * g.numel * (torch.finfo(dtype).bits // 8) // ctx.size   # a ring's volume
         st.stats.sent_bytes += nbytes
         st.stats.received_bytes += nbytes
-        # Said only if the sum comes back non-finite (then every rank hears who, see complete).
-        error = None if all_finite(send) else ctx.uplink_error(g, grad)
         if not ctx.tensorwise(g, st):
+            send = vec.to(dtype) if vec.dtype != dtype else vec
+            # Said only if the sum comes back non-finite (then every rank hears who, see complete).
+            error = None if all_finite(send) else ctx.uplink_error(g, grad)
             return {"handle": ctx.comm.allreduce_async(send, f"hvd_qadam.fp.{g.index}"), "error": error}
         # tensor by tensor, in slot order: those the hooks have not started yet start now (every
         # rank allreduces the same names whichever started where)
         early = st.early_tensors.pop(g.index, {})
-        h = {"error": error}
-        for i in range(len(g.slots)):
-            h[f"handle.{i}"] = early[i] if i in early else self._allreduce_tensor(g, i, vec, dtype)
+        h = {f"handle.{i}": early[i] if i in early else self._allreduce_tensor(g, i, vec, dtype, st)
+             for i in range(len(g.slots))}
+        h["in_place"] = vec if vec.dtype == dtype else None     # where the sums land
+        if dtype == vec.dtype:
+            notes = st.nonfinite_notes.pop(g.index, None)
+            h["error"] = None if notes is None else ctx.uplink_error(g, grad, notes)
+        else:      # the fp16 cast may overflow what was finite in fp32
+            h["error"] = None if all_finite(vec.to(dtype)) else ctx.uplink_error(g, grad)
         return h
 
     def complete(self, st, groups) -> dict:
         ctx, results = self.ctx, {}
         for g in groups:
             h = st.launched[g.index]
-            mean = ctx.scratch(StateKey.worker(g.index, "mean"), g.numel, g.device, g.dtype)
             if "handle" in h:
+                mean = ctx.scratch(StateKey.worker(g.index, "mean"), g.numel, g.device, g.dtype)
                 mean.copy_(self._wait(h, "handle", st))
+            elif h["in_place"] is not None:
+                mean = h["in_place"]                 # the sums are already there
+                for i in range(len(g.slots)):
+                    self._wait(h, f"handle.{i}", st)
             else:
+                mean = ctx.scratch(StateKey.worker(g.index, "mean"), g.numel, g.device, g.dtype)
                 for i, s in enumerate(g.slots):
                     mean[s.offset:s.offset + s.numel].copy_(self._wait(h, f"handle.{i}", st))
             t1 = time.perf_counter()

@@ -38,6 +38,10 @@ class _RecordingComm:
         self.started.append((name, self._phase[0]))
         return self._comm.allreduce_async(tensor, name)
 
+    def allreduce_inplace_async(self, tensor, name):
+        self.started.append((name, self._phase[0]))
+        return self._comm.allreduce_inplace_async(tensor, name)
+
 
 def _train(world, steps, record, **kwargs):
     """Train the digits model on ``world`` simulated ranks; per rank: [record(optimizer, comm)
