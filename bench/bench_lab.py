@@ -50,7 +50,7 @@ CONFIGS = {
     "no_exchange": ("no exchange (compute floor)", "local", None),
     "hvd_fp32": ("Horovod fp32", "none", None),
     "hvd_fp16": ("Horovod fp16", "fp16", None),
-    "qadam_default": ("hvd_qadam defaults (6 bits)", None, {}),
+    "qadam_default": ("hvd_qadam defaults (auto, 6 bits)", None, {}),
     # the measured choice between Horovod's allreduce and the compressed exchange
     "qadam_auto": ("hvd_qadam exchange='auto'", None, dict(exchange="auto")),
     "qadam_compressed": ("hvd_qadam exchange='compressed'", None, dict(exchange="compressed")),
