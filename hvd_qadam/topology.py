@@ -595,16 +595,23 @@ class AllreduceTransport(Transport):
     def _wire_dtype(self, g, st, vec):
         return self.WIRE_DTYPES[self.ctx.wire_link(g, self.ctx.links(g, st)[0]).quantizer] or vec.dtype
 
+    @staticmethod
+    def _in_place(vec, dtype) -> bool:
+        """Whether the sums land in ``vec`` itself (as ``hvd.DistributedOptimizer``'s land in
+        ``p.grad``: no output tensor allocated, nothing copied back): in ``vec``'s own dtype, and on
+        the CPU. Each tensor must then be checked for NaN/Inf before its sum overwrites it, which on
+        the CPU costs nothing more; on a GPU every check would synchronise the device inside a
+        backward hook, so there the sums go out of place and the group is checked once."""
+        return vec.dtype == dtype and vec.device.type == "cpu"
+
     def _allreduce_tensor(self, g, slot: int, vec, dtype, st):
-        """Start tensor ``slot``'s allreduce. In the wire type of ``vec`` (fp32) it sums in place,
-        into ``vec`` itself, as ``hvd.DistributedOptimizer`` does into ``p.grad``: no output tensor
-        is allocated and nothing copied back; the tensor is checked for NaN/Inf first, since the
-        sum overwrites what this rank sent. Other wire types (fp16) go out of place."""
+        """Start tensor ``slot``'s allreduce: in place where :meth:`_in_place` (the tensor checked
+        first, its note kept for the step's error), else out of place in the wire type."""
         s = g.slots[slot]
         part = vec[s.offset:s.offset + s.numel]
         name = f"hvd_qadam.fp.{g.index}.{slot}"
-        if part.dtype != dtype:
-            return self.ctx.comm.allreduce_async(part.to(dtype), name)
+        if not self._in_place(part, dtype):
+            return self.ctx.comm.allreduce_async(part.to(dtype) if part.dtype != dtype else part, name)
         note = nonfinite_note(s.name, part)
         if note is not None:
             st.nonfinite_notes.setdefault(g.index, []).append(note)
@@ -634,12 +641,11 @@ class AllreduceTransport(Transport):
         early = st.early_tensors.pop(g.index, {})
         h = {f"handle.{i}": early[i] if i in early else self._allreduce_tensor(g, i, vec, dtype, st)
              for i in range(len(g.slots))}
-        h["in_place"] = vec if vec.dtype == dtype else None     # where the sums land
-        if dtype == vec.dtype:
+        if self._in_place(vec, dtype):
             notes = st.nonfinite_notes.pop(g.index, None)
-            h["error"] = None if notes is None else ctx.uplink_error(g, grad, notes)
-        else:      # the fp16 cast may overflow what was finite in fp32
-            h["error"] = None if all_finite(vec.to(dtype)) else ctx.uplink_error(g, grad)
+            h["in_place"], h["error"] = vec, None if notes is None else ctx.uplink_error(g, grad, notes)
+        else:      # checked as sent (an fp16 cast may overflow what was finite in fp32)
+            h["in_place"], h["error"] = None, None if all_finite(vec.to(dtype)) else ctx.uplink_error(g, grad)
         return h
 
     def complete(self, st, groups) -> dict:
