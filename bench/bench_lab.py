@@ -64,9 +64,16 @@ CONFIGS = {
     "onebit_warmup": ("onebit_adam in its fp32 warm-up", None, dict(algorithm="onebit_adam", freeze_step=10 ** 6)),
     # the defaults with the two-level exchange (hosts of several ranks)
     "qadam_hierarchical": ("hvd_qadam defaults, hierarchical=True", None, dict(hierarchical=True)),
+    "qadam_compressed_hierarchical": ("hvd_qadam exchange='compressed', hierarchical=True", None,
+                                      dict(exchange="compressed", hierarchical=True)),
     # the defaults with smaller fused groups (more exchanges overlap backward and each other)
     "qadam_default_fusion4": ("hvd_qadam defaults, 4 MB groups", None, dict(fusion_threshold_mb=4)),
     "qadam_default_fusion1": ("hvd_qadam defaults, 1 MB groups", None, dict(fusion_threshold_mb=1)),
+    # fewer, larger groups: fewer collectives per step, less of the exchange behind backward
+    "qadam_compressed_groups1": ("hvd_qadam exchange='compressed', 1 group", None,
+                                 dict(exchange="compressed", num_groups=1)),
+    "qadam_compressed_groups2": ("hvd_qadam exchange='compressed', 2 groups", None,
+                                 dict(exchange="compressed", num_groups=2)),
     # the defaults before topology="auto": every rank gathers every payload
     "qadam_allgather": ("hvd_qadam 6 bits, allgather (the old default)", None, dict(topology="allgather")),
     # the default width until the 10M-parameter LM showed it 1.9 % above Horovod Adam (README)
@@ -97,6 +104,23 @@ def wire_bytes() -> tuple[int, int]:
     except OSError:
         pass
     return rx, tx
+
+
+def tcp_losses() -> tuple[int, int]:
+    """(segments retransmitted, retransmission timeouts) of this network namespace's TCP so far
+    (/proc/self/net/snmp RetransSegs, /proc/self/net/netstat TCPTimeouts): a shaped link that
+    drops a burst shows as retransmissions; each timeout stalls that flow for at least 200 ms."""
+    def field(path: str, proto: str, name: str) -> int:
+        try:
+            with open(path) as f:
+                rows = [line.split() for line in f if line.startswith(proto + ":")]
+            for header, values in zip(rows[::2], rows[1::2]):
+                if name in header:
+                    return int(values[header.index(name)])
+        except (OSError, ValueError, IndexError):
+            pass
+        return 0
+    return field("/proc/self/net/snmp", "Tcp", "RetransSegs"), field("/proc/self/net/netstat", "TcpExt", "TCPTimeouts")
 
 
 def _init_hvd():
@@ -262,7 +286,7 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
         warmup = max(warmup, Auto.SETTLE + 2 * Auto.ROUNDS + 1)
     for step in range(warmup + args.steps):
         hvd.allreduce(torch.zeros(1), name=f"lab.sync.{name}.{step}")   # start every step together
-        w0 = wire_bytes()
+        w0, l0 = wire_bytes(), tcp_losses()
         t0 = time.perf_counter()
         opt.zero_grad()
         loss = loss_fn()
@@ -271,13 +295,14 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
         t1 = time.perf_counter()
         opt.step()
         t2 = time.perf_counter()
-        w1 = wire_bytes()
+        w1, l1 = wire_bytes(), tcp_losses()
         if step < warmup:
             continue
         if t_warm is None:
             t_warm = t0 - t_cfg
         rec = {"step_s": t2 - t0, "fb_s": t1 - t0, "opt_s": t2 - t1, "wire_tx": w1[1] - w0[1],
-               "wire_rx": w1[0] - w0[0], "loss": loss.item()}
+               "wire_rx": w1[0] - w0[0], "tcp_retrans": l1[0] - l0[0], "tcp_timeouts": l1[1] - l0[1],
+               "loss": loss.item()}
         st = getattr(opt, "communication_stats", None)
         if st is not None:
             fields = set(STAT_FIELDS) | {k for k, v in vars(st).items()
@@ -304,6 +329,8 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
                "rate": os.environ.get("HQ_NETLAB_RATE", "unknown"), "delay": os.environ.get("HQ_NETLAB_DELAY"),
                "ompi_allreduce": "ring" if os.environ.get("OMPI_MCA_coll_tuned_allreduce_algorithm") == "4"
                else os.environ.get("OMPI_MCA_coll_tuned_allreduce_algorithm", "default"),
+               # netlab sets it with more ranks than cores (bench/netlab.sh --spin keeps busy-polling)
+               "mpi_yield_when_idle": os.environ.get("OMPI_MCA_mpi_yield_when_idle", "0"),
                "steps": args.steps, "warmup": warmup, "wall_s": wall, "warmup_wall_s": t_warm,
                "kwargs": kwargs, "compression": compression}
         for k in keys:
@@ -315,6 +342,9 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
         row["per_host"] = per_host
         row["wire_tx_bytes"] = max_rank_median("wire_tx") / per_host
         row["wire_rx_bytes"] = max_rank_median("wire_rx") / per_host
+        # the host's TCP counters (shared by its ranks): per step, summed over the timed steps
+        row["tcp_retrans"] = max(sum(r.get("tcp_retrans", 0) for r in recs) for recs in everyone) / args.steps
+        row["tcp_timeouts"] = max(sum(r.get("tcp_timeouts", 0) for r in recs) for recs in everyone) / args.steps
         row["topology"] = everyone[0][-1].get("topology") if everyone[0] else None
         row["exchange"] = [r.get("exchange") for r in everyone[0]]
         row["exchange_reason"] = everyone[0][-1].get("exchange_reason") if everyone[0] else None
@@ -332,7 +362,8 @@ def _bench_one(name, args, hvd, torch, np, lm, comm, corpus):
         row["final_loss"] = float(np.mean([recs[-1]["loss"] for recs in everyone]))
         print(f"[{row['rate']}] {label:<36} {row['topology'] or '':<12} step {1e3 * row['step_s']:8.1f} ms  (fwd+bwd {1e3 * row['fb_s']:.1f}, "
               f"opt {1e3 * row['opt_s']:.1f})  sent {row['sent_bytes'] / 1e6:.2f} MB  "
-              f"wire tx {row['wire_tx_bytes'] / 1e6:.2f} MB", flush=True)
+              f"wire tx {row['wire_tx_bytes'] / 1e6:.2f} MB  TCP retransmits {row['tcp_retrans']:.0f} "
+              f"(timeouts {row['tcp_timeouts']:.1f}) per step", flush=True)
     return row
 
 
