@@ -75,7 +75,8 @@ def markdown(rows: list) -> str:
         same = {x["config"]: x for x in rows if x["point"] == r["point"]}
         floor = same.get("no_exchange", {}).get("step_s")
         bps = _rate_bps(r["rate"])
-        wire = max(r["wire_tx_bytes"], r["wire_rx_bytes"]) / (bps / 8) if bps else None
+        # the host's link carries all its ranks' bytes (interface bytes are kept per rank)
+        wire = max(r["wire_tx_bytes"], r["wire_rx_bytes"]) * r["per_host"] / (bps / 8) if bps else None
         physical = f"{r['step_s'] / (floor + wire):.2f}" if floor and wire is not None and r["config"] != "no_exchange" \
             else "–"
 
@@ -90,6 +91,14 @@ def markdown(rows: list) -> str:
     return "\n".join(out)
 
 
+def _path(row: dict) -> str:
+    """How a row exchanged: the topology, and for exchange="auto" the path of its last step."""
+    last = (row.get("exchange") or [None])[-1]
+    if last == "horovod":
+        return "Horovod's allreduce"
+    return row.get("topology") or "–"
+
+
 def summary(rows: list) -> str:
     """The compact table: per point, the floors, Horovod's rings and the defaults."""
     out = ["| ranks | link | compute floor | Horovod fp32 (ring) | Horovod fp16 (ring) | hvd_qadam defaults | "
@@ -102,7 +111,7 @@ def summary(rows: list) -> str:
         hosts = f"{d['ranks']}" + (f" ({d['hosts']} hosts x {d['per_host']})" if d["per_host"] > 1 else "")
         rate = {"100mbit": "100 Mbit/s", "1gbit": "1 Gbit/s", "10gbit": "10 Gbit/s"}.get(d["rate"], d["rate"])
         out.append(f"| {hosts} | {rate} | {same['no_exchange']['step_s']:.2f} s | {f32['step_s']:.2f} s | "
-                   f"{f16['step_s']:.2f} s | **{d['step_s']:.2f} s** ({d.get('topology')}) | "
+                   f"{f16['step_s']:.2f} s | **{d['step_s']:.2f} s** ({_path(d)}) | "
                    f"**{f32['step_s'] / d['step_s']:.2f}x** / {f16['step_s'] / d['step_s']:.2f}x | "
                    f"{max(f32['wire_tx_bytes'], f32['wire_rx_bytes']) / 1e6:.1f} / "
                    f"{max(d['wire_tx_bytes'], d['wire_rx_bytes']) / 1e6:.1f} |")

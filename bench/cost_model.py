@@ -74,7 +74,9 @@ def lab_points(rows: list) -> list:
         if floor is None:
             continue
         hosts = Hosts(r["ranks"], r.get("per_host", 1))
-        if r["kwargs"] is None:
+        # exchange="auto" rows whose steps went through Horovod's allreduce cost what Horovod costs
+        through_horovod = (r.get("exchange") or [None])[-1] == "horovod"
+        if r["kwargs"] is None or through_horovod:
             kind = "hvd_fp16" if r["compression"] == "fp16" else "hvd_fp32"
             t = exchange_terms(kind, r["numel"], hosts)
         else:

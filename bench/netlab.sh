@@ -278,9 +278,11 @@ btls=tcp,self
 # collective waits for those: measured, 8 ranks as 4 hosts x 2 at 100 Mbit/s, Horovod fp16 1.87 s
 # -> 1.16 s per step, hvd_qadam compressed 4.0-4.6 s -> 1.9 s. A cluster gives each rank its
 # own core, where polling costs nothing; --spin keeps Open MPI's default here.
-if [ "$spin" = 0 ] && [ "$ranks" -gt "$(nproc)" ]; then
+# (getconf, not nproc: nproc counts OMP_NUM_THREADS, exported as 1 above)
+cores=$(getconf _NPROCESSORS_ONLN)
+if [ "$spin" = 0 ] && [ "$ranks" -gt "$cores" ]; then
   extra_mpirun+=(--mca mpi_yield_when_idle 1)
-  echo "netlab: $ranks ranks on $(nproc) cores: mpi_yield_when_idle=1 (--spin to keep busy-polling)" >&2
+  echo "netlab: $ranks ranks on $cores cores: mpi_yield_when_idle=1 (--spin to keep busy-polling)" >&2
 fi
 for v in PYTHONPATH PYTHONUNBUFFERED HVD_QADAM_CACHE HVD_QADAM_EXCHANGE VIRTUAL_ENV; do
   [ -z "${!v:-}" ] || env_args+=(-x "$v")
