@@ -88,6 +88,12 @@ RATES = ["100mbit", "1gbit", "10gbit", "none"]
 STAT_FIELDS = ("encode_s", "exchange_s", "decode_s")   # read with getattr defaults; extra *_s fields are added
 
 
+def took_horovod(row: dict) -> bool:
+    """Whether a row's last timed step went through Horovod's allreduce (``row["exchange"]``:
+    the path of every timed step; ``exchange="auto"`` rows may take either)."""
+    return (row.get("exchange") or [None])[-1] == "horovod"
+
+
 # ================================================================================== worker side
 def wire_bytes() -> tuple[int, int]:
     """(rx, tx) bytes of this network namespace's interfaces except lo (/proc/self/net/dev)."""

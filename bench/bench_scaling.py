@@ -93,8 +93,7 @@ def markdown(rows: list) -> str:
 
 def _path(row: dict) -> str:
     """How a row exchanged: the topology, and for exchange="auto" the path of its last step."""
-    last = (row.get("exchange") or [None])[-1]
-    if last == "horovod":
+    if bench_lab.took_horovod(row):
         return "Horovod's allreduce"
     return row.get("topology") or "–"
 

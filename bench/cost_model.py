@@ -36,6 +36,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 from hvd_qadam.config import LinkSpec  # noqa: E402
 from hvd_qadam.topology import TOPOLOGIES, Hosts, payload_bytes_per_element  # noqa: E402
 
+sys.path.insert(0, HERE)
+from bench_lab import took_horovod  # noqa: E402 - this folder's module: what a lab row says
+
 RATES = {"100mbit": 1e8, "1gbit": 1e9, "10gbit": 1e10}
 
 
@@ -75,8 +78,7 @@ def lab_points(rows: list) -> list:
             continue
         hosts = Hosts(r["ranks"], r.get("per_host", 1))
         # exchange="auto" rows whose steps went through Horovod's allreduce cost what Horovod costs
-        through_horovod = (r.get("exchange") or [None])[-1] == "horovod"
-        if r["kwargs"] is None or through_horovod:
+        if r["kwargs"] is None or took_horovod(r):
             kind = "hvd_fp16" if r["compression"] == "fp16" else "hvd_fp32"
             t = exchange_terms(kind, r["numel"], hosts)
         else:

@@ -611,7 +611,7 @@ class AllreduceTransport(Transport):
         part = vec[s.offset:s.offset + s.numel]
         name = f"hvd_qadam.fp.{g.index}.{slot}"
         if not self._in_place(part, dtype):
-            return self.ctx.comm.allreduce_async(part.to(dtype) if part.dtype != dtype else part, name)
+            return self.ctx.comm.allreduce_async(part.to(dtype), name)      # .to: no copy in its own dtype
         note = nonfinite_note(s.name, part)
         if note is not None:
             st.nonfinite_notes.setdefault(g.index, []).append(note)
