@@ -102,6 +102,9 @@ class PendingStep:
     tensorwise: dict = field(default_factory=dict)      # group index -> allreduced tensor by tensor
     # group index -> [note]: tensors found non-finite before their in-place allreduce overwrote them
     nonfinite_notes: dict = field(default_factory=dict)
+    # phase name -> handle: collectives that carry every group of the step at once (e.g. the
+    # sharded downlink), drained by Transport.cancel like the per-group ones
+    shared: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
     commit_keys: list = field(default_factory=list)
     worker_adam_step: dict = field(default_factory=dict)

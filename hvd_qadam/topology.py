@@ -5,14 +5,15 @@
                 result). Per-rank bytes grow as (N - 1) payloads.
   sharded       chunk c of every group goes to rank c (alltoall); rank c averages its chunk, runs
                 the server side on it and quantizes the result with server error feedback; the
-                downlink chunks are allgathered. Per-rank bytes ~ (N - 1)/N (uplink + downlink):
+                downlink chunks of every group are allgathered together (one collective). Per-rank bytes ~ (N - 1)/N (uplink + downlink):
                 flat in N, as a ring allreduce's 2 (N - 1)/N of the model.
   hierarchical  two levels for hosts with several ranks (L per host, H hosts, N = H L): the ranks
                 of a host reduce-scatter in full precision over the host's fast links (chunk l of
                 the host's mean to local rank l); local rank l of every host then runs the
                 sharded exchange above on chunk l, with its peers of the same local rank on the
                 other hosts; the downlink frames come back to the column (alltoall) and then to
-                the host's other ranks. Each rank carries 1/L of its host's inter-host traffic:
+                the host's other ranks. The host exchange is per group; the three exchanges
+                after it carry every group at once. Each rank carries 1/L of its host's inter-host traffic:
                 (H - 1)/H (uplink + downlink) / L of the model, L times less than ``sharded``.
   ps            one frame of every group goes point to point to a dedicated server rank, which
                 answers with the downlink frame (:mod:`hvd_qadam.ps`); no overlap.
@@ -203,7 +204,8 @@ class Transport:
         raise NotImplementedError
 
     def cancel(self, st) -> None:
-        for h in [*st.launched.values(), *({f"handle.{i}": x for i, x in e.items()} for e in st.early_tensors.values())]:
+        for h in [*st.launched.values(), *({f"handle.{i}": x for i, x in e.items()} for e in st.early_tensors.values()),
+                  st.shared]:
             if h is None:
                 continue
             for k, v in list(h.items()):
@@ -238,6 +240,16 @@ class Transport:
             if e not in st.errors:
                 st.errors.append(e)
         return bool(errs)
+
+    def _several(self, frame, count: int, what: str, src: int) -> list:
+        """The payloads of ``frame``, which must hold exactly ``count`` (one per group it carries)."""
+        if len(frame.payloads) != count:
+            raise PayloadError(f"rank {self.ctx.rank}: {what} frame from rank {src} holds {len(frame.payloads)} "
+                               f"payloads, expected {count}")
+        return frame.payloads
+
+    def _single(self, frame, what: str, src: int):
+        return self._several(frame, 1, what, src)[0]
 
     def _check(self, frames, what: str, sources=None) -> None:
         for i, f in enumerate(frames):
@@ -323,6 +335,7 @@ class ShardedTransport(Transport):
 
     def complete(self, st, groups) -> dict:
         ctx = self.ctx
+        downs = []
         for g in groups:
             h = st.launched[g.index]
             received = self._wait(h, "handle", st)
@@ -333,28 +346,30 @@ class ShardedTransport(Transport):
             if self._errors(frames, st) or st.errors:
                 continue
             a, b = ctx.bounds[g.index][ctx.rank]
-            down = ctx.serve(g, a, b, [f.payloads[0] for f in frames], st)
-            data = ctx.frame([down], None)
-            st.stats.sent_bytes += (ctx.size - 1) * len(data)      # an allgather: as above
-            h["handle_down"] = ctx.comm.allgather_async(data, f"hvd_qadam.down.{g.index}")
-            h["down_len"] = len(data)
+            downs.append(ctx.serve(g, a, b, [self._single(f, "uplink", c) for c, f in enumerate(frames)], st))
             st.stats.decode_s += time.perf_counter() - t1
-        results = {}
-        for g in groups:
-            h = st.launched[g.index]
-            if h.get("handle_down") is None:
-                continue
-            gathered = self._wait(h, "handle_down", st)
-            t1 = time.perf_counter()
-            st.stats.received_bytes += len(gathered) - h["down_len"]
-            frames = ctx.parse(split_frames(gathered), "downlink")
-            self._check(frames, "downlink frame")
-            out = self._out(g)
-            for c, f in enumerate(frames):
+        if st.errors:        # every rank read the same error frames: none sends a downlink
+            return {}
+        # One allgather carries every group's downlink chunk: each collective is a meeting
+        # point of all ranks (negotiation, then the exchange), and per group they cost more than
+        # the bytes where ranks share cores or the link is slow; the uplinks stay per group,
+        # started during backward.
+        data = ctx.frame(downs, None)
+        st.stats.sent_bytes += (ctx.size - 1) * len(data)      # N - 1 frames leave every rank
+        st.shared["handle_down"] = ctx.comm.allgather_async(data, "hvd_qadam.down")
+        gathered = self._wait(st.shared, "handle_down", st)
+        t1 = time.perf_counter()
+        st.stats.received_bytes += len(gathered) - len(data)
+        frames = ctx.parse(split_frames(gathered), "downlink")
+        if len(frames) != ctx.size:
+            raise ConsistencyError(f"expected {ctx.size} frames in the downlink allgather, got {len(frames)}")
+        self._check(frames, "downlink frame")
+        results = {g.index: self._out(g) for g in groups}
+        for c, f in enumerate(frames):
+            for g, p in zip(groups, self._several(f, len(groups), "downlink", c)):
                 a, b = ctx.bounds[g.index][c]
-                codec.decode_into(f.payloads[0], out[a:b])
-            results[g.index] = out
-            st.stats.decode_s += time.perf_counter() - t1
+                codec.decode_into(p, results[g.index][a:b])
+        st.stats.decode_s += time.perf_counter() - t1
         return results
 
 
@@ -447,68 +462,70 @@ class HierarchicalTransport(Transport):
         me = ctx.rank
         local, column = hs.same_host(me), hs.column(me)
         H, loc = hs.count, hs.local(me)
-        # 1. host means of chunk `loc`, quantized to the column peers (worker EF)
+        # Phases 2-4 carry every group in one collective each (phase 1, the host exchange, is
+        # per group, started during backward): every collective is a meeting point of all N
+        # ranks, and 3 per group cost more than the bytes where ranks share cores or links.
+        # 2. host means of chunk `loc`, quantized to the column peers (worker EF)
+        parts_of, errors = {k: [] for k in range(H)}, []
         for g in groups:
             h = st.launched[g.index]
             frames = self._parse(self._receive(h, "handle", local, "host", st), local, "host")
             t0 = time.perf_counter()
             ca, cb = self._chunk(g, loc)
-            errors = [f.error for f in frames if f.error is not None]
-            payloads = []
-            if not errors:
-                host_mean = codec.mean_into([f.payloads[0] for f in frames],
+            group_errors = [f.error for f in frames if f.error is not None]
+            if not group_errors and not errors:
+                host_mean = codec.mean_into([self._single(f, "host", r) for r, f in zip(local, frames)],
                                             ctx.scratch(StateKey.host(g.index, ca, "hostmean"), cb - ca, g.device))
                 split = self._split(g.numel, hs, ctx.align)
                 parts = [split[loc * H + k] for k in range(H)]
                 payloads, bad = ctx.encode_uplink(g, host_mean, st, parts, ca, StateKey.host(g.index, ca, RESIDUAL))
                 if bad:
-                    errors = [f"rank {me}, step {st.step}: the host mean of group {g.index} overflowed "
-                              f"(non-finite after error feedback)"]
-            msg = "; ".join(errors) if errors else None
-            peers = {r: ctx.frame([] if msg else [payloads[k]], msg) for k, r in enumerate(column)}
-            h["handle_up"] = self._send(peers, f"hvd_qadam.up.{g.index}", st)
+                    group_errors = [f"rank {me}, step {st.step}: the host mean of group {g.index} overflowed "
+                                    f"(non-finite after error feedback)"]
+                else:
+                    for k in range(H):
+                        parts_of[k].append(payloads[k])
+            errors += [e for e in group_errors if e not in errors]
             st.stats.encode_s += time.perf_counter() - t0
-        # 2. serve this rank's part; its downlink frame to the column
-        for g in groups:
-            h = st.launched[g.index]
-            frames = self._parse(self._receive(h, "handle_up", column, "uplink", st), column, "uplink")
-            t0 = time.perf_counter()
-            if self._errors(frames, st):
-                h["failed"] = True             # every rank learns this group's errors here
+        msg = "; ".join(errors) if errors else None
+        h = st.shared
+        h["handle_up"] = self._send({r: ctx.frame([] if msg else parts_of[k], msg) for k, r in enumerate(column)},
+                                    "hvd_qadam.up", st)
+        # 3. serve this rank's part of every group; its downlink frame to the column. An error
+        # travels on in place of the downlink (only this column heard it so far), so that every
+        # rank takes part in every collective and learns it by the end of phase 4.
+        frames = self._parse(self._receive(h, "handle_up", column, "uplink", st), column, "uplink")
+        t0 = time.perf_counter()
+        if self._errors(frames, st):
+            down = ctx.frame([], "; ".join(st.errors))
+        else:
+            received = [self._several(f, len(groups), "uplink", r) for r, f in zip(column, frames)]
+            down = ctx.frame([ctx.serve(g, *ctx.bounds[g.index][me], [p[i] for p in received], st)
+                              for i, g in enumerate(groups)], None)
+        h["handle_col"] = self._send({r: down for r in column}, "hvd_qadam.down", st)
+        st.stats.decode_s += time.perf_counter() - t0
+        # 4. the column's frames to the host's other ranks, then every rank's parts decoded
+        views = self._receive(h, "handle_col", column, "downlink", st)
+        blob = b"".join(bytes(v) for v in views)
+        h["handle_host"] = self._send({r: blob for r in local}, "hvd_qadam.fwd", st)
+        blobs = self._receive(h, "handle_host", local, "forwarded downlink", st)
+        t0 = time.perf_counter()
+        results = {g.index: self._out(g) for g in groups}
+        for l2, blob in zip(range(hs.local_size), blobs):
+            sources = hs.column(hs.rank(0, l2))
+            views = split_frames(blob)
+            if len(views) != H:
+                raise PayloadError(f"rank {me}: forwarded downlink of local rank {l2} holds {len(views)} "
+                                   f"frames, expected {H}")
+            frames = self._parse(views, sources, "downlink")
+            if self._errors(frames, st) or st.errors:
                 continue
-            a, b = ctx.bounds[g.index][me]
-            down = ctx.frame([ctx.serve(g, a, b, [f.payloads[0] for f in frames], st)], None)
-            h["handle_col"] = self._send({r: down for r in column}, f"hvd_qadam.down.{g.index}", st)
-            st.stats.decode_s += time.perf_counter() - t0
-        # 3. the column's frames to the host's other ranks
-        for g in groups:
-            h = st.launched[g.index]
-            if h.get("failed"):
-                continue
-            views = self._receive(h, "handle_col", column, "downlink", st)
-            blob = b"".join(bytes(v) for v in views)
-            h["handle_host"] = self._send({r: blob for r in local}, f"hvd_qadam.fwd.{g.index}", st)
-        # 4. decode every rank's part
-        results = {}
-        for g in groups:
-            h = st.launched[g.index]
-            if h.get("failed"):
-                continue
-            blobs = self._receive(h, "handle_host", local, "forwarded downlink", st)
-            t0 = time.perf_counter()
-            out = self._out(g)
-            for l2, blob in zip(range(hs.local_size), blobs):
-                sources = hs.column(hs.rank(0, l2))
-                views = split_frames(blob)
-                if len(views) != H:
-                    raise PayloadError(f"rank {me}: forwarded downlink of local rank {l2} holds {len(views)} "
-                                       f"frames, expected {H}")
-                for r, f in zip(sources, self._parse(views, sources, "downlink")):
+            for r, f in zip(sources, frames):
+                for g, p in zip(groups, self._several(f, len(groups), "downlink", r)):
                     a, b = ctx.bounds[g.index][r]
-                    codec.decode_into(f.payloads[0], out[a:b])
-            results[g.index] = out
-            st.stats.decode_s += time.perf_counter() - t0
-        return results
+                    codec.decode_into(p, results[g.index][a:b])
+        st.stats.decode_s += time.perf_counter() - t0
+        return {} if st.errors else results
 
 
 class PSTransport(Transport):

@@ -231,6 +231,41 @@ def test_hierarchical_nan_on_one_rank_fails_every_rank_in_every_host():
         assert step == 1
 
 
+def test_hierarchical_host_mean_overflow_on_one_column_fails_every_rank():
+    """Finite gradients whose host mean overflows (3e38 on every rank of host 0): only the local
+    rank that serves that element finds it, after the host exchange, and only its column hears
+    it in the uplink; the error travels on in place of the downlink, so every rank raises
+    instead of waiting in an exchange that its peers skipped, and nothing changed."""
+    def worker(rank, comm):
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(), comm=comm,
+                                             topology="hierarchical", nonfinite="raise", overlap=False)
+        x, y, _, _ = digits.load_digits_split()
+
+        def step(huge):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+            if huge:
+                model[0].weight.grad[0, 0] = 3e38
+            opt.step()
+        step(False)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        state = {k: v.clone() for k, v in opt.engine.bank.current.items()}
+        try:
+            step(rank < 4)
+            err = None
+        except hvd_qadam.NonFiniteGradientError as e:
+            err = str(e)
+        after = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return err, before, after, state, dict(opt.engine.bank.current), opt.engine.step_count
+    results = hvd_qadam.simulate(8, worker, local_size=4, timeout=120)
+    for rank, (err, before, after, state, state_after, step) in enumerate(results):
+        assert err is not None and "host mean" in err and "overflowed" in err, (rank, err)
+        assert_same_params(before, after, f"rank {rank} weights")
+        assert all(torch.equal(state[k], state_after[k]) for k in state), rank
+        assert step == 1
+
+
 def test_ranks_that_disagree_about_hosts_fail_at_the_first_step():
     """One rank believes in hosts of 2 (say, another HVD_QADAM_LOCAL_SIZE): every rank raises a
     ConsistencyError naming ranks_per_host at the first step, instead of exchanging with the

@@ -2,7 +2,8 @@
 test can read off the bytes per element of the pass-through payloads from ``communication_stats``.
 
 A group through Horovod's allreduce sends a ring's volume, 2 (N - 1)/N x n x (bytes per element).
-A frame is a 36-byte header and its payloads; a payload is a 36-byte header, 8 bytes per
+A frame is a 36-byte header and its payloads (sharded: a frame per group and peer on the uplink,
+one frame with every group's chunk on the downlink); a payload is a 36-byte header, 8 bytes per
 dimension (the engine's are flat: 1) and its body: ``n x (bytes per element)`` for a
 pass-through, one float32 scale per bucket and ``ceil(n bits / 8)`` code bytes otherwise.
 """
@@ -26,7 +27,7 @@ def sent_bytes(opt, passthrough_bpe: float) -> float:
     eng = opt.engine
     stats = opt.communication_stats
     n_ranks, me = eng.size, eng.rank
-    total = 0.0
+    total, downlink_frame = 0.0, False
     for g in eng.layout.groups:
         up, down = eng.links(g, SimpleNamespace(compress=stats.compressed, full_precision=stats.exchange == "horovod"))
         if stats.group_paths.get(g.index) == "horovod":     # Horovod's allreduce: a ring's volume
@@ -38,10 +39,12 @@ def sent_bytes(opt, passthrough_bpe: float) -> float:
             total += sum(FRAME_HEADER + _payload(up, b - a, passthrough_bpe)
                          for c, (a, b) in enumerate(bounds) if c != me)
             a, b = bounds[me]
-            total += (n_ranks - 1) * (FRAME_HEADER + _payload(down, b - a, passthrough_bpe))
+            total += (n_ranks - 1) * _payload(down, b - a, passthrough_bpe)
+            downlink_frame = True
         else:
             raise NotImplementedError(f"byte count for topology {stats.topology!r}")
-    return total
+    # the sharded downlink: one frame holds every group's chunk
+    return total + (n_ranks - 1) * FRAME_HEADER * downlink_frame
 
 
 def passthrough_bytes_per_element(opt) -> float:
