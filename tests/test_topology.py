@@ -198,32 +198,42 @@ def test_hierarchical_defaults_train_like_allgather():
     assert abs(l_hier - l_full) < 0.05 * l_full, (l_hier, l_full)
 
 
-def test_hierarchical_nan_on_one_rank_fails_every_rank_in_every_host():
-    """A NaN on one rank reaches its host peers in the host exchange and the other hosts in the
-    uplink: every rank raises and nothing changed (weights, residuals, step)."""
+def _hierarchical_failing_step(poison):
+    """8 simulated ranks, hosts of 4, the hierarchical exchange: one clean step, then one where
+    ``poison(rank, model)`` edits the gradients. Per rank: (error message or None, weights before
+    and after the step, the state before and after, the step count)."""
     def worker(rank, comm):
         model = digits.make_model()
         opt = hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(), comm=comm,
                                              topology="hierarchical", nonfinite="raise", overlap=False)
         x, y, _, _ = digits.load_digits_split()
 
-        def step(poison):
+        def step(edit):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
-            if poison:
-                model[0].weight.grad[0, 0] = float("nan")
+            if edit:
+                poison(rank, model)
             opt.step()
         step(False)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         state = {k: v.clone() for k, v in opt.engine.bank.current.items()}
         try:
-            step(rank == 5)
+            step(True)
             err = None
         except hvd_qadam.NonFiniteGradientError as e:
             err = str(e)
         after = {n: p.detach().clone() for n, p in model.named_parameters()}
         return err, before, after, state, dict(opt.engine.bank.current), opt.engine.step_count
-    for rank, (err, before, after, state, state_after, step) in enumerate(hvd_qadam.simulate(8, worker, local_size=4)):
+    return hvd_qadam.simulate(8, worker, local_size=4, timeout=120)
+
+
+def test_hierarchical_nan_on_one_rank_fails_every_rank_in_every_host():
+    """A NaN on one rank reaches its host peers in the host exchange and the other hosts in the
+    uplink: every rank raises and nothing changed (weights, residuals, step)."""
+    def poison(rank, model):
+        if rank == 5:
+            model[0].weight.grad[0, 0] = float("nan")
+    for rank, (err, before, after, state, state_after, step) in enumerate(_hierarchical_failing_step(poison)):
         assert err is not None and "rank 5" in err, (rank, err)
         assert_same_params(before, after, f"rank {rank} weights")
         assert state.keys() == state_after.keys() and any(k.endswith(".e") for k in state)
@@ -236,30 +246,10 @@ def test_hierarchical_host_mean_overflow_on_one_column_fails_every_rank():
     rank that serves that element finds it, after the host exchange, and only its column hears
     it in the uplink; the error travels on in place of the downlink, so every rank raises
     instead of waiting in an exchange that its peers skipped, and nothing changed."""
-    def worker(rank, comm):
-        model = digits.make_model()
-        opt = hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(), comm=comm,
-                                             topology="hierarchical", nonfinite="raise", overlap=False)
-        x, y, _, _ = digits.load_digits_split()
-
-        def step(huge):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
-            if huge:
-                model[0].weight.grad[0, 0] = 3e38
-            opt.step()
-        step(False)
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        state = {k: v.clone() for k, v in opt.engine.bank.current.items()}
-        try:
-            step(rank < 4)
-            err = None
-        except hvd_qadam.NonFiniteGradientError as e:
-            err = str(e)
-        after = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return err, before, after, state, dict(opt.engine.bank.current), opt.engine.step_count
-    results = hvd_qadam.simulate(8, worker, local_size=4, timeout=120)
-    for rank, (err, before, after, state, state_after, step) in enumerate(results):
+    def poison(rank, model):
+        if rank < 4:
+            model[0].weight.grad[0, 0] = 3e38
+    for rank, (err, before, after, state, state_after, step) in enumerate(_hierarchical_failing_step(poison)):
         assert err is not None and "host mean" in err and "overflowed" in err, (rank, err)
         assert_same_params(before, after, f"rank {rank} weights")
         assert all(torch.equal(state[k], state_after[k]) for k in state), rank
