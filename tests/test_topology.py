@@ -7,7 +7,7 @@ import torch
 import hvd_qadam
 from hvd_qadam.comm import SimWorld
 from hvd_qadam.config import LinkSpec, NONE_LINK
-from hvd_qadam.wire import FRAME_HEADER_SIZE, HEADER_SIZE
+from hvd_qadam.wire import FRAME_HEADER_SIZE, HEADER_SIZE, Frame
 from hvd_qadam.topology import TOPOLOGIES, Hosts, TopologyError, choose, payload_bytes_per_element
 
 from harness import digits
@@ -254,6 +254,40 @@ def test_hierarchical_host_mean_overflow_on_one_column_fails_every_rank():
         assert_same_params(before, after, f"rank {rank} weights")
         assert all(torch.equal(state[k], state_after[k]) for k in state), rank
         assert step == 1
+
+
+def test_a_downlink_frame_short_of_a_group_is_a_payload_error_on_every_rank():
+    """The sharded downlink is one frame per rank holding every group's chunk. Rank 1 sends a
+    well-formed, checksummed frame with the last group's chunk left out (a peer running other
+    code, say): every rank raises PayloadError naming rank 1 and the count, instead of decoding
+    the wrong chunks or failing with an IndexError, and no weight changed."""
+    def worker(rank, comm):
+        if rank == 1:
+            send = comm.allgather_async
+
+            def allgather_async(data, name):
+                if name == "hvd_qadam.down":
+                    f = Frame.from_bytes(data)
+                    data = Frame(f.rank, f.step, f.layout, f.payloads[:-1]).to_bytes()
+                return send(data, name)
+            comm.allgather_async = allgather_async
+        model = digits.make_model()
+        opt = hvd_qadam.DistributedOptimizer(digits.base_optimizer(model), model.named_parameters(), comm=comm,
+                                             topology="sharded", exchange="compressed", overlap=False)
+        x, y, _, _ = digits.load_digits_split()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[:16]), y[:16]).backward()
+        try:
+            opt.step()
+            err = None
+        except hvd_qadam.PayloadError as e:
+            err = str(e)
+        return err, before, {n: p.detach().clone() for n, p in model.named_parameters()}, opt.engine.step_count
+    for rank, (err, before, after, step) in enumerate(hvd_qadam.simulate(3, worker, timeout=120)):
+        assert err is not None and "downlink frame from rank 1 holds" in err and "expected" in err, (rank, err)
+        assert_same_params(before, after, f"rank {rank} weights")
+        assert step == 0
 
 
 def test_ranks_that_disagree_about_hosts_fail_at_the_first_step():
