@@ -5,22 +5,26 @@
                 result). Per-rank bytes grow as (N - 1) payloads.
   sharded       chunk c of every group goes to rank c (alltoall); rank c averages its chunk, runs
                 the server side on it and quantizes the result with server error feedback; the
-                downlink chunks of every group are allgathered together (one collective). Per-rank bytes ~ (N - 1)/N (uplink + downlink):
-                flat in N, as a ring allreduce's 2 (N - 1)/N of the model.
+                downlink chunks of every group are allgathered together (one collective).
+                Per-rank bytes ~ (N - 1)/N (uplink + downlink): flat in N, as a ring
+                allreduce's 2 (N - 1)/N of the model.
   hierarchical  two levels for hosts with several ranks (L per host, H hosts, N = H L): the ranks
                 of a host reduce-scatter in full precision over the host's fast links (chunk l of
                 the host's mean to local rank l); local rank l of every host then runs the
                 sharded exchange above on chunk l, with its peers of the same local rank on the
                 other hosts; the downlink frames come back to the column (alltoall) and then to
                 the host's other ranks. The host exchange is per group; the three exchanges
-                after it carry every group at once. Each rank carries 1/L of its host's inter-host traffic:
-                (H - 1)/H (uplink + downlink) / L of the model, L times less than ``sharded``.
+                after it carry every group at once. Each rank carries 1/L of its host's
+                inter-host traffic: (H - 1)/H (uplink + downlink) / L of the model, L times less
+                than ``sharded``.
   ps            one frame of every group goes point to point to a dedicated server rank, which
                 answers with the downlink frame (:mod:`hvd_qadam.ps`); no overlap.
 
 Every collective is a Horovod allgather or alltoall on stable names (Horovod's response cache
 hits); the two-level exchange needs no process sets: its host and column exchanges are alltoalls
-in which every other rank gets zero bytes.
+in which every other rank gets zero bytes. Each collective is a meeting point of all ranks
+(Horovod negotiates it, then it runs), so only the first exchange of a group starts from its
+backward hook, alone; the exchanges after backward carry every group of the step at once.
 
 A topology has three calls: ``start`` (a group's uplink vector is ready: encode, send),
 ``complete`` (wait for everything, serve, return each group's result) and ``cancel`` (drain what
@@ -300,7 +304,7 @@ class AllgatherTransport(Transport):
                 continue
             if st.errors:
                 continue
-            payloads = [h["payloads"][0] if f is None else f.payloads[0] for f in frames]
+            payloads = [h["payloads"][0] if f is None else self._single(f, "uplink", c) for c, f in enumerate(frames)]
             down = ctx.serve(g, 0, g.numel, payloads, st)
             if isinstance(down, torch.Tensor):
                 results[g.index] = down
@@ -350,10 +354,7 @@ class ShardedTransport(Transport):
             st.stats.decode_s += time.perf_counter() - t1
         if st.errors:        # every rank read the same error frames: none sends a downlink
             return {}
-        # One allgather carries every group's downlink chunk: each collective is a meeting
-        # point of all ranks (negotiation, then the exchange), and per group they cost more than
-        # the bytes where ranks share cores or the link is slow; the uplinks stay per group,
-        # started during backward.
+        # One allgather carries every group's downlink chunk (module docstring: why).
         data = ctx.frame(downs, None)
         st.stats.sent_bytes += (ctx.size - 1) * len(data)      # N - 1 frames leave every rank
         st.shared["handle_down"] = ctx.comm.allgather_async(data, "hvd_qadam.down")
@@ -462,9 +463,8 @@ class HierarchicalTransport(Transport):
         me = ctx.rank
         local, column = hs.same_host(me), hs.column(me)
         H, loc = hs.count, hs.local(me)
-        # Phases 2-4 carry every group in one collective each (phase 1, the host exchange, is
-        # per group, started during backward): every collective is a meeting point of all N
-        # ranks, and 3 per group cost more than the bytes where ranks share cores or links.
+        # Phases 2-4 carry every group in one collective each (module docstring: why); phase 1,
+        # the host exchange, is per group, started during backward.
         # 2. host means of chunk `loc`, quantized to the column peers (worker EF)
         parts_of, errors = {k: [] for k in range(H)}, []
         for g in groups:
